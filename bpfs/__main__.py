@@ -1,0 +1,5 @@
+"""`python -m bpfs` runs the command line."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,160 @@
+"""The `bpfs` command line: parses arguments, reports results, and maps errors to exit codes.
+
+Commands about one store take it positionally (init, mount, verify); others take --store.
+Both default to $BPFS_STORE, then to ~/.local/share/bpfs/store. Errors are one line on
+stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from . import __version__, keyfile
+from .errors import BpfsError
+from .passphrase import read_passphrase
+from .store import create_store, default_store_path, key_path, require_store
+
+STORE_HELP = "store folder (default: $BPFS_STORE, else ~/.local/share/bpfs/store)"
+
+
+def _store_arg(value: str | None) -> str:
+    return os.path.abspath(value or default_store_path())
+
+
+def _emit(as_json: bool, doc: dict, text: str) -> None:
+    click.echo(json.dumps(doc) if as_json else text)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="bpfs")
+def cli():
+    """bpfs: an encrypted, deduplicating backup filesystem that replicates to partners."""
+
+
+@cli.command()
+@click.argument("store", required=False)
+@click.option("--passphrase-file", type=click.Path(dir_okay=False), help="read the passphrase from this file")
+@click.option("--kdf", type=click.Choice(sorted(keyfile.KDF_PROFILES)), default="moderate", show_default=True,
+              help="Argon2id cost of unlocking (interactive is faster and weaker)")
+@click.option("--json", "as_json", is_flag=True, help="print {peer_id, recovery_secret} as JSON")
+def init(store, passphrase_file, kdf, as_json):
+    """Create a new store in STORE (an empty or missing folder)."""
+    store = _store_arg(store)
+    if os.path.exists(key_path(store)):
+        raise BpfsError(f"{store} already holds a bpfs store", exit_code=2)
+    passphrase = read_passphrase(passphrase_file, confirm=True)
+    keys = create_store(store, passphrase, kdf)
+    doc = {"peer_id": keys.identity.peer_id, "recovery_secret": keys.recovery_secret, "store": store}
+    _emit(as_json, doc,
+          f"Created store {store}\n"
+          f"Peer id:         {doc['peer_id']}\n"
+          f"Recovery secret: {doc['recovery_secret']}\n"
+          "Write the recovery secret down and keep it away from this drive: with it and one partner\n"
+          "you can rebuild everything. It is shown only now.")
+
+
+def _parse_options(values: tuple[str, ...]) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for value in values:
+        for item in value.split(","):
+            item = item.strip()
+            if item:
+                key, eq, val = item.partition("=")
+                out[key] = val if eq else None
+    return out
+
+
+MOUNT_OPTIONS = {"allow_other", "allow_root", "ro", "rw", "debug", "keyfile", "default_permissions", "noatime",
+                 "relatime", "nosuid", "nodev", "noexec", "suid", "dev", "exec"}
+
+
+@cli.command()
+@click.argument("args", nargs=-1, metavar="[STORE] MOUNTPOINT")
+@click.option("-f", "--foreground", is_flag=True, help="stay in the foreground (logs to stderr)")
+@click.option("-o", "options", multiple=True, metavar="OPTIONS",
+              help="comma-separated: keyfile=PATH, allow_other, ro, debug")
+@click.option("--passphrase-file", type=click.Path(dir_okay=False), help="read the passphrase from this file")
+def mount(args, foreground, options, passphrase_file):
+    """Mount STORE at MOUNTPOINT; returns once the mount is usable."""
+    from .daemon import mount as do_mount
+
+    if len(args) == 1:
+        store, mountpoint = _store_arg(None), args[0]
+    elif len(args) == 2:
+        store, mountpoint = _store_arg(args[0]), args[1]
+    else:
+        raise click.UsageError("expected [STORE] MOUNTPOINT")
+    opts = _parse_options(options)
+    unknown = sorted(set(opts) - MOUNT_OPTIONS)
+    if unknown:
+        raise BpfsError(f"unknown mount option: {unknown[0]}", exit_code=2)
+    store = require_store(store)
+    keyfile_path = opts.pop("keyfile", None) or passphrase_file
+    keys = keyfile.unlock(key_path(store), read_passphrase(keyfile_path))
+    debug = "debug" in opts
+    fuse_opts = {k for k in opts if k in ("allow_other", "allow_root", "ro", "nosuid", "nodev", "noexec")}
+    sys.exit(do_mount(store, mountpoint, keys, fuse_opts, foreground, debug))
+
+
+@cli.command()
+@click.argument("mountpoint")
+@click.option("--timeout", type=float, default=None, help="give up waiting for the daemon after this many seconds")
+def umount(mountpoint, timeout):
+    """Flush and unmount MOUNTPOINT; returns after the daemon has exited cleanly."""
+    from .daemon import umount as do_umount
+
+    sys.exit(do_umount(mountpoint, timeout))
+
+
+@cli.command()
+@click.argument("store", required=False)
+@click.option("--read-data", is_flag=True, help="also read and authenticate every stored chunk")
+@click.option("--passphrase-file", type=click.Path(dir_okay=False), help="read the passphrase from this file")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def verify(store, read_data, passphrase_file, as_json):
+    """Check the index of STORE (and with --read-data every chunk); exit 1 if anything is damaged."""
+    from .verify import verify_store
+
+    store = require_store(_store_arg(store))
+    keys = keyfile.unlock(key_path(store), read_passphrase(passphrase_file))
+    report = verify_store(store, keys, read_data)
+    if as_json:
+        click.echo(json.dumps(report.as_dict()))
+    else:
+        for line in report.lines():
+            click.echo(line)
+    sys.exit(0 if report.ok else 1)
+
+
+@cli.command("id")
+@click.option("--store", "store", default=None, help=STORE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="print {peer_id, addresses} as JSON")
+def show_id(store, as_json):
+    """Print this store's peer id."""
+    store = require_store(_store_arg(store))
+    doc = keyfile.read_public(key_path(store))
+    _emit(as_json, {"peer_id": doc["peer_id"], "addresses": []}, doc["peer_id"])
+
+
+def main(argv=None):
+    try:
+        cli.main(args=argv, prog_name="bpfs", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("bpfs: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except BpfsError as e:
+        click.echo(f"bpfs: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("bpfs: interrupted", err=True)
+        sys.exit(130)
+    except OSError as e:
+        click.echo(f"bpfs: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), err=True)
+        sys.exit(1)

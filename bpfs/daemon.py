@@ -1,0 +1,252 @@
+"""The mount daemon: mounting, serving FUSE requests on one trio loop, and a clean stop.
+
+`mount()` checks everything that can fail in the caller's terminal (store, passphrase,
+mount point, lock), then forks; the child mounts and reports "ready" or the error through
+a pipe, so `bpfs mount` returns only once the mount is usable. A stop (umount, SIGTERM,
+SIGINT) persists every buffered byte, commits, and removes daemon.json last, which is how
+`bpfs umount` knows the daemon exited cleanly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import logging.handlers
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyfuse3
+import trio
+
+from .errors import BpfsError
+from .filedata import DataStore
+from .fs import BpfsOperations
+from .store import (OpenStore, clear_daemon_info, is_locked, read_daemon_info, require_store,
+                    write_daemon_info)
+
+log = logging.getLogger("bpfs")
+
+READ_AHEAD_KB = 1024
+M_MMAP_THRESHOLD = -3
+
+
+def _tune_malloc() -> None:
+    """Serve large buffers from the heap: mmap'ed 1 MiB buffers page-fault on every use."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 64 << 20)
+    except OSError:
+        pass
+
+
+def _setup_logging(store_dir: str, foreground: bool, debug: bool) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    if foreground:
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        path = os.path.join(store_dir, "log", "daemon.log")
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        handler = logging.handlers.RotatingFileHandler(path, maxBytes=4 << 20, backupCount=2)
+        os.chmod(path, 0o600)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.handlers[:] = [handler]
+
+
+def _mountinfo() -> list[tuple[str, str, str]]:
+    """(mount point, fs type, source) of every mount, from /proc/self/mountinfo."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields = left.split()
+            fstype, source = right.split()[:2]
+            decode = lambda s: s.encode().decode("unicode_escape")  # noqa: E731  (\040 escapes)
+            out.append((decode(fields[4]), fstype, decode(source)))
+    return out
+
+
+def find_bpfs_mount(mountpoint: str) -> str | None:
+    """The store mounted at `mountpoint`, if a bpfs mount is there."""
+    for mp, fstype, source in _mountinfo():
+        if mp == mountpoint and fstype == "fuse.bpfs":
+            return source
+    return None
+
+
+def _lazy_unmount(mountpoint: str) -> None:
+    subprocess.run(["fusermount3", "-uz", mountpoint], capture_output=True)
+
+
+def check_mountpoint(mountpoint: str) -> str:
+    mountpoint = os.path.abspath(mountpoint)
+    stale_store = find_bpfs_mount(mountpoint)
+    if stale_store is not None:
+        if os.path.isdir(stale_store) and is_locked(stale_store):
+            raise BpfsError(f"{mountpoint} is already a mount point (bpfs, store {stale_store})", exit_code=3)
+        _lazy_unmount(mountpoint)  # left behind by a daemon that was killed
+    if not os.path.isdir(mountpoint):
+        raise BpfsError(f"mount point {mountpoint} is not a folder", exit_code=2)
+    if os.path.ismount(mountpoint):
+        raise BpfsError(f"{mountpoint} is already a mount point", exit_code=3)
+    return mountpoint
+
+
+def _space_reserve(store_dir: str) -> int:
+    st = os.statvfs(store_dir)
+    return min(max(st.f_blocks * st.f_frsize // 50, 2 << 20), 256 << 20)
+
+
+def _set_read_ahead(mountpoint: str) -> None:
+    try:
+        dev = os.stat(mountpoint).st_dev
+        with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb", "w") as f:
+            f.write(str(READ_AHEAD_KB))
+    except OSError:
+        pass  # not root, or no such knob: the kernel's default read-ahead still works
+
+
+async def _serve(store: OpenStore, mountpoint: str, options: set[str], ready) -> None:
+    data = DataStore(store.index, store.packs, store.keys, _space_reserve(store.dir))
+    ops = BpfsOperations(store.index, data, store.dir)
+    repaired = store.repair_after_crash(ops.destroy_inode)
+    if any(repaired.values()):
+        log.info("cleaned up after an unclean stop: %s", repaired)
+    fuse_options = set(pyfuse3.default_options) | {f"fsname={store.dir}", "subtype=bpfs"} | options
+    pyfuse3.init(ops, mountpoint, fuse_options)
+    try:
+        write_daemon_info(store.dir, mountpoint)
+        ready(None)
+        log.info("mounted %s at %s", store.dir, mountpoint)
+        async with trio.open_nursery() as drains:
+            data.nursery = drains
+            async with trio.open_nursery() as services:
+                services.start_soon(data.run_committer)
+                services.start_soon(_stop_on_signal, services.cancel_scope)
+                services.start_soon(trio.to_thread.run_sync, _set_read_ahead, mountpoint)
+                await pyfuse3.main()
+                services.cancel_scope.cancel()
+            pyfuse3.close(unmount=True)
+            await data.flush_all()
+            for ino in store.index.orphans():  # nothing is open any more
+                ops.destroy_inode(ino)
+            await data.sync()
+    except BaseException:
+        try:
+            pyfuse3.close(unmount=True)
+        except Exception:
+            pass
+        raise
+    log.info("unmounted %s cleanly", mountpoint)
+
+
+async def _stop_on_signal(cancel_scope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("signal %d: unmounting", signum)
+            pyfuse3.terminate()
+            return
+
+
+def run_daemon(store_dir: str, keys, mountpoint: str, options: set[str], foreground: bool,
+               debug: bool, ready) -> int:
+    """Serve the mount until it is unmounted; `ready(error)` reports the mount's outcome once."""
+    _tune_malloc()
+    _setup_logging(store_dir, foreground, debug)
+    try:
+        store = OpenStore(store_dir, keys)
+    except BpfsError as e:
+        ready(str(e))
+        return e.exit_code
+    clean = False
+    try:
+        trio.run(_serve, store, mountpoint, options, ready)
+        clean = True
+    except Exception as e:
+        log.exception("daemon failed")
+        ready(f"mount failed: {e}")
+        return 1
+    finally:
+        try:
+            store.close()
+        except Exception:
+            log.exception("closing the store failed")
+            clean = False
+        if clean:
+            clear_daemon_info(store_dir)
+    return 0
+
+
+def mount(store_dir: str, mountpoint: str, keys, options: set[str], foreground: bool, debug: bool) -> int:
+    store_dir = require_store(store_dir)
+    mountpoint = check_mountpoint(mountpoint)
+    if is_locked(store_dir):
+        info = read_daemon_info(store_dir) or {}
+        where = f" at {info.get('mountpoint')}" if info.get("mountpoint") else ""
+        raise BpfsError(f"store {store_dir} is already mounted{where}", exit_code=3)
+    if foreground:
+        def ready(error):
+            if error:
+                print(f"bpfs: {error}", file=sys.stderr)
+            else:
+                print(f"bpfs: mounted {store_dir} at {mountpoint} (foreground; Ctrl-C or bpfs umount to stop)",
+                      file=sys.stderr)
+        return run_daemon(store_dir, keys, mountpoint, options, True, debug, ready)
+
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(rfd)
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        reported = []
+
+        def ready(error):
+            if reported:
+                return
+            reported.append(True)
+            os.write(wfd, b"ok\n" if error is None else ("error " + error).encode()[:4000])
+            os.close(wfd)
+
+        code = 1
+        try:
+            code = run_daemon(store_dir, keys, mountpoint, options, False, debug, ready)
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    message = b""
+    while chunk := os.read(rfd, 4096):
+        message += chunk
+    os.close(rfd)
+    if message.startswith(b"ok"):
+        print(f"bpfs: mounted {store_dir} at {mountpoint}")
+        return 0
+    os.waitpid(pid, 0)
+    text = message.decode(errors="replace").removeprefix("error ").strip() or "the mount daemon died while starting"
+    raise BpfsError(text)
+
+
+def umount(mountpoint: str, timeout: float | None = None) -> int:
+    mountpoint = os.path.abspath(mountpoint)
+    store_dir = find_bpfs_mount(mountpoint)
+    if store_dir is None:
+        raise BpfsError(f"{mountpoint} is not a bpfs mount", exit_code=2)
+    if not is_locked(store_dir):
+        _lazy_unmount(mountpoint)
+        raise BpfsError(f"the daemon of {mountpoint} was not running (killed?); removed the stale mount")
+    result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    if result.returncode != 0:
+        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "fusermount3 failed"
+        raise BpfsError(f"cannot unmount {mountpoint}: {reason}")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while is_locked(store_dir):
+        if deadline is not None and time.monotonic() > deadline:
+            raise BpfsError(f"unmounted {mountpoint}, but its daemon is still writing after {timeout:.0f}s")
+        time.sleep(0.02)
+    if read_daemon_info(store_dir) is not None:
+        raise BpfsError(f"the daemon of {mountpoint} stopped uncleanly; see {store_dir}/log/daemon.log")
+    return 0

@@ -1,0 +1,481 @@
+"""File contents: write buffers, chunk persistence, the extent map, reads and durability.
+
+Writes land in a per-inode buffer and return at once; a background drain cuts the buffer
+into content-defined chunks, hashes them (keyed), skips chunks the store already holds
+(dedup) and all-zero chunks (holes), seals the rest into the open pack from a worker
+thread, and then records extents in the index. Reads combine the index's extents with
+whatever is still buffered, so a reader always sees every accepted write.
+
+Durability: `sync()` fdatasyncs the packs and then commits the index, so the index never
+points at pack bytes that are not on stable storage. `flush()` (close) and fsync wait for
+it; other changes are committed in groups by `run_committer`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from collections import OrderedDict
+
+import trio
+
+from .chunker import Chunker
+from .crypto import padme, sealed_chunk_size
+from .errors import IntegrityError
+from .index import ChunkRecord, Extent, Index
+from .packs import PackStore
+
+log = logging.getLogger(__name__)
+
+DRAIN_AT = 16 << 20  # start cutting a buffer into chunks at this size
+BUFFER_LIMIT = 48 << 20  # a writer waits when its buffer grows past this
+TOTAL_BUFFER_LIMIT = 160 << 20  # and when all buffers together pass this
+CACHE_BYTES = 48 << 20
+COMMIT_INTERVAL = 1.0
+IDLE_FLUSH_SECONDS = 5.0
+MAX_PENDING_OPS = 20_000
+
+
+class _Buffer:
+    """Accepted but not yet persisted bytes of one inode: one contiguous run."""
+
+    __slots__ = ("start", "data", "frozen", "frozen_start", "lock", "drained", "error", "touched")
+
+    def __init__(self, start: int):
+        self.start = start
+        self.data = bytearray()
+        self.frozen: bytearray | None = None  # being persisted by a drain
+        self.frozen_start = 0
+        self.lock = trio.Lock()
+        self.drained = trio.Event()
+        self.drained.set()
+        self.error: OSError | None = None
+        self.touched = time.monotonic()
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.data)
+
+    def buffered(self) -> int:
+        return len(self.data) + (len(self.frozen) if self.frozen is not None else 0)
+
+
+class _ChunkCache:
+    """Decrypted chunks, least recently used dropped first, bounded in bytes."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.size = 0
+        self._items: OrderedDict[bytes, bytes] = OrderedDict()
+
+    def get(self, cid: bytes) -> bytes | None:
+        data = self._items.get(cid)
+        if data is not None:
+            self._items.move_to_end(cid)
+        return data
+
+    def put(self, cid: bytes, data: bytes) -> None:
+        if cid in self._items or len(data) > self.capacity // 4:
+            return
+        self._items[cid] = data
+        self.size += len(data)
+        while self.size > self.capacity:
+            _, old = self._items.popitem(last=False)
+            self.size -= len(old)
+
+    def drop(self, cid: bytes) -> None:
+        data = self._items.pop(cid, None)
+        if data is not None:
+            self.size -= len(data)
+
+
+def read_chunk(packs: PackStore, keys, cid: bytes, rec: ChunkRecord) -> bytes:
+    """Read, authenticate and unpad one chunk (blocking)."""
+    sealed = packs.read(rec.pack, rec.offset, rec.sealed_length)
+    plain = keys.data.open(sealed, cid)
+    if len(plain) != padme(rec.length) or any(plain[rec.length:rec.length + 64]):
+        raise IntegrityError("chunk has the wrong length")
+    return plain[:rec.length] if len(plain) != rec.length else plain
+
+
+_ZERO_ID = b"\0" * 32  # marks an all-zero piece: stored as a hole
+
+
+class DataStore:
+    def __init__(self, index: Index, packs: PackStore, keys, space_reserve: int = 0):
+        self.index = index
+        self.packs = packs
+        self._keys = keys
+        self.chunker = Chunker(keys.chunker_seed)
+        self._buffers: dict[int, _Buffer] = {}
+        self._cache = _ChunkCache(CACHE_BYTES)
+        self._loading: dict[bytes, trio.Event] = {}
+        self._apply_lock = trio.Lock()
+        self._space_changed = trio.Condition()
+        self._written: set[int] = set()  # inodes with data applied since the last commit
+        self._dead_packs: list[int] = []
+        self._space_reserve = space_reserve
+        self._free_checked = 0.0
+        self._free_bytes = 1 << 62
+        self.nursery: trio.Nursery | None = None
+
+    def has_buffer(self, ino: int) -> bool:
+        return ino in self._buffers
+
+    # ----- space ---------------------------------------------------------------------------
+    def buffered_bytes(self) -> int:
+        return sum(b.buffered() for b in self._buffers.values())
+
+    def free_bytes(self) -> int:
+        now = time.monotonic()
+        if now - self._free_checked > 0.05:
+            st = os.statvfs(self.packs.dir)
+            self._free_bytes = st.f_bavail * st.f_frsize
+            self._free_checked = now
+        return self._free_bytes
+
+    def check_space(self, nbytes: int) -> None:
+        """Refuse (ENOSPC) writes that the drive could not hold with the index's reserve."""
+        if self.free_bytes() - self.buffered_bytes() - nbytes < self._space_reserve:
+            self._free_checked = 0.0
+            if self.free_bytes() - self.buffered_bytes() - nbytes < self._space_reserve:
+                raise OSError(errno.ENOSPC, "store drive is full")
+
+    # ----- writing -------------------------------------------------------------------------
+    async def write(self, ino: int, offset: int, data: bytes) -> None:
+        self.check_space(len(data))
+        buf = self._buffers.get(ino)
+        if buf is None:
+            buf = self._buffers[ino] = _Buffer(offset)
+        if buf.error is not None:
+            err, buf.error = buf.error, None
+            raise err
+        while True:
+            if buf.frozen is not None:
+                # while a drain runs only the live run (after the frozen bytes) may change
+                if buf.start <= offset <= buf.end and (buf.data or offset == buf.start):
+                    break
+                await buf.drained.wait()
+                continue
+            if not buf.data:
+                buf.start = offset
+                break
+            if buf.start <= offset <= buf.end:
+                break
+            await self._persist(ino, buf, final=True)
+        rel = offset - buf.start
+        buf.data[rel:rel + len(data)] = data
+        buf.touched = time.monotonic()
+        if len(buf.data) >= DRAIN_AT and buf.frozen is None and self.nursery is not None:
+            self.nursery.start_soon(self._drain_in_background, ino, buf)
+        if len(buf.data) >= BUFFER_LIMIT or self.buffered_bytes() >= TOTAL_BUFFER_LIMIT:
+            await self._persist(ino, buf, final=False)
+
+    async def _drain_in_background(self, ino: int, buf: _Buffer) -> None:
+        try:
+            await self._persist(ino, buf, final=False)
+        except OSError as e:
+            buf.error = e  # reported to the next write, flush or fsync of this inode
+            log.warning("writing inode %d failed: %s", ino, os.strerror(e.errno or errno.EIO))
+        except IntegrityError:
+            buf.error = OSError(errno.EIO, "index damaged")
+
+    async def _persist(self, ino: int, buf: _Buffer, final: bool) -> None:
+        """Turn the buffer into stored chunks; unless `final`, keep the last partial chunk."""
+        async with buf.lock:
+            if not buf.data:
+                return
+            frozen, start = buf.data, buf.start
+            buf.frozen, buf.frozen_start = frozen, start
+            buf.data, buf.start = bytearray(), start + len(frozen)
+            buf.drained = trio.Event()
+            kept = 0
+            try:
+                pieces = await trio.to_thread.run_sync(self._cut_and_hash, frozen)
+                if not final and len(pieces) > 0 and pieces[-1][1] < self.chunker.max_size:
+                    kept = pieces.pop()[1]
+                if pieces:
+                    await self._store_pieces(ino, frozen, start, pieces)
+            except BaseException:
+                buf.data, buf.start = frozen + buf.data, start  # nothing lost: retry later
+                raise
+            else:
+                if kept:
+                    buf.data, buf.start = frozen[len(frozen) - kept:] + buf.data, buf.start - kept
+            finally:
+                buf.frozen = None
+                buf.drained.set()
+                async with self._space_changed:
+                    self._space_changed.notify_all()
+
+    def _cut_and_hash(self, data: bytearray) -> list[tuple[int, int, bytes]]:
+        """(offset in data, length, chunk id) of each chunk; zero chunks get _ZERO_ID."""
+        view = memoryview(data)
+        out, pos = [], 0
+        for length in self.chunker.cut(view):
+            piece = view[pos:pos + length]
+            if piece[0] == 0 and piece.tobytes() == bytes(length):
+                cid = _ZERO_ID
+            else:
+                cid = self._keys.chunk_id(piece)
+            out.append((pos, length, cid))
+            pos += length
+        view.release()
+        return out
+
+    async def _store_pieces(self, ino: int, frozen: bytearray, start: int, pieces) -> None:
+        # dedup against the index, and within this batch
+        new: dict[bytes, tuple[int, int]] = {}
+        for pos, length, cid in pieces:
+            if cid != _ZERO_ID and cid not in new and self.index.get_chunk(cid) is None:
+                new[cid] = (pos, length)
+        placed: dict[bytes, ChunkRecord] = {}
+        if new:
+            reservations = []
+            for cid, (pos, length) in new.items():
+                pack_id, offset = self.packs.reserve(self.index, sealed_chunk_size(length))
+                reservations.append((cid, pos, length, pack_id, offset))
+            try:
+                await trio.to_thread.run_sync(self._seal_and_write, frozen, reservations)
+            finally:
+                for r in reservations:
+                    self.packs.finish(r[3])
+            for cid, pos, length, pack_id, offset in reservations:
+                placed[cid] = ChunkRecord(pack_id, offset, sealed_chunk_size(length), length, 0)
+        async with self._apply_lock:
+            self._apply(ino, start, pieces, placed)
+
+    def _seal_and_write(self, frozen: bytearray, reservations) -> None:
+        """Seal new chunks (padded) and write them, one pwrite per pack run."""
+        batch, batch_pack, batch_offset = [], None, 0
+        for cid, pos, length, pack_id, offset in reservations:
+            plain = bytes(frozen[pos:pos + length])
+            pad = padme(length) - length
+            sealed = self._keys.data.seal(plain + bytes(pad) if pad else plain, cid)
+            if batch and (pack_id != batch_pack or offset != batch_offset + sum(map(len, batch))):
+                self.packs.write(batch_pack, batch_offset, b"".join(batch))
+                batch = []
+            if not batch:
+                batch_pack, batch_offset = pack_id, offset
+            batch.append(sealed)
+        if batch:
+            self.packs.write(batch_pack, batch_offset, b"".join(batch))
+
+    def _apply(self, ino: int, start: int, pieces, placed: dict[bytes, ChunkRecord]) -> None:
+        """Record persisted pieces as extents (one synchronous block: no await inside)."""
+        attr = self.index.get_attr(ino)
+        for cid, rec in placed.items():
+            if self.index.get_chunk(cid) is None:  # another writer may have stored it meanwhile
+                self.index.put_chunk(cid, rec)
+                pack = self.index.get_pack(rec.pack)
+                pack.live_chunks += 1
+                pack.live_bytes += rec.sealed_length
+                self.index.put_pack(rec.pack, pack)
+        if attr is None:  # deleted while we were writing; the new chunks have no references
+            for cid in placed:
+                rec = self.index.get_chunk(cid)
+                if rec is not None and rec.refs == 0:
+                    self._free_chunk(cid, rec)
+            return
+        stored_delta = 0
+        for pos, length, cid in pieces:
+            offset = start + pos
+            stored_delta -= self._punch(ino, offset, offset + length)
+            if cid == _ZERO_ID:
+                continue
+            self._ref(cid)
+            self.index.put_extent(ino, Extent(offset, cid, 0, length))
+            stored_delta += length
+        attr.stored += stored_delta
+        self.index.put_attr(attr)
+        for cid, rec in placed.items():
+            rec = self.index.get_chunk(cid)
+            if rec is not None and rec.refs == 0:
+                self._free_chunk(cid, rec)
+        self._written.add(ino)
+
+    # ----- the extent map ------------------------------------------------------------------
+    def _ref(self, cid: bytes) -> None:
+        rec = self.index.get_chunk(cid)
+        rec.refs += 1
+        self.index.put_chunk(cid, rec)
+
+    def _unref(self, cid: bytes) -> None:
+        rec = self.index.get_chunk(cid)
+        if rec is None:
+            return
+        rec.refs -= 1
+        if rec.refs > 0:
+            self.index.put_chunk(cid, rec)
+        else:
+            self._free_chunk(cid, rec)
+
+    def _free_chunk(self, cid: bytes, rec: ChunkRecord) -> None:
+        self.index.delete_chunk(cid)
+        self._cache.drop(cid)
+        pack = self.index.get_pack(rec.pack)
+        if pack is None:
+            return
+        pack.live_chunks -= 1
+        pack.live_bytes -= rec.sealed_length
+        if pack.live_chunks <= 0 and pack.sealed:
+            self.index.delete_pack(rec.pack)
+            self._dead_packs.append(rec.pack)
+        else:
+            self.index.put_pack(rec.pack, pack)
+
+    def _punch(self, ino: int, start: int, end: int) -> int:
+        """Remove [start, end) from the extent map of `ino`; return the stored bytes removed."""
+        removed = 0
+        for e in self.index.extents(ino, start, end):
+            self.index.delete_extent(ino, e.offset)
+            if e.offset < start:  # keep the part before the range
+                self.index.put_extent(ino, Extent(e.offset, e.chunk_id, e.chunk_offset, start - e.offset))
+                self._ref(e.chunk_id)
+            if e.end > end:  # keep the part after the range
+                self.index.put_extent(ino, Extent(end, e.chunk_id, e.chunk_offset + end - e.offset, e.end - end))
+                self._ref(e.chunk_id)
+            removed += min(e.end, end) - max(e.offset, start)
+            self._unref(e.chunk_id)
+        return removed
+
+    async def truncate(self, ino: int, size: int) -> None:
+        """Drop stored content past `size` (the caller updates the inode's size)."""
+        await self.flush_buffer(ino)
+        attr = self.index.get_attr(ino)
+        removed = self._punch(ino, size, 1 << 63)
+        if attr is not None and removed:
+            attr.stored -= removed
+            self.index.put_attr(attr)
+        self._written.add(ino)
+
+    def forget_inode(self, ino: int) -> None:
+        """Release all content of a deleted inode (synchronous)."""
+        buf = self._buffers.pop(ino, None)
+        if buf is not None:
+            buf.data = bytearray()
+        self._punch(ino, 0, 1 << 63)
+
+    # ----- reading -------------------------------------------------------------------------
+    async def read(self, ino: int, offset: int, size: int, file_size: int) -> bytes:
+        end = min(offset + size, file_size)
+        if offset >= end:
+            return b""
+        overlays = []
+        buf = self._buffers.get(ino)
+        if buf is not None:  # snapshot buffered bytes now: a drain may finish while we wait
+            for run_start, run in ((buf.frozen_start, buf.frozen), (buf.start, buf.data)):
+                if run:
+                    a, b = max(offset, run_start), min(end, run_start + len(run))
+                    if a < b:
+                        overlays.append((a, bytes(run[a - run_start:b - run_start])))
+        located = []
+        for e in self.index.extents(ino, offset, end):
+            rec = self.index.get_chunk(e.chunk_id)
+            if rec is None:
+                raise IntegrityError("extent refers to a missing chunk")
+            located.append((e, rec))
+        if len(located) == 1 and not overlays:
+            e, rec = located[0]
+            if e.offset <= offset and e.end >= end:
+                plain = await self._load_chunk(e.chunk_id, rec)
+                lo = e.chunk_offset + offset - e.offset
+                return plain[lo:lo + end - offset]
+        out = bytearray(end - offset)
+        for e, rec in located:
+            plain = await self._load_chunk(e.chunk_id, rec)
+            a, b = max(offset, e.offset), min(end, e.end)
+            lo = e.chunk_offset + a - e.offset
+            out[a - offset:b - offset] = plain[lo:lo + b - a]
+        for a, data in overlays:
+            out[a - offset:a - offset + len(data)] = data
+        return bytes(out)
+
+    async def _load_chunk(self, cid: bytes, rec: ChunkRecord) -> bytes:
+        while True:
+            data = self._cache.get(cid)
+            if data is not None:
+                return data
+            loading = self._loading.get(cid)
+            if loading is None:
+                break
+            await loading.wait()
+        self._loading[cid] = event = trio.Event()
+        try:
+            data = await trio.to_thread.run_sync(self.read_chunk, cid, rec)
+            self._cache.put(cid, data)
+            return data
+        finally:
+            del self._loading[cid]
+            event.set()
+
+    def read_chunk(self, cid: bytes, rec: ChunkRecord) -> bytes:
+        return read_chunk(self.packs, self._keys, cid, rec)
+
+    # ----- durability ----------------------------------------------------------------------
+    async def flush_buffer(self, ino: int) -> None:
+        """Persist everything buffered for `ino` (not yet durable: see `sync`)."""
+        buf = self._buffers.get(ino)
+        if buf is None:
+            return
+        while buf.data or buf.frozen is not None:
+            if buf.frozen is not None:
+                await buf.drained.wait()
+            else:
+                await self._persist(ino, buf, final=True)
+        if buf.error is not None:
+            err, buf.error = buf.error, None
+            raise err
+        if self._buffers.get(ino) is buf and not buf.data and buf.frozen is None:
+            del self._buffers[ino]
+
+    async def flush(self, ino: int) -> None:
+        """What close() and fsync() wait for: the inode's data durable on the drive."""
+        await self.flush_buffer(ino)
+        if ino in self._written:
+            await self.sync()
+
+    async def sync(self) -> None:
+        """Make every applied change durable: packs first, then the index commit."""
+        async with self._apply_lock:
+            if self.packs.has_unsynced:
+                await trio.to_thread.run_sync(self.packs.sync)
+            try:
+                self.index.commit()
+            except Exception as e:  # lmdb.Error: the drive refused the commit
+                log.error("index commit failed: %s", e)
+                raise OSError(errno.ENOSPC if "space" in str(e).lower() else errno.EIO, "index commit failed") from None
+            self._written.clear()
+            dead, self._dead_packs = self._dead_packs, []
+        for pack_id in dead:
+            self.packs.delete(pack_id)
+
+    async def flush_all(self) -> None:
+        for ino in list(self._buffers):
+            try:
+                await self.flush_buffer(ino)
+            except OSError as e:
+                log.error("could not persist buffered data of inode %d: %s", ino, e)
+        await self.sync()
+
+    async def run_committer(self) -> None:
+        """Group commit: make changes durable every second, and persist idle buffers."""
+        while True:
+            await trio.sleep(COMMIT_INTERVAL)
+            now = time.monotonic()
+            for ino, buf in list(self._buffers.items()):
+                if buf.data and buf.frozen is None and now - buf.touched > IDLE_FLUSH_SECONDS:
+                    try:
+                        await self.flush_buffer(ino)
+                    except OSError as e:
+                        buf.error = e
+            if self.index.dirty or self._dead_packs:
+                try:
+                    await self.sync()
+                except OSError as e:
+                    log.error("periodic commit failed: %s", e)
+
+    def maybe_commit_soon(self) -> bool:
+        return self.index.pending_ops > MAX_PENDING_OPS

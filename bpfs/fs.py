@@ -1,0 +1,531 @@
+"""The mount: POSIX filesystem semantics on top of the index and the file-data layer.
+
+This module maps pyfuse3 requests to index changes (names, attributes, links, xattrs)
+and to `DataStore` calls (contents). It knows nothing of packs, crypto or peers. Every
+handler runs through `_boundary`, which turns any failure into a FUSEError: an exception
+escaping a handler would end pyfuse3's main loop and kill the mount.
+
+Lifetime of an inode: it lives while it has a name (nlink > 0), the kernel still knows it
+(lookup count > 0) or it is open. When its last name goes while it is still known, it is
+recorded as an orphan and deleted on release/forget, or at the next mount after a crash.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat
+import time
+
+import pyfuse3
+
+from .errors import IntegrityError
+from .filedata import DataStore
+from .index import ROOT_INO, Attr, Index
+
+log = logging.getLogger(__name__)
+
+NAME_MAX = 255
+XATTR_NAME_MAX = 255
+XATTR_VALUE_MAX = 65536
+CACHE_TIMEOUT = 1.0
+BLKSIZE = 1 << 17
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
+def _boundary(handler):
+    """Turn every failure of a request handler into a FUSEError with a fitting errno."""
+
+    @functools.wraps(handler)
+    async def wrapper(self, *args, **kwargs):
+        try:
+            return await handler(self, *args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except IntegrityError as e:
+            log.error("%s: damaged data: %s", handler.__name__, e)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            log.exception("%s failed", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+def _fail(code: int):
+    raise pyfuse3.FUSEError(code)
+
+
+def _check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        _fail(errno.ENAMETOOLONG)
+
+
+class _Handle:
+    __slots__ = ("ino", "wrote")
+
+    def __init__(self, ino: int):
+        self.ino = ino
+        self.wrote = False
+
+
+class BpfsOperations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, index: Index, data: DataStore, store_dir: str):
+        super().__init__()
+        self.index = index
+        self.data = data
+        self.store_dir = store_dir
+        self._handles: dict[int, _Handle] = {}
+        self._next_fh = 1
+        self._lookups: dict[int, int] = {}
+        self._open: dict[int, int] = {}
+
+    # ----- helpers -------------------------------------------------------------------------
+    def _attr(self, ino: int) -> Attr:
+        attr = self.index.get_attr(ino)
+        if attr is None:
+            _fail(errno.ENOENT)
+        return attr
+
+    def _dir_attr(self, ino: int) -> Attr:
+        attr = self._attr(ino)
+        if not stat.S_ISDIR(attr.mode):
+            _fail(errno.ENOTDIR)
+        return attr
+
+    def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = attr.ino
+        e.generation = 0
+        e.entry_timeout = CACHE_TIMEOUT
+        e.attr_timeout = CACHE_TIMEOUT
+        e.st_mode = attr.mode
+        e.st_nlink = attr.nlink
+        e.st_uid = attr.uid
+        e.st_gid = attr.gid
+        e.st_rdev = attr.rdev
+        e.st_size = attr.size
+        e.st_blksize = BLKSIZE
+        e.st_blocks = (attr.stored + 511) // 512
+        e.st_atime_ns = attr.atime_ns
+        e.st_mtime_ns = attr.mtime_ns
+        e.st_ctime_ns = attr.ctime_ns
+        return e
+
+    def _looked_up(self, attr: Attr) -> pyfuse3.EntryAttributes:
+        self._lookups[attr.ino] = self._lookups.get(attr.ino, 0) + 1
+        return self._entry(attr)
+
+    def _touch_dir(self, attr: Attr, now: int) -> None:
+        attr.mtime_ns = attr.ctime_ns = now
+        self.index.put_attr(attr)
+
+    def _check_metadata_space(self) -> None:
+        try:
+            self.data.check_space(0)
+        except OSError:
+            _fail(errno.ENOSPC)
+
+    def _after_change(self) -> None:
+        if self.data.maybe_commit_soon() and self.data.nursery is not None:
+            self.data.nursery.start_soon(self.data.sync)
+
+    def _new_inode(self, parent: Attr, mode: int, ctx, rdev: int = 0) -> Attr:
+        now = time.time_ns()
+        gid = ctx.gid
+        if parent.mode & stat.S_ISGID:
+            gid = parent.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        attr = Attr(self.index.allocate_ino(), mode, ctx.uid, gid, 1, rdev, 0, 0, now, now, now, 0)
+        return attr
+
+    def _link_new(self, parent_ino: int, name: bytes, mode: int, ctx, rdev: int = 0) -> Attr:
+        _check_name(name)
+        parent = self._dir_attr(parent_ino)
+        if self.index.lookup(parent_ino, name) is not None:
+            _fail(errno.EEXIST)
+        self._check_metadata_space()
+        attr = self._new_inode(parent, mode, ctx, rdev)
+        if stat.S_ISDIR(mode):
+            attr.nlink = 2
+            attr.parent = parent_ino
+            parent.nlink += 1
+        self.index.put_attr(attr)
+        self.index.add_entry(parent_ino, name, attr.ino)
+        self._touch_dir(parent, attr.ctime_ns)
+        self._after_change()
+        return attr
+
+    def _release_if_unused(self, ino: int) -> None:
+        attr = self.index.get_attr(ino)
+        if attr is None or attr.nlink > 0:
+            return
+        if self._lookups.get(ino, 0) > 0 or self._open.get(ino, 0) > 0:
+            self.index.add_orphan(ino)
+            return
+        self.destroy_inode(ino)
+
+    def destroy_inode(self, ino: int) -> None:
+        self.data.forget_inode(ino)
+        self.index.delete_symlink(ino)
+        self.index.delete_all_xattrs(ino)
+        self.index.delete_attr(ino)
+        self.index.remove_orphan(ino)
+
+    def _drop_name(self, attr: Attr, now: int) -> None:
+        attr.nlink = 0 if stat.S_ISDIR(attr.mode) else attr.nlink - 1
+        attr.ctime_ns = now
+        self.index.put_attr(attr)
+        self._release_if_unused(attr.ino)
+
+    # ----- lookups and attributes ------------------------------------------------------------
+    @_boundary
+    async def lookup(self, parent_inode, name, ctx=None):
+        _check_name(name)
+        if name == b".":
+            return self._looked_up(self._dir_attr(parent_inode))
+        if name == b"..":
+            parent = self._dir_attr(parent_inode)
+            return self._looked_up(self._attr(parent.parent or ROOT_INO))
+        ino = self.index.lookup(parent_inode, name)
+        if ino is None:
+            self._dir_attr(parent_inode)
+            _fail(errno.ENOENT)
+        return self._looked_up(self._attr(ino))
+
+    async def forget(self, inode_list):
+        try:
+            for ino, nlookup in inode_list:
+                left = self._lookups.get(ino, 0) - nlookup
+                if left > 0:
+                    self._lookups[ino] = left
+                else:
+                    self._lookups.pop(ino, None)
+                    self._release_if_unused(ino)
+        except Exception:
+            log.exception("forget failed")
+
+    @_boundary
+    async def getattr(self, inode, ctx=None):
+        return self._entry(self._attr(inode))
+
+    @_boundary
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        a = self._attr(inode)
+        now = time.time_ns()
+        if fields.update_size:
+            if stat.S_ISDIR(a.mode):
+                _fail(errno.EISDIR)
+            if attr.st_size < a.size or self.data.has_buffer(inode):
+                await self.data.truncate(inode, attr.st_size)
+                a = self._attr(inode)
+            if attr.st_size != a.size:
+                a.size = attr.st_size
+                if not fields.update_mtime:
+                    a.mtime_ns = now
+        if fields.update_mode:
+            a.mode = stat.S_IFMT(a.mode) | stat.S_IMODE(attr.st_mode)
+        if fields.update_uid:
+            a.uid = attr.st_uid
+        if fields.update_gid:
+            a.gid = attr.st_gid
+        if fields.update_atime:
+            a.atime_ns = attr.st_atime_ns
+        if fields.update_mtime:
+            a.mtime_ns = attr.st_mtime_ns
+        a.ctime_ns = attr.st_ctime_ns if fields.update_ctime else now
+        self.index.put_attr(a)
+        self._after_change()
+        return self._entry(a)
+
+    @_boundary
+    async def readlink(self, inode, ctx):
+        target = self.index.get_symlink(inode)
+        if target is None:
+            _fail(errno.EINVAL)
+        return target
+
+    @_boundary
+    async def statfs(self, ctx):
+        st = os.statvfs(self.store_dir)
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = st.f_bsize
+        s.f_frsize = st.f_frsize
+        s.f_blocks = st.f_blocks
+        s.f_bfree = st.f_bfree
+        s.f_bavail = st.f_bavail
+        used = self.index.counter("last_ino")
+        s.f_files = max(st.f_files, used)
+        s.f_ffree = max(s.f_files - used, 0)
+        s.f_favail = s.f_ffree
+        s.f_namemax = NAME_MAX
+        return s
+
+    @_boundary
+    async def access(self, inode, mode, ctx):
+        self._attr(inode)
+        return True
+
+    # ----- creating and removing names ------------------------------------------------------
+    @_boundary
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        return self._looked_up(self._link_new(parent_inode, name, mode, ctx, rdev))
+
+    @_boundary
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        return self._looked_up(self._link_new(parent_inode, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx))
+
+    @_boundary
+    async def symlink(self, parent_inode, name, target, ctx):
+        attr = self._link_new(parent_inode, name, stat.S_IFLNK | 0o777, ctx)
+        attr.size = len(target)
+        self.index.put_attr(attr)
+        self.index.put_symlink(attr.ino, target)
+        return self._looked_up(attr)
+
+    @_boundary
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        attr = self._link_new(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
+        fh = self._open_handle(attr.ino)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._looked_up(attr)
+
+    @_boundary
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        _check_name(new_name)
+        attr = self._attr(inode)
+        if stat.S_ISDIR(attr.mode):
+            _fail(errno.EPERM)
+        parent = self._dir_attr(new_parent_inode)
+        if self.index.lookup(new_parent_inode, new_name) is not None:
+            _fail(errno.EEXIST)
+        now = time.time_ns()
+        attr.nlink += 1
+        attr.ctime_ns = now
+        self.index.put_attr(attr)
+        self.index.remove_orphan(inode) if attr.nlink == 1 else None
+        self.index.add_entry(new_parent_inode, new_name, inode)
+        self._touch_dir(parent, now)
+        self._after_change()
+        return self._looked_up(attr)
+
+    @_boundary
+    async def unlink(self, parent_inode, name, ctx):
+        _check_name(name)
+        parent = self._dir_attr(parent_inode)
+        ino = self.index.lookup(parent_inode, name)
+        if ino is None:
+            _fail(errno.ENOENT)
+        attr = self._attr(ino)
+        if stat.S_ISDIR(attr.mode):
+            _fail(errno.EISDIR)
+        now = time.time_ns()
+        self.index.remove_entry(parent_inode, name)
+        self._touch_dir(parent, now)
+        self._drop_name(attr, now)
+        self._after_change()
+
+    @_boundary
+    async def rmdir(self, parent_inode, name, ctx):
+        _check_name(name)
+        parent = self._dir_attr(parent_inode)
+        ino = self.index.lookup(parent_inode, name)
+        if ino is None:
+            _fail(errno.ENOENT)
+        attr = self._dir_attr(ino)
+        if self.index.has_entries(ino):
+            _fail(errno.ENOTEMPTY)
+        now = time.time_ns()
+        self.index.remove_entry(parent_inode, name)
+        parent.nlink -= 1
+        self._touch_dir(parent, now)
+        self._drop_name(attr, now)
+        self._after_change()
+
+    @_boundary
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        _check_name(name_old)
+        _check_name(name_new)
+        old_parent = self._dir_attr(parent_inode_old)
+        new_parent = self._dir_attr(parent_inode_new) if parent_inode_new != parent_inode_old else old_parent
+        ino = self.index.lookup(parent_inode_old, name_old)
+        if ino is None:
+            _fail(errno.ENOENT)
+        attr = self._attr(ino)
+        target_ino = self.index.lookup(parent_inode_new, name_new)
+        now = time.time_ns()
+        if flags & RENAME_EXCHANGE:
+            if target_ino is None:
+                _fail(errno.ENOENT)
+            self._exchange(old_parent, name_old, attr, new_parent, name_new, self._attr(target_ino), now)
+            return
+        if target_ino is not None and flags & RENAME_NOREPLACE:
+            _fail(errno.EEXIST)
+        if target_ino == ino:
+            return
+        is_dir = stat.S_ISDIR(attr.mode)
+        if target_ino is not None:
+            target = self._attr(target_ino)
+            if is_dir:
+                if not stat.S_ISDIR(target.mode):
+                    _fail(errno.ENOTDIR)
+                if self.index.has_entries(target_ino):
+                    _fail(errno.ENOTEMPTY)
+                new_parent.nlink -= 1
+            elif stat.S_ISDIR(target.mode):
+                _fail(errno.EISDIR)
+            self._drop_name(target, now)
+        self.index.remove_entry(parent_inode_old, name_old)
+        self.index.add_entry(parent_inode_new, name_new, ino)
+        if is_dir and parent_inode_new != parent_inode_old:
+            old_parent.nlink -= 1
+            new_parent.nlink += 1
+            attr.parent = parent_inode_new
+        attr.ctime_ns = now
+        self.index.put_attr(attr)
+        self._touch_dir(old_parent, now)
+        if new_parent is not old_parent:
+            self._touch_dir(new_parent, now)
+        self._after_change()
+
+    def _exchange(self, old_parent, name_old, a, new_parent, name_new, b, now):
+        self.index.add_entry(old_parent.ino, name_old, b.ino)
+        self.index.add_entry(new_parent.ino, name_new, a.ino)
+        if old_parent is not new_parent:
+            for moved, dest, src in ((a, new_parent, old_parent), (b, old_parent, new_parent)):
+                if stat.S_ISDIR(moved.mode):
+                    moved.parent = dest.ino
+                    dest.nlink += 1
+                    src.nlink -= 1
+        for x in (a, b):
+            x.ctime_ns = now
+            self.index.put_attr(x)
+        self._touch_dir(old_parent, now)
+        if new_parent is not old_parent:
+            self._touch_dir(new_parent, now)
+
+    # ----- directories -----------------------------------------------------------------------
+    @_boundary
+    async def opendir(self, inode, ctx):
+        self._dir_attr(inode)
+        return inode
+
+    @_boundary
+    async def readdir(self, fh, start_id, token):
+        for next_id, name, ino in self.index.list_entries(fh, start_id):
+            attr = self.index.get_attr(ino)
+            if attr is None:
+                log.error("directory entry points to a missing inode %d", ino)
+                continue
+            if not pyfuse3.readdir_reply(token, name, self._entry(attr), next_id):
+                break
+            self._lookups[ino] = self._lookups.get(ino, 0) + 1
+
+    async def releasedir(self, fh):
+        pass
+
+    @_boundary
+    async def fsyncdir(self, fh, datasync):
+        await self.data.sync()
+
+    # ----- files -------------------------------------------------------------------------
+    def _open_handle(self, ino: int) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = _Handle(ino)
+        self._open[ino] = self._open.get(ino, 0) + 1
+        return fh
+
+    @_boundary
+    async def open(self, inode, flags, ctx):
+        attr = self._attr(inode)
+        if stat.S_ISDIR(attr.mode):
+            _fail(errno.EISDIR)
+        return pyfuse3.FileInfo(fh=self._open_handle(inode), keep_cache=True)
+
+    @_boundary
+    async def read(self, fh, off, size):
+        h = self._handles[fh]
+        attr = self._attr(h.ino)
+        return await self.data.read(h.ino, off, size, attr.size)
+
+    @_boundary
+    async def write(self, fh, off, buf):
+        h = self._handles[fh]
+        await self.data.write(h.ino, off, buf)
+        h.wrote = True
+        attr = self._attr(h.ino)
+        end = off + len(buf)
+        if end > attr.size:
+            attr.size = end
+        attr.mtime_ns = attr.ctime_ns = time.time_ns()
+        if attr.mode & (stat.S_ISUID | stat.S_ISGID):
+            attr.mode &= ~stat.S_ISUID
+        self.index.put_attr(attr)
+        return len(buf)
+
+    @_boundary
+    async def flush(self, fh):
+        h = self._handles[fh]
+        if h.wrote:
+            await self.data.flush(h.ino)
+            h.wrote = False
+
+    @_boundary
+    async def fsync(self, fh, datasync):
+        h = self._handles[fh]
+        await self.data.flush_buffer(h.ino)
+        await self.data.sync()
+
+    @_boundary
+    async def release(self, fh):
+        h = self._handles.pop(fh)
+        left = self._open.get(h.ino, 0) - 1
+        if left > 0:
+            self._open[h.ino] = left
+        else:
+            self._open.pop(h.ino, None)
+            self._release_if_unused(h.ino)
+
+    # ----- extended attributes ----------------------------------------------------------
+    @_boundary
+    async def setxattr(self, inode, name, value, ctx):
+        if name.startswith(b"system."):
+            _fail(errno.EOPNOTSUPP)
+        if len(name) > XATTR_NAME_MAX or not name:
+            _fail(errno.ERANGE)
+        if len(value) > XATTR_VALUE_MAX:
+            _fail(errno.E2BIG)
+        attr = self._attr(inode)
+        self.index.put_xattr(inode, name, value)
+        attr.ctime_ns = time.time_ns()
+        self.index.put_attr(attr)
+
+    @_boundary
+    async def getxattr(self, inode, name, ctx):
+        self._attr(inode)
+        value = self.index.get_xattr(inode, name)
+        if value is None:
+            _fail(pyfuse3.ENOATTR)
+        return value
+
+    @_boundary
+    async def listxattr(self, inode, ctx):
+        self._attr(inode)
+        return self.index.list_xattrs(inode)
+
+    @_boundary
+    async def removexattr(self, inode, name, ctx):
+        attr = self._attr(inode)
+        if not self.index.delete_xattr(inode, name):
+            _fail(pyfuse3.ENOATTR)
+        attr.ctime_ns = time.time_ns()
+        self.index.put_attr(attr)

@@ -1,0 +1,38 @@
+"""Small file-system helpers: private files and folders, atomic replacement, durable renames."""
+
+from __future__ import annotations
+
+import os
+
+
+def make_private_dir(path: str) -> None:
+    """Create `path` (and parents) with mode 0700, or tighten an existing one."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_private_file(path: str, data: bytes, exclusive: bool = False) -> None:
+    """Write `data` to `path` with mode 0600, durably and atomically (temp file + rename)."""
+    if exclusive and os.path.lexists(path):
+        raise FileExistsError(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if exclusive:
+        os.link(tmp, path)  # fails if another process created `path` meanwhile
+        os.unlink(tmp)
+    else:
+        os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))

@@ -1,0 +1,426 @@
+"""The store's index: one LMDB environment holding all filesystem metadata.
+
+Tables (LMDB named databases) and what they map:
+  meta      counter name           -> integer (plain: next inode, next pack, generation)
+  inodes    ino                    -> sealed attributes (mode, owner, size, times, ...)
+  dirents   parent ino + name hash -> sealed list of (name, child ino) sharing that hash
+  extents   ino + file offset      -> sealed (chunk id, offset in chunk, length)
+  chunks    chunk id               -> sealed (pack, offset, sealed length, plain length, refcount)
+  packs     pack id                -> plain (live chunks, live bytes, size, sealed flag)
+  symlinks  ino                    -> sealed target
+  xattrs    ino + name hash        -> sealed (name, value)
+  orphans   ino                    -> unlinked inodes still open, deleted when released
+  outbox    pack id                -> sealed packs not yet handed to the replicator
+
+Every value that could reveal a name, a size, a time or content is sealed with the store's
+record key and bound (associated data) to its table and key, so records cannot be swapped.
+What the drive still shows in the clear: how many inodes, directory membership by inode
+number, and where extents start (approximate file sizes) — see README "Security model".
+
+One write transaction is kept open and shared by all operations (reads see uncommitted
+writes); the caller commits it in groups (see `filedata.DataStore.sync`). A crash leaves
+the last committed state, never a mix.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import lmdb
+
+from .errors import IntegrityError
+
+_U64 = struct.Struct(">Q")
+_ATTR = struct.Struct("<IIIIQQQqqqQ")
+_EXTENT = struct.Struct("<32sII")
+_CHUNK = struct.Struct("<QQIII")
+_PACK = struct.Struct("<IQQB")
+_NAME_HASH_LEN = 6  # ids (hash << 8 | position) must fit a signed 64-bit readdir offset
+TABLES = ("meta", "inodes", "dirents", "extents", "chunks", "packs", "symlinks", "xattrs", "orphans", "outbox")
+ROOT_INO = 1
+MAP_SIZE = 1 << 40  # address space only; the file grows as needed
+
+
+def u64(n: int) -> bytes:
+    return _U64.pack(n)
+
+
+@dataclass(slots=True)
+class Attr:
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    rdev: int = 0
+    size: int = 0
+    stored: int = 0  # bytes of file content actually stored (holes excluded)
+    atime_ns: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    parent: int = 0  # directories only: the containing directory
+
+    def pack(self) -> bytes:
+        return _ATTR.pack(self.mode, self.uid, self.gid, self.nlink, self.rdev, self.size, self.stored,
+                          self.atime_ns, self.mtime_ns, self.ctime_ns, self.parent)
+
+    @classmethod
+    def unpack(cls, ino: int, raw: bytes) -> "Attr":
+        return cls(ino, *_ATTR.unpack(raw))
+
+
+@dataclass(slots=True, frozen=True)
+class Extent:
+    offset: int  # in the file
+    chunk_id: bytes
+    chunk_offset: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass(slots=True)
+class ChunkRecord:
+    pack: int
+    offset: int
+    sealed_length: int
+    length: int
+    refs: int
+
+
+@dataclass(slots=True)
+class PackRecord:
+    live_chunks: int
+    live_bytes: int
+    size: int
+    sealed: bool
+
+
+class Index:
+    """Typed access to the LMDB tables through one shared write transaction."""
+
+    def __init__(self, path: str, keys, readonly: bool = False):
+        self._sealer = keys.records
+        self._name_hash = keys.name_hash
+        self.readonly = readonly
+        self.env = lmdb.open(path, map_size=MAP_SIZE, max_dbs=len(TABLES) + 2, subdir=True,
+                             readonly=readonly, metasync=False, sync=True, readahead=False,
+                             mode=0o600, max_readers=32, lock=True)
+        if readonly:
+            self._db = {name: self.env.open_db(name.encode(), create=False) for name in TABLES}
+        else:
+            with self.env.begin(write=True) as txn:
+                self._db = {name: self.env.open_db(name.encode(), txn=txn) for name in TABLES}
+        self._txn: lmdb.Transaction | None = None
+        self._attrs: dict[int, Attr] = {}
+        self.pending_ops = 0
+
+    # ----- transactions -----------------------------------------------------------------
+    @property
+    def txn(self) -> lmdb.Transaction:
+        if self._txn is None:
+            self._txn = self.env.begin(write=not self.readonly)
+        return self._txn
+
+    @property
+    def dirty(self) -> bool:
+        return self.pending_ops > 0
+
+    def commit(self) -> None:
+        """Make every change so far durable (LMDB fsyncs its data file on commit)."""
+        if self._txn is None:
+            return
+        if self.pending_ops and not self.readonly:
+            self._bump("generation")
+        txn, self._txn = self._txn, None
+        try:
+            txn.commit()
+        except lmdb.Error:
+            self._attrs.clear()
+            raise
+        self.pending_ops = 0
+
+    def abort(self) -> None:
+        if self._txn is not None:
+            self._txn.abort()
+            self._txn = None
+        self._attrs.clear()
+        self.pending_ops = 0
+
+    def close(self) -> None:
+        self.abort()
+        self.env.close()
+
+    # ----- sealed records -----------------------------------------------------------------
+    def _aad(self, table: str, key: bytes) -> bytes:
+        return table.encode() + b"\0" + key
+
+    def _get(self, table: str, key: bytes) -> bytes | None:
+        raw = self.txn.get(key, db=self._db[table])
+        if raw is None:
+            return None
+        return self._sealer.open(raw, self._aad(table, key))
+
+    def _put(self, table: str, key: bytes, value: bytes) -> None:
+        self.txn.put(key, self._sealer.seal(value, self._aad(table, key)), db=self._db[table])
+        self.pending_ops += 1
+
+    def _put_plain(self, table: str, key: bytes, value: bytes) -> None:
+        self.txn.put(key, value, db=self._db[table])
+        self.pending_ops += 1
+
+    def _delete(self, table: str, key: bytes) -> bool:
+        self.pending_ops += 1
+        return self.txn.delete(key, db=self._db[table])
+
+    def _scan_prefix(self, table: str, prefix: bytes, start: bytes = b""):
+        """Yield (key, raw value) of keys starting with `prefix`, from prefix+start on."""
+        cur = self.txn.cursor(db=self._db[table])
+        if not cur.set_range(prefix + start):
+            return
+        for key, raw in cur:
+            if not key.startswith(prefix):
+                return
+            yield key, raw
+
+    # ----- counters -----------------------------------------------------------------------
+    def counter(self, name: str) -> int:
+        raw = self.txn.get(name.encode(), db=self._db["meta"])
+        return _U64.unpack(raw)[0] if raw else 0
+
+    def _bump(self, name: str) -> int:
+        value = self.counter(name) + 1
+        self.txn.put(name.encode(), u64(value), db=self._db["meta"])
+        return value
+
+    def allocate_ino(self) -> int:
+        ino = self._bump("last_ino")
+        return ino if ino > ROOT_INO else self._bump("last_ino")
+
+    def allocate_pack_id(self) -> int:
+        return self._bump("last_pack")
+
+    @property
+    def generation(self) -> int:
+        return self.counter("generation")
+
+    # ----- inodes -------------------------------------------------------------------------
+    def get_attr(self, ino: int) -> Attr | None:
+        attr = self._attrs.get(ino)
+        if attr is None:
+            raw = self._get("inodes", u64(ino))
+            if raw is None:
+                return None
+            attr = Attr.unpack(ino, raw)
+            if len(self._attrs) > 200_000:
+                self._attrs.clear()
+            self._attrs[ino] = attr
+        return attr
+
+    def put_attr(self, attr: Attr) -> None:
+        self._attrs[attr.ino] = attr
+        self._put("inodes", u64(attr.ino), attr.pack())
+
+    def delete_attr(self, ino: int) -> None:
+        self._attrs.pop(ino, None)
+        self._delete("inodes", u64(ino))
+
+    def all_inodes(self):
+        for key, raw in self._scan_prefix("inodes", b""):
+            ino = _U64.unpack(key)[0]
+            yield Attr.unpack(ino, self._sealer.open(raw, self._aad("inodes", key)))
+
+    # ----- directory entries --------------------------------------------------------------
+    def _dirent_key(self, parent: int, name: bytes) -> bytes:
+        return u64(parent) + self._name_hash(name)[:_NAME_HASH_LEN]
+
+    @staticmethod
+    def _decode_bucket(raw: bytes) -> list[tuple[bytes, int]]:
+        out, pos = [], 0
+        while pos < len(raw):
+            ino, n = struct.unpack_from("<QH", raw, pos)
+            pos += 10
+            out.append((bytes(raw[pos:pos + n]), ino))
+            pos += n
+        return out
+
+    @staticmethod
+    def _encode_bucket(entries: list[tuple[bytes, int]]) -> bytes:
+        return b"".join(struct.pack("<QH", ino, len(name)) + name for name, ino in entries)
+
+    def _bucket(self, key: bytes) -> list[tuple[bytes, int]]:
+        raw = self._get("dirents", key)
+        return self._decode_bucket(raw) if raw else []
+
+    def lookup(self, parent: int, name: bytes) -> int | None:
+        for entry_name, ino in self._bucket(self._dirent_key(parent, name)):
+            if entry_name == name:
+                return ino
+        return None
+
+    def add_entry(self, parent: int, name: bytes, ino: int) -> None:
+        key = self._dirent_key(parent, name)
+        bucket = [e for e in self._bucket(key) if e[0] != name]
+        bucket.append((name, ino))
+        self._put("dirents", key, self._encode_bucket(bucket))
+
+    def remove_entry(self, parent: int, name: bytes) -> None:
+        key = self._dirent_key(parent, name)
+        bucket = [e for e in self._bucket(key) if e[0] != name]
+        if bucket:
+            self._put("dirents", key, self._encode_bucket(bucket))
+        else:
+            self._delete("dirents", key)
+
+    def list_entries(self, parent: int, start_id: int = 0):
+        """Yield (next_id, name, ino) in a stable order; `start_id` resumes after a yielded id.
+
+        An id is the 48-bit name hash and the position inside its (almost always
+        one-entry) bucket, so listing a directory of any size never loads it whole.
+        """
+        prefix = u64(parent)
+        start_hash, skip = divmod(start_id, 256)
+        start = start_hash.to_bytes(_NAME_HASH_LEN, "big")
+        for key, raw in self._scan_prefix("dirents", prefix, start):
+            h = int.from_bytes(key[8:], "big")
+            entries = self._decode_bucket(self._sealer.open(raw, self._aad("dirents", key)))
+            first = skip if h == start_hash else 0
+            for i in range(first, len(entries)):
+                name, ino = entries[i]
+                yield h * 256 + i + 1, name, ino
+
+    def has_entries(self, parent: int) -> bool:
+        return next(self._scan_prefix("dirents", u64(parent)), None) is not None
+
+    # ----- symlinks and xattrs ------------------------------------------------------------
+    def get_symlink(self, ino: int) -> bytes | None:
+        return self._get("symlinks", u64(ino))
+
+    def put_symlink(self, ino: int, target: bytes) -> None:
+        self._put("symlinks", u64(ino), target)
+
+    def delete_symlink(self, ino: int) -> None:
+        self._delete("symlinks", u64(ino))
+
+    def _xattr_key(self, ino: int, name: bytes) -> bytes:
+        return u64(ino) + self._name_hash(name)
+
+    def get_xattr(self, ino: int, name: bytes) -> bytes | None:
+        raw = self._get("xattrs", self._xattr_key(ino, name))
+        if raw is None:
+            return None
+        n = struct.unpack_from("<H", raw)[0]
+        return raw[2 + n:] if raw[2:2 + n] == name else None
+
+    def put_xattr(self, ino: int, name: bytes, value: bytes) -> None:
+        self._put("xattrs", self._xattr_key(ino, name), struct.pack("<H", len(name)) + name + value)
+
+    def delete_xattr(self, ino: int, name: bytes) -> bool:
+        if self.get_xattr(ino, name) is None:
+            return False
+        return self._delete("xattrs", self._xattr_key(ino, name))
+
+    def list_xattrs(self, ino: int) -> list[bytes]:
+        names = []
+        for key, raw in list(self._scan_prefix("xattrs", u64(ino))):
+            plain = self._sealer.open(raw, self._aad("xattrs", key))
+            n = struct.unpack_from("<H", plain)[0]
+            names.append(plain[2:2 + n])
+        return names
+
+    def delete_all_xattrs(self, ino: int) -> None:
+        for key, _ in list(self._scan_prefix("xattrs", u64(ino))):
+            self._delete("xattrs", key)
+
+    # ----- extents ------------------------------------------------------------------------
+    def _decode_extent(self, key: bytes, raw: bytes) -> Extent:
+        cid, coff, length = _EXTENT.unpack(self._sealer.open(raw, self._aad("extents", key)))
+        return Extent(_U64.unpack(key[8:])[0], cid, coff, length)
+
+    def extents(self, ino: int, start: int = 0, end: int | None = None) -> list[Extent]:
+        """Extents of `ino` overlapping [start, end), in file order."""
+        prefix = u64(ino)
+        first_key = prefix + u64(start)
+        cur = self.txn.cursor(db=self._db["extents"])
+        # step back once: the extent that starts before `start` may still reach into the range
+        if cur.set_range(first_key):
+            if cur.key() != first_key and not cur.prev():
+                cur.set_range(first_key)
+        elif not cur.last():
+            return []
+        out = []
+        for key, raw in cur:
+            if key < prefix:
+                continue
+            if not key.startswith(prefix):
+                break
+            e = self._decode_extent(key, raw)
+            if e.end <= start:
+                continue
+            if end is not None and e.offset >= end:
+                break
+            out.append(e)
+        return out
+
+    def put_extent(self, ino: int, e: Extent) -> None:
+        self._put("extents", u64(ino) + u64(e.offset), _EXTENT.pack(e.chunk_id, e.chunk_offset, e.length))
+
+    def delete_extent(self, ino: int, offset: int) -> None:
+        self._delete("extents", u64(ino) + u64(offset))
+
+    # ----- chunks and packs ---------------------------------------------------------------
+    def get_chunk(self, cid: bytes) -> ChunkRecord | None:
+        raw = self._get("chunks", cid)
+        return ChunkRecord(*_CHUNK.unpack(raw)) if raw else None
+
+    def put_chunk(self, cid: bytes, rec: ChunkRecord) -> None:
+        self._put("chunks", cid, _CHUNK.pack(rec.pack, rec.offset, rec.sealed_length, rec.length, rec.refs))
+
+    def delete_chunk(self, cid: bytes) -> None:
+        self._delete("chunks", cid)
+
+    def all_chunks(self):
+        for key, raw in self._scan_prefix("chunks", b""):
+            yield bytes(key), ChunkRecord(*_CHUNK.unpack(self._sealer.open(raw, self._aad("chunks", key))))
+
+    def all_extents(self):
+        for key, raw in self._scan_prefix("extents", b""):
+            yield _U64.unpack(key[:8])[0], self._decode_extent(key, raw)
+
+    def get_pack(self, pack_id: int) -> PackRecord | None:
+        raw = self.txn.get(u64(pack_id), db=self._db["packs"])
+        if raw is None:
+            return None
+        live, live_bytes, size, sealed = _PACK.unpack(raw)
+        return PackRecord(live, live_bytes, size, bool(sealed))
+
+    def put_pack(self, pack_id: int, rec: PackRecord) -> None:
+        self._put_plain("packs", u64(pack_id), _PACK.pack(rec.live_chunks, rec.live_bytes, rec.size, rec.sealed))
+
+    def delete_pack(self, pack_id: int) -> None:
+        self._delete("packs", u64(pack_id))
+        self.txn.delete(u64(pack_id), db=self._db["outbox"])
+
+    def all_packs(self):
+        for key, raw in self._scan_prefix("packs", b""):
+            live, live_bytes, size, sealed = _PACK.unpack(raw)
+            yield _U64.unpack(key)[0], PackRecord(live, live_bytes, size, bool(sealed))
+
+    def queue_outbox(self, pack_id: int) -> None:
+        self._put_plain("outbox", u64(pack_id), b"")
+
+    # ----- orphans (unlinked but still open) ------------------------------------------------
+    def add_orphan(self, ino: int) -> None:
+        self._put_plain("orphans", u64(ino), b"")
+
+    def remove_orphan(self, ino: int) -> None:
+        self._delete("orphans", u64(ino))
+
+    def orphans(self) -> list[int]:
+        return [_U64.unpack(k)[0] for k, _ in self._scan_prefix("orphans", b"")]
+
+
+__all__ = ["Attr", "ChunkRecord", "Extent", "Index", "IntegrityError", "PackRecord", "ROOT_INO", "u64"]
