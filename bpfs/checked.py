@@ -1,7 +1,7 @@
 """Human-friendly encoding of 20-byte values: base32 with check characters, in groups.
 
 Used for peer ids and recovery secrets, which people read aloud, type and compare.
-Format: 32 base32 characters of the value, then 4 check characters (a keyed-free BLAKE2b
+Format: 32 base32 characters of the value, then 4 check characters (an unkeyed BLAKE2b
 of the value, 20 bits), shown as six groups of six separated by dashes.
 A typo in any one character, and almost any transposition, fails the check.
 """

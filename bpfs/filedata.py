@@ -22,37 +22,78 @@ from collections import OrderedDict
 import trio
 
 from .chunker import Chunker
-from .crypto import padme, sealed_chunk_size
+from .crypto import NONCE_SIZE, padme, sealed_chunk_size
 from .errors import IntegrityError
 from .index import ChunkRecord, Extent, Index
 from .packs import PackStore
 
 log = logging.getLogger(__name__)
 
-DRAIN_AT = 16 << 20  # start cutting a buffer into chunks at this size
-BUFFER_LIMIT = 48 << 20  # a writer waits when its buffer grows past this
-TOTAL_BUFFER_LIMIT = 160 << 20  # and when all buffers together pass this
-CACHE_BYTES = 48 << 20
+DRAIN_AT = 8 << 20  # start cutting a buffer into chunks at this size
+BUFFER_LIMIT = 32 << 20  # a writer waits when its buffer grows past this
+TOTAL_BUFFER_LIMIT = 96 << 20  # and when all buffers together pass this
+CACHE_BYTES = 32 << 20
 COMMIT_INTERVAL = 1.0
 IDLE_FLUSH_SECONDS = 5.0
 MAX_PENDING_OPS = 20_000
 
 
+class _Run:
+    """A growable byte run that copies each write once.
+
+    Plain bytearray growth would copy the run again and again (CPython over-allocates by
+    1/8), and fresh buffers page-fault on first touch; so runs start with room for a
+    whole drain and hand their memory back to a small pool when they are done.
+    """
+
+    __slots__ = ("_buf", "_len")
+    CAPACITY = 2 * DRAIN_AT
+    _pool: list[bytearray] = []
+
+    def __init__(self, *parts):
+        need = sum(map(len, parts))
+        self._buf = self._pool.pop() if self._pool and need <= self.CAPACITY else bytearray(max(need, self.CAPACITY))
+        self._len = 0
+        for part in parts:
+            self.write(self._len, part)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def write(self, at: int, data) -> None:
+        end = at + len(data)
+        if end > len(self._buf):
+            self._buf.extend(bytes(max(end, 2 * len(self._buf)) - len(self._buf)))
+        self._buf[at:end] = data
+        self._len = max(self._len, end)
+
+    def view(self, start: int = 0, end: int | None = None) -> memoryview:
+        """Read-only window; release it before the next write that may grow the run."""
+        return memoryview(self._buf)[start:self._len if end is None else min(end, self._len)].toreadonly()
+
+    def recycle(self) -> None:
+        """Give the memory back for the next run (no views of it may remain)."""
+        if len(self._buf) == self.CAPACITY and len(self._pool) < 4:
+            self._pool.append(self._buf)
+        self._buf, self._len = bytearray(), 0
+
+
 class _Buffer:
     """Accepted but not yet persisted bytes of one inode: one contiguous run."""
 
-    __slots__ = ("start", "data", "frozen", "frozen_start", "lock", "drained", "error", "touched")
+    __slots__ = ("start", "data", "frozen", "frozen_start", "lock", "drained", "error", "touched", "drain_queued")
 
     def __init__(self, start: int):
         self.start = start
-        self.data = bytearray()
-        self.frozen: bytearray | None = None  # being persisted by a drain
+        self.data = _Run()
+        self.frozen: _Run | None = None  # being persisted by a drain
         self.frozen_start = 0
         self.lock = trio.Lock()
         self.drained = trio.Event()
         self.drained.set()
         self.error: OSError | None = None
         self.touched = time.monotonic()
+        self.drain_queued = False
 
     @property
     def end(self) -> int:
@@ -91,13 +132,41 @@ class _ChunkCache:
             self.size -= len(data)
 
 
+def _split(items: list, weight) -> list[list]:
+    """Split `items` in order into at most two parts of about equal weight."""
+    if len(items) < 2:
+        return [items] if items else []
+    total, acc = sum(map(weight, items)), 0
+    for i, item in enumerate(items):
+        acc += weight(item)
+        if acc * 2 >= total:
+            return [items[:i + 1], items[i + 1:]] if i + 1 < len(items) else [items]
+    return [items]
+
+
+async def _in_threads(fn, calls: list[tuple]) -> list:
+    """Run fn(*args) for each args in worker threads at once; results in order."""
+    if len(calls) == 1:
+        return [await trio.to_thread.run_sync(fn, *calls[0])]
+    results = [None] * len(calls)
+
+    async def one(i, args):
+        results[i] = await trio.to_thread.run_sync(fn, *args)
+
+    async with trio.open_nursery() as nursery:
+        for i, args in enumerate(calls):
+            nursery.start_soon(one, i, args)
+    return results
+
+
 def read_chunk(packs: PackStore, keys, cid: bytes, rec: ChunkRecord) -> bytes:
     """Read, authenticate and unpad one chunk (blocking)."""
     sealed = packs.read(rec.pack, rec.offset, rec.sealed_length)
     plain = keys.data.open(sealed, cid)
     if len(plain) != padme(rec.length) or any(plain[rec.length:rec.length + 64]):
         raise IntegrityError("chunk has the wrong length")
-    return plain[:rec.length] if len(plain) != rec.length else plain
+    del plain[rec.length:]  # the padding
+    return bytes(plain) if len(plain) < 65536 else plain
 
 
 _ZERO_ID = b"\0" * 32  # marks an all-zero piece: stored as a hole
@@ -165,10 +234,10 @@ class DataStore:
             if buf.start <= offset <= buf.end:
                 break
             await self._persist(ino, buf, final=True)
-        rel = offset - buf.start
-        buf.data[rel:rel + len(data)] = data
+        buf.data.write(offset - buf.start, data)
         buf.touched = time.monotonic()
-        if len(buf.data) >= DRAIN_AT and buf.frozen is None and self.nursery is not None:
+        if len(buf.data) >= DRAIN_AT and not buf.drain_queued and self.nursery is not None:
+            buf.drain_queued = True
             self.nursery.start_soon(self._drain_in_background, ino, buf)
         if len(buf.data) >= BUFFER_LIMIT or self.buffered_bytes() >= TOTAL_BUFFER_LIMIT:
             await self._persist(ino, buf, final=False)
@@ -181,51 +250,63 @@ class DataStore:
             log.warning("writing inode %d failed: %s", ino, os.strerror(e.errno or errno.EIO))
         except IntegrityError:
             buf.error = OSError(errno.EIO, "index damaged")
+        finally:
+            buf.drain_queued = False
 
     async def _persist(self, ino: int, buf: _Buffer, final: bool) -> None:
         """Turn the buffer into stored chunks; unless `final`, keep the last partial chunk."""
         async with buf.lock:
             if not buf.data:
                 return
-            frozen, start = buf.data, buf.start
-            buf.frozen, buf.frozen_start = frozen, start
-            buf.data, buf.start = bytearray(), start + len(frozen)
+            frozen_run, start = buf.data, buf.start
+            buf.frozen, buf.frozen_start = frozen_run, start
+            buf.data, buf.start = _Run(), start + len(frozen_run)
+            frozen = frozen_run.view()
             buf.drained = trio.Event()
             kept = 0
             try:
-                pieces = await trio.to_thread.run_sync(self._cut_and_hash, frozen)
-                if not final and len(pieces) > 0 and pieces[-1][1] < self.chunker.max_size:
-                    kept = pieces.pop()[1]
-                if pieces:
+                lengths = await trio.to_thread.run_sync(self.chunker.cut, frozen)
+                if not final and lengths and lengths[-1] < self.chunker.max_size:
+                    kept = lengths.pop()
+                if lengths:
+                    pieces = await self._hash_pieces(frozen, lengths)
                     await self._store_pieces(ino, frozen, start, pieces)
             except BaseException:
-                buf.data, buf.start = frozen + buf.data, start  # nothing lost: retry later
+                with buf.data.view() as live:  # nothing lost: retry later
+                    buf.data, buf.start = _Run(frozen, live), start
                 raise
             else:
                 if kept:
-                    buf.data, buf.start = frozen[len(frozen) - kept:] + buf.data, buf.start - kept
+                    with buf.data.view() as live:
+                        buf.data, buf.start = _Run(frozen[len(frozen) - kept:], live), buf.start - kept
             finally:
+                frozen.release()
+                frozen_run.recycle()
                 buf.frozen = None
                 buf.drained.set()
                 async with self._space_changed:
                     self._space_changed.notify_all()
 
-    def _cut_and_hash(self, data: bytearray) -> list[tuple[int, int, bytes]]:
-        """(offset in data, length, chunk id) of each chunk; zero chunks get _ZERO_ID."""
-        view = memoryview(data)
-        out, pos = [], 0
-        for length in self.chunker.cut(view):
-            piece = view[pos:pos + length]
-            if piece[0] == 0 and piece.tobytes() == bytes(length):
-                cid = _ZERO_ID
-            else:
-                cid = self._keys.chunk_id(piece)
-            out.append((pos, length, cid))
+    async def _hash_pieces(self, data: memoryview, lengths: list[int]) -> list[tuple[int, int, bytes]]:
+        """(offset in data, length, chunk id) of each chunk; all-zero chunks get _ZERO_ID."""
+        pieces, pos = [], 0
+        for length in lengths:
+            pieces.append((pos, length))
             pos += length
-        view.release()
-        return out
+        ids = await _in_threads(self._hash_some, [(data, part) for part in _split(pieces, lambda p: p[1])])
+        return [(pos, length, cid) for (pos, length), cid in zip(pieces, [c for part in ids for c in part])]
 
-    async def _store_pieces(self, ino: int, frozen: bytearray, start: int, pieces) -> None:
+    def _hash_some(self, data: memoryview, pieces) -> list[bytes]:
+        ids = []
+        for pos, length in pieces:
+            piece = data[pos:pos + length]
+            if piece[0] == 0 and piece.tobytes() == bytes(length):
+                ids.append(_ZERO_ID)
+            else:
+                ids.append(self._keys.chunk_id(piece))
+        return ids
+
+    async def _store_pieces(self, ino: int, frozen: memoryview, start: int, pieces) -> None:
         # dedup against the index, and within this batch
         new: dict[bytes, tuple[int, int]] = {}
         for pos, length, cid in pieces:
@@ -238,7 +319,8 @@ class DataStore:
                 pack_id, offset = self.packs.reserve(self.index, sealed_chunk_size(length))
                 reservations.append((cid, pos, length, pack_id, offset))
             try:
-                await trio.to_thread.run_sync(self._seal_and_write, frozen, reservations)
+                await _in_threads(self._seal_and_write,
+                                  [(frozen, part) for part in _split(reservations, lambda r: r[2])])
             finally:
                 for r in reservations:
                     self.packs.finish(r[3])
@@ -247,21 +329,23 @@ class DataStore:
         async with self._apply_lock:
             self._apply(ino, start, pieces, placed)
 
-    def _seal_and_write(self, frozen: bytearray, reservations) -> None:
-        """Seal new chunks (padded) and write them, one pwrite per pack run."""
-        batch, batch_pack, batch_offset = [], None, 0
-        for cid, pos, length, pack_id, offset in reservations:
-            plain = bytes(frozen[pos:pos + length])
-            pad = padme(length) - length
-            sealed = self._keys.data.seal(plain + bytes(pad) if pad else plain, cid)
-            if batch and (pack_id != batch_pack or offset != batch_offset + sum(map(len, batch))):
-                self.packs.write(batch_pack, batch_offset, b"".join(batch))
-                batch = []
-            if not batch:
-                batch_pack, batch_offset = pack_id, offset
-            batch.append(sealed)
-        if batch:
-            self.packs.write(batch_pack, batch_offset, b"".join(batch))
+    def _seal_and_write(self, source: memoryview, reservations) -> None:
+        """Pad and seal chunks in place in one buffer per run of a pack, then write the run."""
+        runs: list[list] = []
+        for r in reservations:
+            prev = runs[-1][-1] if runs else None
+            if prev and prev[3] == r[3] and prev[4] + sealed_chunk_size(prev[2]) == r[4]:
+                runs[-1].append(r)
+            else:
+                runs.append([r])
+        for run in runs:
+            pack_id, base = run[0][3], run[0][4]
+            out = bytearray(run[-1][4] + sealed_chunk_size(run[-1][2]) - base)
+            for cid, pos, length, _, offset in run:
+                at = offset - base
+                out[at + NONCE_SIZE:at + NONCE_SIZE + length] = source[pos:pos + length]
+                self._keys.data.seal_in_place(out, at, padme(length), cid)
+            self.packs.write(pack_id, base, out)
 
     def _apply(self, ino: int, start: int, pieces, placed: dict[bytes, ChunkRecord]) -> None:
         """Record persisted pieces as extents (one synchronous block: no await inside)."""
@@ -355,7 +439,7 @@ class DataStore:
         """Release all content of a deleted inode (synchronous)."""
         buf = self._buffers.pop(ino, None)
         if buf is not None:
-            buf.data = bytearray()
+            buf.data = _Run()
         self._punch(ino, 0, 1 << 63)
 
     # ----- reading -------------------------------------------------------------------------
@@ -370,7 +454,8 @@ class DataStore:
                 if run:
                     a, b = max(offset, run_start), min(end, run_start + len(run))
                     if a < b:
-                        overlays.append((a, bytes(run[a - run_start:b - run_start])))
+                        with run.view(a - run_start, b - run_start) as window:
+                            overlays.append((a, bytes(window)))
         located = []
         for e in self.index.extents(ino, offset, end):
             rec = self.index.get_chunk(e.chunk_id)
@@ -382,13 +467,13 @@ class DataStore:
             if e.offset <= offset and e.end >= end:
                 plain = await self._load_chunk(e.chunk_id, rec)
                 lo = e.chunk_offset + offset - e.offset
-                return plain[lo:lo + end - offset]
+                return memoryview(plain)[lo:lo + end - offset]  # pyfuse3 takes any buffer: no copy
         out = bytearray(end - offset)
         for e, rec in located:
             plain = await self._load_chunk(e.chunk_id, rec)
             a, b = max(offset, e.offset), min(end, e.end)
             lo = e.chunk_offset + a - e.offset
-            out[a - offset:b - offset] = plain[lo:lo + b - a]
+            out[a - offset:b - offset] = memoryview(plain)[lo:lo + b - a]
         for a, data in overlays:
             out[a - offset:a - offset + len(data)] = data
         return bytes(out)

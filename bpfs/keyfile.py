@@ -16,7 +16,7 @@ import os
 import nacl.pwhash
 
 from . import checked
-from .crypto import KeyedHash, Sealer, derive_key
+from .crypto import BulkSealer, ChunkIdHash, KeyedHash, Sealer, derive_key
 from .errors import BpfsError, IntegrityError, WrongPassphrase
 from .fsutil import write_private_file
 from .identity import Identity
@@ -40,9 +40,9 @@ class StoreKeys:
         self._root = root
         master = derive_key(root, "master")
         self.identity = Identity(derive_key(root, "identity-ed25519"))
-        self.data = Sealer(derive_key(master, "pack-data"))
+        self.data = BulkSealer(derive_key(master, "pack-data"))
         self.records = Sealer(derive_key(master, "index-records"))
-        self.chunk_id = KeyedHash(derive_key(master, "chunk-id"))
+        self.chunk_id = ChunkIdHash(derive_key(master, "chunk-id"))
         self.name_hash = KeyedHash(derive_key(master, "name-lookup"), size=16)
         self.chunker_seed = int.from_bytes(derive_key(master, "chunker-seed", 8), "little") | 1
 
