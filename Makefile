@@ -1,0 +1,144 @@
+# bpfs developer entry points.
+#
+#   make deps     install the Debian packages bpfs needs (as root; quick no-op when present)
+#   make venv     create .venv and `pip install -e '.[test]'` (redone when pyproject.toml changes)
+#   make mount    create a store if needed, then mount it   (STORE=..., MNT=...)
+#   make umount   unmount $(MNT)
+#   make test     run the test suite                          (PYTEST_ARGS=...)
+#   make bench    run the benchmarks                          (BENCH_ARGS=...)
+#   make clean    remove build/test artefacts (keeps .venv);  make distclean also removes .venv
+#
+# The store is never touched by clean/distclean.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.ONESHELL:
+.DEFAULT_GOAL := help
+
+PYTHON      ?= python3
+VENV        ?= .venv
+STORE       ?= $(HOME)/.local/share/bpfs/store
+MNT         ?= $(HOME)/bpfs
+PYTEST_ARGS ?=
+BENCH_ARGS  ?=
+PIP_ARGS    ?= --progress-bar off
+
+VPY   := $(VENV)/bin/python
+BPFS  := $(abspath $(VENV))/bin/bpfs
+STAMP := $(VENV)/.bpfs-installed
+
+# Debian packages: FUSE runtime + headers (pyfuse3 is built from source), a compiler,
+# and the tools the tests/benchmarks compare against or use.
+DEB_PKGS := fuse3 libfuse3-dev pkg-config gcc rsync sqlite3 attr gocryptfs restic
+
+.PHONY: help deps venv mount umount test bench clean distclean
+
+help:
+	@sed -n '3,10s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
+
+# ---------------------------------------------------------------- deps
+deps:
+	@if ! command -v dpkg-query >/dev/null 2>&1; then
+	  echo "deps: no dpkg-query (not a Debian-like system); make sure these are installed:" >&2
+	  echo "deps:   $(DEB_PKGS), Python >= 3.11 headers and venv support" >&2
+	  exit 0
+	fi
+	missing=""
+	for p in $(DEB_PKGS); do
+	  if ! dpkg-query -W -f='$${Status}\n' "$$p" 2>/dev/null | grep -q ' installed$$'; then
+	    missing="$$missing $$p"
+	  fi
+	done
+	# Python headers (pyfuse3 compiles a C extension) and venv/ensurepip for $(PYTHON).
+	if ! $(PYTHON) -c 'import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null; then
+	  missing="$$missing python3-dev"
+	fi
+	if ! $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null; then
+	  missing="$$missing python3-venv"
+	fi
+	if [ -z "$$missing" ]; then
+	  exit 0
+	fi
+	if [ "$$(id -u)" -ne 0 ]; then
+	  echo "deps: missing system packages:$$missing" >&2
+	  echo "deps: install them as root, e.g.:  sudo apt-get install -y$$missing" >&2
+	  exit 1
+	fi
+	echo "deps: installing:$$missing"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update
+	apt-get install -y --no-install-recommends $$missing
+
+# ---------------------------------------------------------------- venv
+venv: $(STAMP)
+
+# Re-run when pyproject.toml changes, and once more when bpfs/__init__.py first appears
+# (an editable install made before the package existed does not map it).
+$(STAMP): pyproject.toml $(wildcard bpfs/__init__.py) | deps
+	@if ! "$(VPY)" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+	  if ! $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+	    echo "venv: $(PYTHON) is $$($(PYTHON) -V 2>&1); bpfs needs Python >= 3.11 (use PYTHON=python3.11)" >&2
+	    exit 1
+	  fi
+	  echo "venv: creating $(VENV) with $$(command -v $(PYTHON)) ($$($(PYTHON) -V 2>&1))"
+	  rm -rf -- "$(VENV)"
+	  $(PYTHON) -m venv "$(VENV)"
+	fi
+	if [ ! -f bpfs/__init__.py ]; then
+	  echo "venv: warning: bpfs/__init__.py does not exist yet; installing dependencies only" >&2
+	fi
+	echo "venv: pip install -e '.[test]'"
+	"$(VPY)" -m pip install $(PIP_ARGS) -e '.[test]'
+	touch "$@"
+
+# ---------------------------------------------------------------- mount / umount
+mount: deps venv
+	@if findmnt -rn -M "$(MNT)" >/dev/null 2>&1; then
+	  if stat -- "$(MNT)" >/dev/null 2>&1; then
+	    echo "bpfs: $(MNT) is already mounted ($$(findmnt -rn -o FSTYPE -M "$(MNT)"))"
+	    exit 0
+	  fi
+	  echo "bpfs: $(MNT) is a stale mount (daemon gone?); run 'make umount' first" >&2
+	  exit 1
+	fi
+	if [ ! -e "$(STORE)/key.json" ]; then
+	  echo "bpfs: no store at $(STORE); creating one"
+	  mkdir -p -- "$$(dirname -- "$(STORE)")"
+	  if [ -z "$${BPFS_PASSPHRASE:-}" ]; then
+	    echo "bpfs: choose the store passphrase (BPFS_PASSPHRASE is not set)"
+	  fi
+	  "$(BPFS)" init "$(STORE)"
+	fi
+	mkdir -p -- "$(MNT)"
+	"$(BPFS)" mount "$(STORE)" "$(MNT)"
+	echo "bpfs: store $(STORE) is mounted at $(MNT)  (unmount: make umount)"
+
+umount:
+	@if ! findmnt -rn -M "$(MNT)" >/dev/null 2>&1; then
+	  echo "bpfs: $(MNT) is not mounted"
+	  exit 0
+	fi
+	if [ -x "$(BPFS)" ] && "$(BPFS)" umount "$(MNT)"; then
+	  echo "bpfs: unmounted $(MNT)"
+	  exit 0
+	fi
+	echo "bpfs: 'bpfs umount' failed; trying fusermount3 -u $(MNT)" >&2
+	fusermount3 -u "$(MNT)"
+	echo "bpfs: unmounted $(MNT)"
+
+# ---------------------------------------------------------------- test / bench
+test: deps venv
+	@echo "test: $(VPY) -m pytest -q $(PYTEST_ARGS)"
+	"$(VPY)" -m pytest -q $(PYTEST_ARGS)
+
+bench: deps venv
+	@echo "bench: $(VPY) -m bench $(BENCH_ARGS)"
+	"$(VPY)" -m bench $(BENCH_ARGS)
+
+# ---------------------------------------------------------------- clean
+clean:
+	rm -rf build dist .pytest_cache .hypothesis ./*.egg-info "$(STAMP)"
+	find . -path "./$(VENV)" -prune -o -path ./.git -prune -o -type d -name __pycache__ -print0 | xargs -0r rm -rf
+
+distclean: clean
+	rm -rf -- "$(VENV)"
