@@ -348,37 +348,33 @@ class DataStore:
             self.packs.write(pack_id, base, out)
 
     def _apply(self, ino: int, start: int, pieces, placed: dict[bytes, ChunkRecord]) -> None:
-        """Record persisted pieces as extents (one synchronous block: no await inside)."""
-        attr = self.index.get_attr(ino)
-        for cid, rec in placed.items():
-            if self.index.get_chunk(cid) is None:  # another writer may have stored it meanwhile
-                self.index.put_chunk(cid, rec)
-                pack = self.index.get_pack(rec.pack)
-                pack.live_chunks += 1
-                pack.live_bytes += rec.sealed_length
-                self.index.put_pack(rec.pack, pack)
-        if attr is None:  # deleted while we were writing; the new chunks have no references
+        """Record persisted pieces as extents: all of it or (on an error) none of it."""
+        with self.index.atomic():
+            for cid, rec in placed.items():
+                if self.index.get_chunk(cid) is None:  # another writer may have stored it meanwhile
+                    self.index.put_chunk(cid, rec)
+                    pack = self.index.get_pack(rec.pack)
+                    pack.live_chunks += 1
+                    pack.live_bytes += rec.sealed_length
+                    self.index.put_pack(rec.pack, pack)
+            attr = self.index.get_attr(ino)
+            if attr is not None:  # else deleted while we wrote: the new chunks stay unreferenced
+                stored_delta = 0
+                for pos, length, cid in pieces:
+                    offset = start + pos
+                    if cid != _ZERO_ID:
+                        self._ref(cid)  # before the punch, which may drop the last old reference
+                    stored_delta -= self._punch(ino, offset, offset + length)
+                    if cid != _ZERO_ID:
+                        self.index.put_extent(ino, Extent(offset, cid, 0, length))
+                        stored_delta += length
+                attr.stored += stored_delta
+                self.index.put_attr(attr)
+                self._written.add(ino)
             for cid in placed:
                 rec = self.index.get_chunk(cid)
                 if rec is not None and rec.refs == 0:
                     self._free_chunk(cid, rec)
-            return
-        stored_delta = 0
-        for pos, length, cid in pieces:
-            offset = start + pos
-            stored_delta -= self._punch(ino, offset, offset + length)
-            if cid == _ZERO_ID:
-                continue
-            self._ref(cid)
-            self.index.put_extent(ino, Extent(offset, cid, 0, length))
-            stored_delta += length
-        attr.stored += stored_delta
-        self.index.put_attr(attr)
-        for cid, rec in placed.items():
-            rec = self.index.get_chunk(cid)
-            if rec is not None and rec.refs == 0:
-                self._free_chunk(cid, rec)
-        self._written.add(ino)
 
     # ----- the extent map ------------------------------------------------------------------
     def _ref(self, cid: bytes) -> None:
@@ -428,11 +424,12 @@ class DataStore:
     async def truncate(self, ino: int, size: int) -> None:
         """Drop stored content past `size` (the caller updates the inode's size)."""
         await self.flush_buffer(ino)
-        attr = self.index.get_attr(ino)
-        removed = self._punch(ino, size, 1 << 63)
-        if attr is not None and removed:
-            attr.stored -= removed
-            self.index.put_attr(attr)
+        with self.index.atomic():
+            attr = self.index.get_attr(ino)
+            removed = self._punch(ino, size, 1 << 63)
+            if attr is not None and removed:
+                attr.stored -= removed
+                self.index.put_attr(attr)
         self._written.add(ino)
 
     def forget_inode(self, ino: int) -> None:

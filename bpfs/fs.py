@@ -36,12 +36,21 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
 
-def _boundary(handler):
-    """Turn every failure of a request handler into a FUSEError with a fitting errno."""
+def _boundary(handler=None, *, atomic=False):
+    """Turn every failure of a request handler into a FUSEError with a fitting errno.
+
+    With atomic=True (handlers that never await) the handler's index changes happen all
+    or not at all.
+    """
+    if handler is None:
+        return functools.partial(_boundary, atomic=atomic)
 
     @functools.wraps(handler)
     async def wrapper(self, *args, **kwargs):
         try:
+            if atomic:
+                with self.index.atomic():
+                    return await handler(self, *args, **kwargs)
             return await handler(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
@@ -175,11 +184,12 @@ class BpfsOperations(pyfuse3.Operations):
         self.destroy_inode(ino)
 
     def destroy_inode(self, ino: int) -> None:
-        self.data.forget_inode(ino)
-        self.index.delete_symlink(ino)
-        self.index.delete_all_xattrs(ino)
-        self.index.delete_attr(ino)
-        self.index.remove_orphan(ino)
+        with self.index.atomic():
+            self.data.forget_inode(ino)
+            self.index.delete_symlink(ino)
+            self.index.delete_all_xattrs(ino)
+            self.index.delete_attr(ino)
+            self.index.remove_orphan(ino)
 
     def _drop_name(self, attr: Attr, now: int) -> None:
         attr.nlink = 0 if stat.S_ISDIR(attr.mode) else attr.nlink - 1
@@ -232,18 +242,19 @@ class BpfsOperations(pyfuse3.Operations):
                 a.size = attr.st_size
                 if not fields.update_mtime:
                     a.mtime_ns = now
-        if fields.update_mode:
-            a.mode = stat.S_IFMT(a.mode) | stat.S_IMODE(attr.st_mode)
-        if fields.update_uid:
-            a.uid = attr.st_uid
-        if fields.update_gid:
-            a.gid = attr.st_gid
-        if fields.update_atime:
-            a.atime_ns = attr.st_atime_ns
-        if fields.update_mtime:
-            a.mtime_ns = attr.st_mtime_ns
-        a.ctime_ns = attr.st_ctime_ns if fields.update_ctime else now
-        self.index.put_attr(a)
+        with self.index.atomic():
+            if fields.update_mode:
+                a.mode = stat.S_IFMT(a.mode) | stat.S_IMODE(attr.st_mode)
+            if fields.update_uid:
+                a.uid = attr.st_uid
+            if fields.update_gid:
+                a.gid = attr.st_gid
+            if fields.update_atime:
+                a.atime_ns = attr.st_atime_ns
+            if fields.update_mtime:
+                a.mtime_ns = attr.st_mtime_ns
+            a.ctime_ns = attr.st_ctime_ns if fields.update_ctime else now
+            self.index.put_attr(a)
         self._after_change()
         return self._entry(a)
 
@@ -276,15 +287,15 @@ class BpfsOperations(pyfuse3.Operations):
         return True
 
     # ----- creating and removing names ------------------------------------------------------
-    @_boundary
+    @_boundary(atomic=True)
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         return self._looked_up(self._link_new(parent_inode, name, mode, ctx, rdev))
 
-    @_boundary
+    @_boundary(atomic=True)
     async def mkdir(self, parent_inode, name, mode, ctx):
         return self._looked_up(self._link_new(parent_inode, name, stat.S_IFDIR | stat.S_IMODE(mode), ctx))
 
-    @_boundary
+    @_boundary(atomic=True)
     async def symlink(self, parent_inode, name, target, ctx):
         attr = self._link_new(parent_inode, name, stat.S_IFLNK | 0o777, ctx)
         attr.size = len(target)
@@ -292,13 +303,13 @@ class BpfsOperations(pyfuse3.Operations):
         self.index.put_symlink(attr.ino, target)
         return self._looked_up(attr)
 
-    @_boundary
+    @_boundary(atomic=True)
     async def create(self, parent_inode, name, mode, flags, ctx):
         attr = self._link_new(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
         fh = self._open_handle(attr.ino)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._looked_up(attr)
 
-    @_boundary
+    @_boundary(atomic=True)
     async def link(self, inode, new_parent_inode, new_name, ctx):
         _check_name(new_name)
         attr = self._attr(inode)
@@ -317,7 +328,7 @@ class BpfsOperations(pyfuse3.Operations):
         self._after_change()
         return self._looked_up(attr)
 
-    @_boundary
+    @_boundary(atomic=True)
     async def unlink(self, parent_inode, name, ctx):
         _check_name(name)
         parent = self._dir_attr(parent_inode)
@@ -333,7 +344,7 @@ class BpfsOperations(pyfuse3.Operations):
         self._drop_name(attr, now)
         self._after_change()
 
-    @_boundary
+    @_boundary(atomic=True)
     async def rmdir(self, parent_inode, name, ctx):
         _check_name(name)
         parent = self._dir_attr(parent_inode)
@@ -350,7 +361,7 @@ class BpfsOperations(pyfuse3.Operations):
         self._drop_name(attr, now)
         self._after_change()
 
-    @_boundary
+    @_boundary(atomic=True)
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         _check_name(name_old)
         _check_name(name_new)
@@ -449,7 +460,14 @@ class BpfsOperations(pyfuse3.Operations):
         attr = self._attr(inode)
         if stat.S_ISDIR(attr.mode):
             _fail(errno.EISDIR)
-        return pyfuse3.FileInfo(fh=self._open_handle(inode), keep_cache=True)
+        if flags & os.O_TRUNC and stat.S_ISREG(attr.mode):  # libfuse asks for atomic O_TRUNC
+            await self.data.truncate(inode, 0)
+            attr = self._attr(inode)
+            if attr.size:
+                attr.size = 0
+                attr.mtime_ns = attr.ctime_ns = time.time_ns()
+                self.index.put_attr(attr)
+        return pyfuse3.FileInfo(fh=self._open_handle(inode), keep_cache=flags & os.O_TRUNC == 0)
 
     @_boundary
     async def read(self, fh, off, size):
@@ -496,7 +514,7 @@ class BpfsOperations(pyfuse3.Operations):
             self._release_if_unused(h.ino)
 
     # ----- extended attributes ----------------------------------------------------------
-    @_boundary
+    @_boundary(atomic=True)
     async def setxattr(self, inode, name, value, ctx):
         if name.startswith(b"system."):
             _fail(errno.EOPNOTSUPP)
@@ -522,7 +540,7 @@ class BpfsOperations(pyfuse3.Operations):
         self._attr(inode)
         return self.index.list_xattrs(inode)
 
-    @_boundary
+    @_boundary(atomic=True)
     async def removexattr(self, inode, name, ctx):
         attr = self._attr(inode)
         if not self.index.delete_xattr(inode, name):

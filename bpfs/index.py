@@ -25,6 +25,7 @@ the last committed state, never a mix.
 from __future__ import annotations
 
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import lmdb
@@ -142,6 +143,31 @@ class Index:
             self._attrs.clear()
             raise
         self.pending_ops = 0
+
+    @contextmanager
+    def atomic(self):
+        """All changes inside happen, or (on an exception) none do: a nested transaction.
+
+        Only for synchronous sections: while it is open, nothing else may use the index.
+        """
+        if self.readonly:
+            yield
+            return
+        parent = self.txn
+        child = self.env.begin(write=True, parent=parent)
+        self._txn = child
+        ops = self.pending_ops
+        try:
+            yield
+        except BaseException:
+            child.abort()
+            self._txn = parent
+            self._attrs.clear()  # cached attributes may hold undone in-place changes
+            self.pending_ops = ops
+            raise
+        else:
+            child.commit()
+            self._txn = parent
 
     def abort(self) -> None:
         if self._txn is not None:
