@@ -57,7 +57,7 @@ def _setup_logging(store_dir: str, foreground: bool, debug: bool) -> None:
     if foreground:
         handler = logging.StreamHandler(sys.stderr)
     else:
-        path = os.path.join(store_dir, "log", "daemon.log")
+        path = os.environ.get("BPFS_LOG_FILE") or os.path.join(store_dir, "log", "daemon.log")
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         handler = logging.handlers.RotatingFileHandler(path, maxBytes=4 << 20, backupCount=2)
         os.chmod(path, 0o600)

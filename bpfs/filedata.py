@@ -190,6 +190,10 @@ class DataStore:
         self._free_bytes = 1 << 62
         self.nursery: trio.Nursery | None = None
 
+    def mark_written(self, ino: int) -> None:
+        """The next flush of `ino` must commit (its creation, say, is not durable yet)."""
+        self._written.add(ino)
+
     def has_buffer(self, ino: int) -> bool:
         return ino in self._buffers
 

@@ -48,10 +48,14 @@ def _boundary(handler=None, *, atomic=False):
     @functools.wraps(handler)
     async def wrapper(self, *args, **kwargs):
         try:
-            if atomic:
-                with self.index.atomic():
-                    return await handler(self, *args, **kwargs)
-            return await handler(self, *args, **kwargs)
+            if not atomic:
+                return await handler(self, *args, **kwargs)
+            with self.index.atomic():
+                result = await handler(self, *args, **kwargs)
+            if self._durable_now:
+                self._durable_now = False
+                await self.data.sync()
+            return result
         except pyfuse3.FUSEError:
             raise
         except OSError as e:
@@ -96,6 +100,7 @@ class BpfsOperations(pyfuse3.Operations):
         self._next_fh = 1
         self._lookups: dict[int, int] = {}
         self._open: dict[int, int] = {}
+        self._durable_now = False  # set by a handler whose change must be durable on return
 
     # ----- helpers -------------------------------------------------------------------------
     def _attr(self, ino: int) -> Attr:
@@ -307,6 +312,8 @@ class BpfsOperations(pyfuse3.Operations):
     async def create(self, parent_inode, name, mode, flags, ctx):
         attr = self._link_new(parent_inode, name, stat.S_IFREG | stat.S_IMODE(mode), ctx)
         fh = self._open_handle(attr.ino)
+        self._handles[fh].wrote = True  # a closed new file exists, even when empty
+        self.data.mark_written(attr.ino)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._looked_up(attr)
 
     @_boundary(atomic=True)
@@ -393,6 +400,10 @@ class BpfsOperations(pyfuse3.Operations):
                 new_parent.nlink -= 1
             elif stat.S_ISDIR(target.mode):
                 _fail(errno.EISDIR)
+            else:
+                # write-new-then-rename-over is how programs replace a file safely: commit
+                # before returning, as ext4 (auto_da_alloc) does for this idiom
+                self._durable_now = True
             self._drop_name(target, now)
         self.index.remove_entry(parent_inode_old, name_old)
         self.index.add_entry(parent_inode_new, name_new, ino)
