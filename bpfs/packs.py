@@ -36,6 +36,7 @@ class PackStore:
         self._dirs_to_sync: set[str] = set()
         self._read_fds: OrderedDict[int, int] = OrderedDict()
         self._writers: dict[int, int] = {}  # pack id -> reservations not yet finished
+        self._dirty: set[int] = set()  # packs written since their last fdatasync
 
     def path(self, pack_id: int) -> str:
         return os.path.join(self.dir, f"{pack_id & 0xFF:02x}", f"{pack_id:012x}.pack")
@@ -96,6 +97,8 @@ class PackStore:
         # Start writeback now and keep sealed bytes out of the page cache: pwrite runs 5x
         # faster here, and the fdatasync that close/fsync wait for finds little left to do.
         os.posix_fadvise(fd, start, offset - start, os.POSIX_FADV_DONTNEED)
+        with self._lock:
+            self._dirty.add(pack_id)
 
     def finish(self, pack_id: int) -> None:
         """The writer of a reservation is done with it (written or failed)."""
@@ -110,20 +113,22 @@ class PackStore:
         """fdatasync every pack written since the last sync, and new directory entries."""
         with self._lock:
             pending = list(self._unsynced.items())
+            dirty, self._dirty = self._dirty, set()
             dirs, self._dirs_to_sync = self._dirs_to_sync, set()
         for pack_id, fd in pending:
-            os.fdatasync(fd)
+            if pack_id in dirty:
+                os.fdatasync(fd)
         for d in sorted(dirs, key=len, reverse=True):
             fsync_dir(d)
         with self._lock:
             for pack_id, fd in pending:
-                if pack_id != self._open_id and pack_id not in self._writers:
+                if pack_id != self._open_id and pack_id not in self._writers and pack_id not in self._dirty:
                     self._unsynced.pop(pack_id, None)
                     os.close(fd)
 
     @property
     def has_unsynced(self) -> bool:
-        return bool(self._unsynced) or bool(self._dirs_to_sync)
+        return bool(self._dirty) or bool(self._dirs_to_sync)
 
     # ----- reading -------------------------------------------------------------------------
     def _read_fd(self, pack_id: int) -> int:
