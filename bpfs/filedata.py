@@ -185,6 +185,8 @@ class DataStore:
         self._space_changed = trio.Condition()
         self._written: set[int] = set()  # inodes with data applied since the last commit
         self._dead_packs: list[int] = []
+        self._sparse_packs: set[int] = {  # sealed packs less than half alive: to compact
+            pack_id for pack_id, rec in index.all_packs() if rec.sealed and rec.live_bytes * 2 < rec.size}
         self._space_reserve = space_reserve
         self._free_checked = 0.0
         self._free_bytes = 1 << 62
@@ -356,7 +358,7 @@ class DataStore:
         with self.index.atomic():
             for cid, rec in placed.items():
                 if self.index.get_chunk(cid) is None:  # another writer may have stored it meanwhile
-                    self.index.put_chunk(cid, rec)
+                    self.index.put_chunk(cid, rec, None)
                     pack = self.index.get_pack(rec.pack)
                     pack.live_chunks += 1
                     pack.live_bytes += rec.sealed_length
@@ -384,7 +386,7 @@ class DataStore:
     def _ref(self, cid: bytes) -> None:
         rec = self.index.get_chunk(cid)
         rec.refs += 1
-        self.index.put_chunk(cid, rec)
+        self.index.put_chunk(cid, rec, rec.pack)
 
     def _unref(self, cid: bytes) -> None:
         rec = self.index.get_chunk(cid)
@@ -392,23 +394,30 @@ class DataStore:
             return
         rec.refs -= 1
         if rec.refs > 0:
-            self.index.put_chunk(cid, rec)
+            self.index.put_chunk(cid, rec, rec.pack)
         else:
             self._free_chunk(cid, rec)
 
     def _free_chunk(self, cid: bytes, rec: ChunkRecord) -> None:
-        self.index.delete_chunk(cid)
+        self.index.delete_chunk(cid, rec.pack)
         self._cache.drop(cid)
-        pack = self.index.get_pack(rec.pack)
+        self._pack_lost(rec.pack, rec.sealed_length)
+
+    def _pack_lost(self, pack_id: int, sealed_length: int) -> None:
+        """One chunk left `pack_id`: delete the pack when empty, mark it for compaction when sparse."""
+        pack = self.index.get_pack(pack_id)
         if pack is None:
             return
         pack.live_chunks -= 1
-        pack.live_bytes -= rec.sealed_length
+        pack.live_bytes -= sealed_length
         if pack.live_chunks <= 0 and pack.sealed:
-            self.index.delete_pack(rec.pack)
-            self._dead_packs.append(rec.pack)
+            self.index.delete_pack(pack_id)
+            self._dead_packs.append(pack_id)
+            self._sparse_packs.discard(pack_id)
         else:
-            self.index.put_pack(rec.pack, pack)
+            self.index.put_pack(pack_id, pack)
+            if pack.sealed and pack.live_bytes * 2 < pack.size:
+                self._sparse_packs.add(pack_id)
 
     def _punch(self, ino: int, start: int, end: int) -> int:
         """Remove [start, end) from the extent map of `ino`; return the stored bytes removed."""
@@ -490,7 +499,13 @@ class DataStore:
             await loading.wait()
         self._loading[cid] = event = trio.Event()
         try:
-            data = await trio.to_thread.run_sync(self.read_chunk, cid, rec)
+            try:
+                data = await trio.to_thread.run_sync(self.read_chunk, cid, rec)
+            except IntegrityError:
+                current = self.index.get_chunk(cid)  # compaction may have moved it meanwhile
+                if current is None or (current.pack, current.offset) == (rec.pack, rec.offset):
+                    raise
+                data = await trio.to_thread.run_sync(self.read_chunk, cid, current)
             self._cache.put(cid, data)
             return data
         finally:
@@ -499,6 +514,51 @@ class DataStore:
 
     def read_chunk(self, cid: bytes, rec: ChunkRecord) -> bytes:
         return read_chunk(self.packs, self._keys, cid, rec)
+
+    # ----- compaction ----------------------------------------------------------------------
+    async def compact(self, max_bytes: int = 64 << 20) -> int:
+        """Move the live chunks of sparse packs into the open pack, so the sparse packs can go.
+
+        Sealed entries are copied as they are (they are bound to their chunk id, not to a
+        place), so nothing is decrypted or re-encrypted. Returns the bytes moved.
+        """
+        moved = 0
+        while self._sparse_packs and moved < max_bytes:
+            pack_id = self._sparse_packs.pop()
+            pack = self.index.get_pack(pack_id)
+            if pack is None or not pack.sealed:
+                continue
+            entries = []
+            for cid in self.index.chunks_in_pack(pack_id):
+                rec = self.index.get_chunk(cid)
+                if rec is not None and rec.pack == pack_id:
+                    new_pack, new_offset = self.packs.reserve(self.index, rec.sealed_length)
+                    entries.append((cid, rec, new_pack, new_offset))
+            try:
+                await trio.to_thread.run_sync(self._copy_entries, entries)
+            finally:
+                for e in entries:
+                    self.packs.finish(e[2])
+            async with self._apply_lock:
+                with self.index.atomic():
+                    for cid, old, new_pack, new_offset in entries:
+                        rec = self.index.get_chunk(cid)
+                        if rec is None or rec.pack != pack_id:
+                            continue  # freed meanwhile: the copy is garbage in the new pack
+                        rec.pack, rec.offset = new_pack, new_offset
+                        self.index.put_chunk(cid, rec, pack_id)
+                        target = self.index.get_pack(new_pack)
+                        target.live_chunks += 1
+                        target.live_bytes += rec.sealed_length
+                        self.index.put_pack(new_pack, target)
+                        self._pack_lost(pack_id, rec.sealed_length)
+                        moved += rec.sealed_length
+            log.debug("compacted pack %d: moved %d chunks", pack_id, len(entries))
+        return moved
+
+    def _copy_entries(self, entries) -> None:
+        for cid, rec, new_pack, new_offset in entries:
+            self.packs.write(new_pack, new_offset, self.packs.read(rec.pack, rec.offset, rec.sealed_length))
 
     # ----- durability ----------------------------------------------------------------------
     async def flush_buffer(self, ino: int) -> None:
@@ -557,6 +617,11 @@ class DataStore:
                         await self.flush_buffer(ino)
                     except OSError as e:
                         buf.error = e
+            if self._sparse_packs:
+                try:
+                    await self.compact()
+                except (OSError, IntegrityError) as e:
+                    log.error("compaction failed: %s", e)
             if self.index.dirty or self._dead_packs:
                 try:
                     await self.sync()

@@ -7,6 +7,7 @@ Tables (LMDB named databases) and what they map:
   extents   ino + file offset      -> sealed (chunk id, offset in chunk, length)
   chunks    chunk id               -> sealed (pack, offset, sealed length, plain length, refcount)
   packs     pack id                -> plain (live chunks, live bytes, size, sealed flag)
+  packchunks pack id + chunk id    -> nothing: which chunks live in a pack (for compaction)
   symlinks  ino                    -> sealed target
   xattrs    ino + name hash        -> sealed (name, value)
   orphans   ino                    -> unlinked inodes still open, deleted when released
@@ -38,7 +39,8 @@ _EXTENT = struct.Struct("<32sII")
 _CHUNK = struct.Struct("<QQIII")
 _PACK = struct.Struct("<IQQB")
 _NAME_HASH_LEN = 6  # ids (hash << 8 | position) must fit a signed 64-bit readdir offset
-TABLES = ("meta", "inodes", "dirents", "extents", "chunks", "packs", "symlinks", "xattrs", "orphans", "outbox")
+TABLES = ("meta", "inodes", "dirents", "extents", "chunks", "packs", "packchunks", "symlinks", "xattrs", "orphans",
+          "outbox")
 ROOT_INO = 1
 MAP_SIZE = 1 << 40  # address space only; the file grows as needed
 
@@ -402,11 +404,20 @@ class Index:
         raw = self._get("chunks", cid)
         return ChunkRecord(*_CHUNK.unpack(raw)) if raw else None
 
-    def put_chunk(self, cid: bytes, rec: ChunkRecord) -> None:
+    def put_chunk(self, cid: bytes, rec: ChunkRecord, old_pack: int | None = None) -> None:
+        """Store a chunk record; `old_pack` is where it lived before (None: a new chunk)."""
+        if old_pack != rec.pack:
+            if old_pack is not None:
+                self._delete("packchunks", u64(old_pack) + cid)
+            self._put_plain("packchunks", u64(rec.pack) + cid, b"")
         self._put("chunks", cid, _CHUNK.pack(rec.pack, rec.offset, rec.sealed_length, rec.length, rec.refs))
 
-    def delete_chunk(self, cid: bytes) -> None:
+    def delete_chunk(self, cid: bytes, pack: int) -> None:
         self._delete("chunks", cid)
+        self._delete("packchunks", u64(pack) + cid)
+
+    def chunks_in_pack(self, pack_id: int) -> list[bytes]:
+        return [bytes(k[8:]) for k, _ in self._scan_prefix("packchunks", u64(pack_id))]
 
     def all_chunks(self):
         for key, raw in self._scan_prefix("chunks", b""):
