@@ -6,9 +6,10 @@ into content-defined chunks, hashes them (keyed), skips chunks the store already
 thread, and then records extents in the index. Reads combine the index's extents with
 whatever is still buffered, so a reader always sees every accepted write.
 
-Durability: `sync()` fdatasyncs the packs and then commits the index, so the index never
-points at pack bytes that are not on stable storage. `flush()` (close) and fsync wait for
-it; other changes are committed in groups by `run_committer`.
+Durability, two levels: `flush()` (close) persists the inode's buffer into the packs and
+saves the index changes to the redo log, which survives a killed daemon at the cost of a
+write(); `sync()` (fsync, and every second) fdatasyncs the packs and then checkpoints the
+index, so a checkpoint never points at pack bytes that are not on stable storage.
 """
 
 from __future__ import annotations
@@ -42,20 +43,28 @@ class _Run:
     """A growable byte run that copies each write once.
 
     Plain bytearray growth would copy the run again and again (CPython over-allocates by
-    1/8), and fresh buffers page-fault on first touch; so runs start with room for a
-    whole drain and hand their memory back to a small pool when they are done.
+    1/8), and fresh large buffers cost page faults or a memset; so a run starts small (most
+    files are small) and jumps to a pooled buffer with room for a whole drain.
     """
 
     __slots__ = ("_buf", "_len")
+    SMALL = 64 << 10
     CAPACITY = 2 * DRAIN_AT
     _pool: list[bytearray] = []
 
     def __init__(self, *parts):
-        need = sum(map(len, parts))
-        self._buf = self._pool.pop() if self._pool and need <= self.CAPACITY else bytearray(max(need, self.CAPACITY))
+        self._buf = self._allocate(sum(map(len, parts)))
         self._len = 0
         for part in parts:
             self.write(self._len, part)
+
+    @classmethod
+    def _allocate(cls, need: int) -> bytearray:
+        if need <= cls.SMALL:
+            return bytearray(cls.SMALL)
+        if need <= cls.CAPACITY and cls._pool:
+            return cls._pool.pop()
+        return bytearray(max(need, cls.CAPACITY))
 
     def __len__(self) -> int:
         return self._len
@@ -63,7 +72,10 @@ class _Run:
     def write(self, at: int, data) -> None:
         end = at + len(data)
         if end > len(self._buf):
-            self._buf.extend(bytes(max(end, 2 * len(self._buf)) - len(self._buf)))
+            bigger = self._allocate(max(end, 2 * len(self._buf)))
+            bigger[:self._len] = memoryview(self._buf)[:self._len]
+            self.recycle()
+            self._buf = bigger
         self._buf[at:end] = data
         self._len = max(self._len, end)
 
@@ -78,18 +90,33 @@ class _Run:
         self._buf, self._len = bytearray(), 0
 
 
-class _Buffer:
-    """Accepted but not yet persisted bytes of one inode: one contiguous run."""
+class _Inflight:
+    """Bytes taken from a buffer by a drain, readable until the drain has applied them."""
 
-    __slots__ = ("start", "data", "frozen", "frozen_start", "lock", "drained", "error", "touched", "drain_queued")
+    __slots__ = ("start", "run", "length")
+
+    def __init__(self, start: int, run: _Run, length: int):
+        self.start, self.run, self.length = start, run, length
+
+
+class _Buffer:
+    """Accepted but not yet persisted bytes of one inode: a live run, and runs in flight.
+
+    Drains take the live run in two phases: phase 1 (cut, hash, dedup, reserve) under
+    `cut_lock`, phase 2 (seal, write, record) under `write_lock`, handed over in order, so
+    the next drain cuts and hashes while the previous one seals and writes.
+    """
+
+    __slots__ = ("start", "data", "inflight", "cut_lock", "write_lock", "drained", "error", "touched",
+                 "drain_queued")
 
     def __init__(self, start: int):
         self.start = start
         self.data = _Run()
-        self.frozen: _Run | None = None  # being persisted by a drain
-        self.frozen_start = 0
-        self.lock = trio.Lock()
-        self.drained = trio.Event()
+        self.inflight: list[_Inflight] = []  # in file order, all before `start`
+        self.cut_lock = trio.Lock()
+        self.write_lock = trio.Lock()
+        self.drained = trio.Event()  # set while nothing is in flight
         self.drained.set()
         self.error: OSError | None = None
         self.touched = time.monotonic()
@@ -100,7 +127,13 @@ class _Buffer:
         return self.start + len(self.data)
 
     def buffered(self) -> int:
-        return len(self.data) + (len(self.frozen) if self.frozen is not None else 0)
+        return len(self.data) + sum(item.length for item in self.inflight)
+
+    def runs(self):
+        """(file offset, run, length) of every buffered byte range, oldest first."""
+        for item in self.inflight:
+            yield item.start, item.run, item.length
+        yield self.start, self.data, len(self.data)
 
 
 class _ChunkCache:
@@ -144,10 +177,20 @@ def _split(items: list, weight) -> list[list]:
     return [items]
 
 
-async def _in_threads(fn, calls: list[tuple]) -> list:
+INLINE_BYTES = 128 << 10  # less work than this runs on the event loop: a thread hop costs more
+
+
+async def _in_thread(nbytes: int, fn, *args):
+    """fn(*args) in a worker thread, or inline when it is too little work to hand over."""
+    if nbytes < INLINE_BYTES:
+        return fn(*args)
+    return await trio.to_thread.run_sync(fn, *args)
+
+
+async def _in_threads(fn, calls: list[tuple], nbytes: int) -> list:
     """Run fn(*args) for each args in worker threads at once; results in order."""
-    if len(calls) == 1:
-        return [await trio.to_thread.run_sync(fn, *calls[0])]
+    if len(calls) == 1 or nbytes < INLINE_BYTES:
+        return [await _in_thread(nbytes, fn, *args) for args in calls]
     results = [None] * len(calls)
 
     async def one(i, args):
@@ -182,7 +225,6 @@ class DataStore:
         self._cache = _ChunkCache(CACHE_BYTES)
         self._loading: dict[bytes, trio.Event] = {}
         self._apply_lock = trio.Lock()
-        self._space_changed = trio.Condition()
         self._written: set[int] = set()  # inodes with data applied since the last commit
         self._dead_packs: list[int] = []
         self._sparse_packs: set[int] = {  # sealed packs less than half alive: to compact
@@ -228,8 +270,8 @@ class DataStore:
             err, buf.error = buf.error, None
             raise err
         while True:
-            if buf.frozen is not None:
-                # while a drain runs only the live run (after the frozen bytes) may change
+            if buf.inflight:
+                # while drains run only the live run (after the bytes in flight) may change
                 if buf.start <= offset <= buf.end and (buf.data or offset == buf.start):
                     break
                 await buf.drained.wait()
@@ -260,38 +302,48 @@ class DataStore:
             buf.drain_queued = False
 
     async def _persist(self, ino: int, buf: _Buffer, final: bool) -> None:
-        """Turn the buffer into stored chunks; unless `final`, keep the last partial chunk."""
-        async with buf.lock:
+        """Turn the live run into stored chunks; unless `final`, keep the last partial chunk."""
+        async with buf.cut_lock:
             if not buf.data:
                 return
-            frozen_run, start = buf.data, buf.start
-            buf.frozen, buf.frozen_start = frozen_run, start
-            buf.data, buf.start = _Run(), start + len(frozen_run)
-            frozen = frozen_run.view()
-            buf.drained = trio.Event()
-            kept = 0
+            run, start = buf.data, buf.start
+            item = _Inflight(start, run, len(run))
+            buf.data, buf.start = _Run(), start + len(run)
+            if not buf.inflight:
+                buf.drained = trio.Event()
+            buf.inflight.append(item)
+            view = run.view()
+            reservations = []
             try:
-                lengths = await trio.to_thread.run_sync(self.chunker.cut, frozen)
+                lengths = await _in_thread(len(view), self.chunker.cut, view)
                 if not final and lengths and lengths[-1] < self.chunker.max_size:
-                    kept = lengths.pop()
-                if lengths:
-                    pieces = await self._hash_pieces(frozen, lengths)
-                    await self._store_pieces(ino, frozen, start, pieces)
-            except BaseException:
-                with buf.data.view() as live:  # nothing lost: retry later
-                    buf.data, buf.start = _Run(frozen, live), start
-                raise
-            else:
-                if kept:
+                    kept = lengths.pop()  # an incomplete chunk: back to the front of the live run
                     with buf.data.view() as live:
-                        buf.data, buf.start = _Run(frozen[len(frozen) - kept:], live), buf.start - kept
-            finally:
-                frozen.release()
-                frozen_run.recycle()
-                buf.frozen = None
-                buf.drained.set()
-                async with self._space_changed:
-                    self._space_changed.notify_all()
+                        buf.data, buf.start = _Run(view[len(view) - kept:], live), buf.start - kept
+                    item.length -= kept
+                pieces = await self._hash_pieces(view, lengths) if lengths else []
+                placed, reservations = self._place_new_chunks(pieces)
+                await buf.write_lock.acquire()  # keep phase 2 in file order
+            except BaseException:
+                for r in reservations:
+                    self.packs.finish(r[3])
+                with buf.data.view() as live:  # nothing written yet: all back into the live run
+                    buf.data, buf.start = _Run(view[:item.length], live), start
+                self._finish_inflight(buf, item, view)
+                raise
+        try:
+            await self._write_and_record(ino, view, start, pieces, placed, reservations)
+        finally:
+            buf.write_lock.release()
+            self._finish_inflight(buf, item, view)
+
+    @staticmethod
+    def _finish_inflight(buf: _Buffer, item: _Inflight, view: memoryview) -> None:
+        buf.inflight.remove(item)
+        view.release()
+        item.run.recycle()
+        if not buf.inflight:
+            buf.drained.set()
 
     async def _hash_pieces(self, data: memoryview, lengths: list[int]) -> list[tuple[int, int, bytes]]:
         """(offset in data, length, chunk id) of each chunk; all-zero chunks get _ZERO_ID."""
@@ -299,7 +351,8 @@ class DataStore:
         for length in lengths:
             pieces.append((pos, length))
             pos += length
-        ids = await _in_threads(self._hash_some, [(data, part) for part in _split(pieces, lambda p: p[1])])
+        ids = await _in_threads(self._hash_some, [(data, part) for part in _split(pieces, lambda p: p[1])],
+                                sum(lengths))
         return [(pos, length, cid) for (pos, length), cid in zip(pieces, [c for part in ids for c in part])]
 
     def _hash_some(self, data: memoryview, pieces) -> list[bytes]:
@@ -312,26 +365,26 @@ class DataStore:
                 ids.append(self._keys.chunk_id(piece))
         return ids
 
-    async def _store_pieces(self, ino: int, frozen: memoryview, start: int, pieces) -> None:
-        # dedup against the index, and within this batch
-        new: dict[bytes, tuple[int, int]] = {}
-        for pos, length, cid in pieces:
-            if cid != _ZERO_ID and cid not in new and self.index.get_chunk(cid) is None:
-                new[cid] = (pos, length)
+    def _place_new_chunks(self, pieces):
+        """Reserve pack space for the chunks the store does not hold yet (dedup)."""
         placed: dict[bytes, ChunkRecord] = {}
-        if new:
-            reservations = []
-            for cid, (pos, length) in new.items():
+        reservations = []
+        for pos, length, cid in pieces:
+            if cid != _ZERO_ID and cid not in placed and self.index.get_chunk(cid) is None:
                 pack_id, offset = self.packs.reserve(self.index, sealed_chunk_size(length))
-                reservations.append((cid, pos, length, pack_id, offset))
-            try:
-                await _in_threads(self._seal_and_write,
-                                  [(frozen, part) for part in _split(reservations, lambda r: r[2])])
-            finally:
-                for r in reservations:
-                    self.packs.finish(r[3])
-            for cid, pos, length, pack_id, offset in reservations:
                 placed[cid] = ChunkRecord(pack_id, offset, sealed_chunk_size(length), length, 0)
+                reservations.append((cid, pos, length, pack_id, offset))
+        return placed, reservations
+
+    async def _write_and_record(self, ino, view, start, pieces, placed, reservations) -> None:
+        try:
+            if reservations:
+                await _in_threads(self._seal_and_write,
+                                  [(view, part) for part in _split(reservations, lambda r: r[2])],
+                                  sum(r[2] for r in reservations))
+        finally:
+            for r in reservations:
+                self.packs.finish(r[3])
         async with self._apply_lock:
             self._apply(ino, start, pieces, placed)
 
@@ -460,12 +513,11 @@ class DataStore:
         overlays = []
         buf = self._buffers.get(ino)
         if buf is not None:  # snapshot buffered bytes now: a drain may finish while we wait
-            for run_start, run in ((buf.frozen_start, buf.frozen), (buf.start, buf.data)):
-                if run:
-                    a, b = max(offset, run_start), min(end, run_start + len(run))
-                    if a < b:
-                        with run.view(a - run_start, b - run_start) as window:
-                            overlays.append((a, bytes(window)))
+            for run_start, run, length in buf.runs():
+                a, b = max(offset, run_start), min(end, run_start + length)
+                if a < b:
+                    with run.view(a - run_start, b - run_start) as window:
+                        overlays.append((a, bytes(window)))
         located = []
         for e in self.index.extents(ino, offset, end):
             rec = self.index.get_chunk(e.chunk_id)
@@ -566,25 +618,29 @@ class DataStore:
         buf = self._buffers.get(ino)
         if buf is None:
             return
-        while buf.data or buf.frozen is not None:
-            if buf.frozen is not None:
-                await buf.drained.wait()
-            else:
+        while buf.data or buf.inflight:
+            if buf.data:
                 await self._persist(ino, buf, final=True)
+            else:
+                await buf.drained.wait()
         if buf.error is not None:
             err, buf.error = buf.error, None
             raise err
-        if self._buffers.get(ino) is buf and not buf.data and buf.frozen is None:
+        if self._buffers.get(ino) is buf and not buf.data and not buf.inflight:
             del self._buffers[ino]
 
     async def flush(self, ino: int) -> None:
-        """What close() and fsync() wait for: the inode's data durable on the drive."""
+        """What close() waits for: the inode's data and metadata safe from a killed daemon.
+
+        The data is in the packs (written, in the kernel's hands) and the index changes are
+        in the redo log; a power loss needs fsync (`sync`) on top.
+        """
         await self.flush_buffer(ino)
         if ino in self._written:
-            await self.sync()
+            self.index.save()
 
     async def sync(self) -> None:
-        """Make every applied change durable: packs first, then the index commit."""
+        """Checkpoint: make every applied change durable, packs first, then the index."""
         async with self._apply_lock:
             if self.packs.has_unsynced:
                 await trio.to_thread.run_sync(self.packs.sync)
@@ -612,7 +668,7 @@ class DataStore:
             await trio.sleep(COMMIT_INTERVAL)
             now = time.monotonic()
             for ino, buf in list(self._buffers.items()):
-                if buf.data and buf.frozen is None and now - buf.touched > IDLE_FLUSH_SECONDS:
+                if buf.data and not buf.inflight and now - buf.touched > IDLE_FLUSH_SECONDS:
                     try:
                         await self.flush_buffer(ino)
                     except OSError as e:

@@ -54,7 +54,7 @@ def _boundary(handler=None, *, atomic=False):
                 result = await handler(self, *args, **kwargs)
             if self._durable_now:
                 self._durable_now = False
-                await self.data.sync()
+                self.index.save()
             return result
         except pyfuse3.FUSEError:
             raise
@@ -401,8 +401,8 @@ class BpfsOperations(pyfuse3.Operations):
             elif stat.S_ISDIR(target.mode):
                 _fail(errno.EISDIR)
             else:
-                # write-new-then-rename-over is how programs replace a file safely: commit
-                # before returning, as ext4 (auto_da_alloc) does for this idiom
+                # write-new-then-rename-over is how programs replace a file safely: make it
+                # survive a crash before returning (ext4's auto_da_alloc protects this idiom)
                 self._durable_now = True
             self._drop_name(target, now)
         self.index.remove_entry(parent_inode_old, name_old)

@@ -19,8 +19,9 @@ What the drive still shows in the clear: how many inodes, directory membership b
 number, and where extents start (approximate file sizes) — see README "Security model".
 
 One write transaction is kept open and shared by all operations (reads see uncommitted
-writes); the caller commits it in groups (see `filedata.DataStore.sync`). A crash leaves
-the last committed state, never a mix.
+writes). `commit()` is a durable checkpoint (LMDB fsyncs); `save()` makes the changes since
+then survive a killed daemon at the cost of one write() to the redo log (see `redolog`).
+A crash leaves the state as of the last checkpoint plus every saved batch, never a mix.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 import lmdb
 
 from .errors import IntegrityError
+from .redolog import DELETE, PUT, RedoLog
 
 _U64 = struct.Struct(">Q")
 _ATTR = struct.Struct("<IIIIQQQqqqQ")
@@ -120,6 +122,10 @@ class Index:
         self._txn: lmdb.Transaction | None = None
         self._attrs: dict[int, Attr] = {}
         self.pending_ops = 0
+        self._log: RedoLog | None = None
+        if not readonly:
+            self._log = RedoLog(path.rstrip("/") + ".redo", TABLES)
+            self.replayed = self._replay()
 
     # ----- transactions -----------------------------------------------------------------
     @property
@@ -132,8 +138,31 @@ class Index:
     def dirty(self) -> bool:
         return self.pending_ops > 0
 
+    def _replay(self) -> int:
+        """Apply the redo log left by a crash and checkpoint; return the records replayed."""
+        if self._log.is_empty():
+            return 0
+        n = self._apply_records(self._log.saved_records())
+        self.commit()
+        return n
+
+    def _apply_records(self, records) -> int:
+        n = 0
+        for table, op, key, value in records:
+            if op == PUT:
+                self.txn.put(key, value, db=self._db[table])
+            else:
+                self.txn.delete(key, db=self._db[table])
+            n += 1
+        return n
+
+    def save(self) -> None:
+        """Make every change so far survive a killed daemon (not a power loss): one write()."""
+        if self._log is not None:
+            self._log.save()
+
     def commit(self) -> None:
-        """Make every change so far durable (LMDB fsyncs its data file on commit)."""
+        """Checkpoint: make every change so far durable (LMDB fsyncs on commit)."""
         if self._txn is None:
             return
         if self.pending_ops and not self.readonly:
@@ -142,9 +171,21 @@ class Index:
         try:
             txn.commit()
         except lmdb.Error:
-            self._attrs.clear()
+            self._recover_from_failed_commit()
             raise
         self.pending_ops = 0
+        if self._log is not None:
+            self._log.checkpointed()
+
+    def _recover_from_failed_commit(self) -> None:
+        """LMDB dropped the transaction: rebuild it from the redo log and the unsaved records,
+        so the daemon's view stays what the kernel was told."""
+        self._attrs.clear()
+        if self._log is None:
+            return
+        pending = list(self._log.pending_records())
+        self._apply_records(self._log.saved_records())
+        self._apply_records(pending)
 
     @contextmanager
     def atomic(self):
@@ -159,6 +200,7 @@ class Index:
         child = self.env.begin(write=True, parent=parent)
         self._txn = child
         ops = self.pending_ops
+        mark = self._log.mark()
         try:
             yield
         except BaseException:
@@ -166,21 +208,21 @@ class Index:
             self._txn = parent
             self._attrs.clear()  # cached attributes may hold undone in-place changes
             self.pending_ops = ops
+            self._log.rollback(mark)
             raise
         else:
             child.commit()
             self._txn = parent
 
-    def abort(self) -> None:
+    def close(self) -> None:
+        """Close without committing (callers commit first); the redo log keeps saved changes."""
         if self._txn is not None:
             self._txn.abort()
             self._txn = None
         self._attrs.clear()
-        self.pending_ops = 0
-
-    def close(self) -> None:
-        self.abort()
         self.env.close()
+        if self._log is not None:
+            self._log.close()
 
     # ----- sealed records -----------------------------------------------------------------
     def _aad(self, table: str, key: bytes) -> bytes:
@@ -193,15 +235,17 @@ class Index:
         return self._sealer.open(raw, self._aad(table, key))
 
     def _put(self, table: str, key: bytes, value: bytes) -> None:
-        self.txn.put(key, self._sealer.seal(value, self._aad(table, key)), db=self._db[table])
-        self.pending_ops += 1
+        self._put_plain(table, key, self._sealer.seal(value, self._aad(table, key)))
 
     def _put_plain(self, table: str, key: bytes, value: bytes) -> None:
+        """Every change goes through _put_plain or _delete: both feed the redo log."""
         self.txn.put(key, value, db=self._db[table])
+        self._log.put(table, key, value)
         self.pending_ops += 1
 
     def _delete(self, table: str, key: bytes) -> bool:
         self.pending_ops += 1
+        self._log.delete(table, key)
         return self.txn.delete(key, db=self._db[table])
 
     def _scan_prefix(self, table: str, prefix: bytes, start: bytes = b""):
@@ -221,7 +265,7 @@ class Index:
 
     def _bump(self, name: str) -> int:
         value = self.counter(name) + 1
-        self.txn.put(name.encode(), u64(value), db=self._db["meta"])
+        self._put_plain("meta", name.encode(), u64(value))
         return value
 
     def allocate_ino(self) -> int:
@@ -439,7 +483,7 @@ class Index:
 
     def delete_pack(self, pack_id: int) -> None:
         self._delete("packs", u64(pack_id))
-        self.txn.delete(u64(pack_id), db=self._db["outbox"])
+        self._delete("outbox", u64(pack_id))
 
     def all_packs(self):
         for key, raw in self._scan_prefix("packs", b""):

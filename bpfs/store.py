@@ -3,6 +3,7 @@
 Layout (folder 0700, files 0600):
   key.json      wrapped root secret and public identity (see keyfile)
   index/        LMDB environment (see index)
+  index.redo    index changes since the last LMDB checkpoint (see redolog)
   packs/        sealed chunk containers (see packs)
   lock          flock'ed by the one process that has the store open for writing
   daemon.json   pid and mount point of the running mount daemon
@@ -133,7 +134,7 @@ class OpenStore:
     def repair_after_crash(self, destroy_inode) -> dict:
         """Bring the store to a clean state after an unclean stop; return what was done."""
         index = self.index
-        report = {"orphans": 0, "sealed_packs": 0, "dead_packs": 0}
+        report = {"replayed_records": index.replayed, "orphans": 0, "sealed_packs": 0, "dead_packs": 0}
         for ino in index.orphans():
             destroy_inode(ino)
             report["orphans"] += 1
