@@ -1,0 +1,21 @@
+"""Benchmark harness for bpfs (run it with ``python -m bench`` or ``make bench``).
+
+It compares bpfs against the raw disk (a plain directory) and gocryptfs, all on
+the same disk, and against restic for the deduplication figures. Every
+filesystem instance lives in a temporary directory under the work directory and
+is unmounted and removed at the end, also after an error or Ctrl-C.
+
+Modules, one job each:
+
+- ``cli``        command-line flags and the top-level flow
+- ``config``     workload names and the full / ``--quick`` sizes
+- ``proc``       running commands, the mount table, dropping caches, daemon RSS
+- ``cleanup``    unmounting and removing everything on exit or on a signal
+- ``targets``    the filesystems under test: raw, gocryptfs, bpfs
+- ``datagen``    deterministic test data (random blocks, source tarball, trees)
+- ``workloads``  the timed workloads (sequential write/read, files, untar)
+- ``runner``     repeats the timed workloads over runs and targets
+- ``dedup``      the deduplication figures for bpfs and restic
+- ``stats``      medians, minima and maxima
+- ``report``     the printed table and the JSON file
+"""

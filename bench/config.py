@@ -1,0 +1,66 @@
+"""Workload names and the sizes of a full run and of a ``--quick`` run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+#: Timed workloads, repeated ``--runs`` times on every target.
+TIMED = ("seq_write", "seq_read", "create", "stat", "unlink", "untar")
+#: Deduplication figures (bpfs and restic), measured once: the sizes are deterministic.
+DEDUP = ("dedup_copy", "dedup_insert")
+ALL = TIMED + DEDUP
+
+#: Filesystems for the timed workloads, in column order.
+TARGETS = ("raw", "gocryptfs", "bpfs")
+#: Everything ``--targets`` accepts: restic takes part in the dedup figures only.
+ALL_TARGETS = TARGETS + ("restic",)
+
+#: Passphrase used for every store created by the benchmark (all throw-away).
+PASSPHRASE = "bench-passphrase"
+
+#: Block size of the dd-like sequential write and read.
+BLOCK = 1 * MiB
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each workload is."""
+
+    seq_bytes: int  # the sequential write/read file
+    nfiles: int  # create/stat/unlink
+    src_files: int  # files in the generated source tarball
+    src_bytes: int  # total bytes of those files
+    tree_bytes: int  # the tree copied in twice (dedup_copy)
+    insert_bytes: int  # the file that gets one byte inserted at its start (dedup_insert)
+
+
+FULL = Sizes(
+    seq_bytes=1 * GiB,
+    nfiles=10_000,
+    src_files=5_000,
+    src_bytes=60_000_000,
+    tree_bytes=1 * GiB,
+    insert_bytes=256 * MiB,
+)
+
+QUICK = Sizes(
+    seq_bytes=256 * MiB,
+    nfiles=2_000,
+    src_files=1_500,
+    src_bytes=18_000_000,
+    tree_bytes=256 * MiB,
+    insert_bytes=64 * MiB,
+)
+
+
+def human_bytes(n: int) -> str:
+    """1073741824 -> '1GiB', 268435456 -> '256MiB', 60000000 -> '60MB'."""
+    for unit, size in (("GiB", GiB), ("MiB", MiB)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    if n >= 1_000_000:
+        return f"{n / 1e6:.0f}MB"
+    return f"{n}B"

@@ -1,0 +1,202 @@
+"""Raw QUIC ceiling on this machine: one stream, 256 MiB, loopback, bpfs.net transport.
+
+Standalone:  .venv/bin/python bench/quic_ceiling.py [--mib 256] [--datagram 1452]
+             [--cc reno|cubic] [--mode process|inproc|memory]
+
+- process  (default) the receiver runs in a child process, the sender here: each side
+           has its own core, as two peers would.
+- inproc   both ends in one trio event loop (one core for both).
+- memory   two bare aioquic QuicConnections exchanging datagrams in memory: no sockets,
+           no trio, no bpfs code: the pure aioquic CPU cost, for comparison.
+
+Prints throughput (MB/s = 10^6 bytes/s, and MiB/s) and CPU seconds per GiB moved, per
+side and in total. The payload is SHA-256-checked end to end (outside the CPU figures of
+the memory mode only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import ssl
+import struct
+import subprocess
+import sys
+import time
+
+import trio
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bpfs.identity import Identity  # noqa: E402
+from bpfs.net.quic import TransportConfig, open_endpoint  # noqa: E402
+
+CHUNK = 1 << 20
+_REPORT = struct.Struct(">d32s")  # receiver CPU seconds, sha256
+
+
+def _payload_chunk() -> bytes:
+    return os.urandom(CHUNK)
+
+
+def _config(args) -> TransportConfig:
+    return TransportConfig(max_datagram_size=args.datagram, congestion_control=args.cc)
+
+
+async def _receive(stream) -> tuple[float, bytes]:
+    h = hashlib.sha256()
+    first = await stream.receive_some(CHUNK)
+    cpu0 = time.process_time()
+    h.update(first)
+    while data := await stream.receive_some(CHUNK):
+        h.update(data)
+    return time.process_time() - cpu0, h.digest()
+
+
+async def _serve(args) -> None:
+    """Child side of --mode process: receive one stream, report CPU time and digest."""
+    async with open_endpoint(Identity(os.urandom(32)), config=_config(args)) as ep:
+        print(ep.local_address[1], flush=True)
+        conn = await ep.accept()
+        stream = await conn.accept_stream()
+        cpu, digest = await _receive(stream)
+        await stream.send(_REPORT.pack(cpu, digest), end=True)
+        with trio.move_on_after(5):
+            await conn.wait_closed()
+
+
+async def _send(conn, total: int, chunk: bytes) -> tuple[float, float, bytes]:
+    stream = await conn.open_stream()
+    h = hashlib.sha256()
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    sent = 0
+    while sent < total:
+        await stream.send(chunk, end=sent + len(chunk) >= total)
+        h.update(chunk)
+        sent += len(chunk)
+    report = await stream.receive_all(_REPORT.size)
+    return time.perf_counter() - t0, time.process_time() - cpu0, h.digest(), report
+
+
+async def _process_mode(args, total: int) -> dict:
+    child = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "--serve", "--datagram", str(args.datagram), "--cc", args.cc],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(child.stdout.readline())
+        async with open_endpoint(Identity(os.urandom(32)), listen=False, config=_config(args)) as ep:
+            conn = await ep.connect(("127.0.0.1", port))
+            wall, cpu_send, digest, report = await _send(conn, total, _payload_chunk())
+            cpu_recv, remote_digest = _REPORT.unpack(report)
+            await conn.aclose()
+        child.wait(timeout=10)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    return dict(wall=wall, cpu_send=cpu_send, cpu_recv=cpu_recv, ok=digest == remote_digest)
+
+
+async def _inproc_mode(args, total: int) -> dict:
+    cfg = _config(args)
+    async with open_endpoint(Identity(os.urandom(32)), config=cfg) as srv, \
+            open_endpoint(Identity(os.urandom(32)), listen=False, config=cfg) as cli:
+        async with trio.open_nursery() as nursery:
+            async def serve():
+                conn = await srv.accept()
+                stream = await conn.accept_stream()
+                _cpu, digest = await _receive(stream)
+                await stream.send(_REPORT.pack(0.0, digest), end=True)
+
+            nursery.start_soon(serve)
+            conn = await cli.connect(srv.local_address)
+            wall, cpu, digest, report = await _send(conn, total, _payload_chunk())
+    return dict(wall=wall, cpu_send=cpu, cpu_recv=None, ok=digest == _REPORT.unpack(report)[1])
+
+
+def _memory_mode(args, total: int) -> dict:
+    from aioquic.buffer import Buffer
+    from aioquic.quic import events
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+    from aioquic.quic.packet import pull_quic_header
+
+    from bpfs.net.quic import _process_certificate
+
+    cert, key = _process_certificate()
+    kw = dict(alpn_protocols=["bench"], max_datagram_size=args.datagram, max_data=64 << 20,
+              max_stream_data=64 << 20, verify_mode=ssl.CERT_NONE, congestion_control_algorithm=args.cc)
+    client = QuicConnection(configuration=QuicConfiguration(is_client=True, **kw))
+    server_cfg = QuicConfiguration(is_client=False, **kw)
+    server_cfg.certificate, server_cfg.private_key = cert, key
+    server = None
+    clock = [0.0]
+    c_addr, s_addr = ("10.0.0.1", 1), ("10.0.0.2", 2)
+
+    def pump():
+        nonlocal server
+        moved = True
+        while moved:
+            moved = False
+            for data, _ in client.datagrams_to_send(now=clock[0]):
+                if server is None:
+                    odcid = pull_quic_header(Buffer(data=data), host_cid_length=8).destination_cid
+                    server = QuicConnection(configuration=server_cfg, original_destination_connection_id=odcid)
+                server.receive_datagram(data, c_addr, now=clock[0])
+                moved = True
+            if server is not None:
+                for data, _ in server.datagrams_to_send(now=clock[0]):
+                    client.receive_datagram(data, s_addr, now=clock[0])
+                    moved = True
+            clock[0] += 1e-4
+
+    client.connect(s_addr, now=0.0)
+    pump()
+    chunk = _payload_chunk()
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    sent = got = 0
+    while got < total:
+        if sent < total and sent - got < 16 << 20:
+            client.send_stream_data(0, chunk, end_stream=sent + len(chunk) >= total)
+            sent += len(chunk)
+        pump()
+        while (ev := server.next_event()) is not None:
+            if isinstance(ev, events.StreamDataReceived):
+                got += len(ev.data)
+        while client.next_event() is not None:
+            pass
+    return dict(wall=time.perf_counter() - t0, cpu_send=time.process_time() - cpu0, cpu_recv=None, ok=got == total)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--mib", type=int, default=256, help="MiB to send (default 256)")
+    ap.add_argument("--datagram", type=int, default=1452, help="max_datagram_size (default 1452)")
+    ap.add_argument("--cc", default="reno", choices=["reno", "cubic"])
+    ap.add_argument("--mode", default="process", choices=["process", "inproc", "memory"])
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve:
+        trio.run(_serve, args)
+        return
+    total = args.mib * CHUNK
+    if args.mode == "memory":
+        r = _memory_mode(args, total)
+    else:
+        r = trio.run(_process_mode if args.mode == "process" else _inproc_mode, args, total)
+    gib = total / (1 << 30)
+    print(f"mode={args.mode} size={args.mib} MiB datagram={args.datagram} cc={args.cc} ok={r['ok']}")
+    print(f"throughput: {total / r['wall'] / 1e6:.1f} MB/s ({total / r['wall'] / (1 << 20):.1f} MiB/s), "
+          f"{r['wall']:.2f} s")
+    if r["cpu_recv"] is None:
+        label = "both sides, one process" if args.mode != "memory" else "both sides, in memory"
+        print(f"cpu: {r['cpu_send'] / gib:.1f} s/GiB ({label})")
+    else:
+        print(f"cpu: sender {r['cpu_send'] / gib:.1f} s/GiB, receiver {r['cpu_recv'] / gib:.1f} s/GiB, "
+              f"total {(r['cpu_send'] + r['cpu_recv']) / gib:.1f} s/GiB")
+    if not r["ok"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""The printed table (medians with min-max, ratios bpfs/raw and bpfs/gocryptfs) and the JSON file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench import stats
+from bench.config import TIMED, human_bytes
+from bench.dedup import TARGET_PERCENT
+from bench.runner import UNITS
+
+
+def _num(x: float) -> str:
+    if x >= 100:
+        return f"{x:.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def _cell(s: dict | None, unit: str) -> str:
+    if not s:
+        return "n/a"
+    if s["n"] == 1:
+        return f"{_num(s['median'])} {unit}"
+    return f"{_num(s['median'])} {unit} ({_num(s['min'])}-{_num(s['max'])})"
+
+
+def _ratio(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:.2f}" if x >= 0.1 else f"{x:.2g}"
+
+
+def timed_table(summary: dict, labels: dict[str, str], columns: list[str]) -> list[str]:
+    """One line per workload: each column's median (min-max), then bpfs/raw and bpfs/gocryptfs."""
+    rows = []
+    for w in TIMED:
+        if w not in summary:
+            continue
+        per = summary[w]
+        cells = [_cell(per.get(t), UNITS[w]) for t in columns]
+        ratios = []
+        if "bpfs" in columns:
+            for other in ("raw", "gocryptfs"):
+                if other in columns:
+                    ratios.append(_ratio(stats.ratio(per.get("bpfs"), per.get(other))))
+        rows.append([labels[w], *cells, *ratios])
+    header = ["workload", *columns]
+    if "bpfs" in columns:
+        header += [f"bpfs/{o}" for o in ("raw", "gocryptfs") if o in columns]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(c.ljust(wd) for c, wd in zip(r, widths)).rstrip() for r in [header, *rows]]
+
+
+def dedup_table(dedup: dict) -> list[str]:
+    lines = []
+    names = {"dedup_copy": "2nd copy of a {size} tree: store growth",
+             "dedup_insert": "1 byte inserted at start of a {size} file: new bytes stored"}
+    for figure in ("dedup_copy", "dedup_insert"):
+        if figure not in dedup:
+            continue
+        d = dedup[figure]
+        size = d["tree"]["bytes"] if figure == "dedup_copy" else d["file_bytes"]
+        label = names[figure].format(size=human_bytes(size))
+        cells = []
+        for tool in ("bpfs", "restic"):
+            if tool in d:
+                r = d[tool]
+                if "percent" not in r:
+                    cells.append(f"{tool} FAILED")
+                elif len(r.get("runs", [])) > 1:
+                    cells.append(f"{tool} {r['percent']:.2f} % ({r['min']:.2f}-{r['max']:.2f})")
+                else:
+                    cells.append(f"{tool} {r['percent']:.2f} %")
+        lines.append(f"{label:62s}  " + "   ".join(f"{c:28s}" for c in cells)
+                     + f"  (target < {TARGET_PERCENT[figure]:g} %)")
+    return lines
+
+
+def rss_lines(rss: dict) -> list[str]:
+    parts = []
+    for phase in ("write", "read"):
+        vals = rss.get(phase) or []
+        if vals:
+            parts.append(f"seq {phase} {max(vals) / 2**20:.0f} MiB")
+    if not parts:
+        return []
+    return ["bpfs daemon peak RSS (VmHWM, max over runs): " + ", ".join(parts)]
+
+
+def cpu_line(samples: dict) -> list[str]:
+    """The bpfs daemon's CPU time as % of the workload's wall time (median over runs)."""
+    short = {"seq_write": "seq write", "seq_read": "seq read", "create": "create", "stat": "stat",
+             "unlink": "unlink", "untar": "untar"}
+    parts = []
+    for w in TIMED:
+        runs = [r for r in samples.get(w, {}).get("bpfs", []) if "daemon_cpu" in r]
+        if runs:
+            pct = stats.summarize([100 * r["daemon_cpu"] / r["seconds"] for r in runs])["median"]
+            parts.append(f"{short[w]} {pct:.0f}%")
+    if not parts:
+        return []
+    return ["bpfs daemon CPU time / wall time (median; 100% = one core busy): " + ", ".join(parts)]
+
+
+def print_report(results: dict) -> None:
+    print()
+    runs = results["meta"]["runs"]
+    print(f"bpfs benchmark ({results['meta']['mode']}, {runs} run{'s' if runs != 1 else ''}, medians "
+          f"with min-max; MB = 10^6 bytes; higher is better)")
+    meta = results["meta"]
+    if "loadavg_end" in meta:
+        print(f"load average (1 min) {meta['loadavg_start'][0]:.2f} at start, {meta['loadavg_end'][0]:.2f} "
+              f"at end, {meta['cpus']} CPUs")
+    if results["meta"].get("notes"):
+        for note in results["meta"]["notes"]:
+            print(f"note: {note}")
+    if results.get("timed"):
+        print()
+        for line in timed_table(results["timed"], results["labels"], results["meta"]["targets"]):
+            print(line)
+    for line in rss_lines(results.get("rss", {})) + cpu_line(results.get("samples", {})):
+        print(line)
+    if results.get("dedup"):
+        print()
+        print("deduplication (store growth; lower is better; the insert figure is the median over runs, "
+              "each in a new store)")
+        for line in dedup_table(results["dedup"]):
+            print(line)
+    if results.get("errors"):
+        print()
+        print("errors:")
+        for e in results["errors"]:
+            msg = "\n    ".join(e["error"].splitlines())
+            print(f"  {e['target']} run {e['run']} in {e['step']}: {msg}")
+            log = (e.get("daemon_log") or "").strip().splitlines()
+            if log:
+                print("    daemon log, last lines:")
+                for line in log[-6:]:
+                    print(f"      {line}")
+    if results.get("problems"):
+        print()
+        print("problems noticed:")
+        for p in results["problems"]:
+            print(f"  {p}")
+
+
+def save_json(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
