@@ -13,6 +13,7 @@ import ctypes
 import logging
 import logging.handlers
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -65,16 +66,20 @@ def _setup_logging(store_dir: str, foreground: bool, debug: bool) -> None:
     root.handlers[:] = [handler]
 
 
+def _decode_mountinfo(field: str) -> str:
+    """Undo mountinfo's octal escapes (\\040 for a space) without mangling other bytes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
 def _mountinfo() -> list[tuple[str, str, str]]:
     """(mount point, fs type, source) of every mount, from /proc/self/mountinfo."""
     out = []
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", errors="surrogateescape") as f:
         for line in f:
             left, _, right = line.partition(" - ")
             fields = left.split()
             fstype, source = right.split()[:2]
-            decode = lambda s: s.encode().decode("unicode_escape")  # noqa: E731  (\040 escapes)
-            out.append((decode(fields[4]), fstype, decode(source)))
+            out.append((_decode_mountinfo(fields[4]), fstype, _decode_mountinfo(source)))
     return out
 
 
@@ -105,14 +110,28 @@ def check_mountpoint(mountpoint: str) -> str:
 
 
 def _space_reserve(store_dir: str) -> int:
+    """Room kept free for the index, its redo log and compaction: 2% of the drive, 4-256 MiB."""
     st = os.statvfs(store_dir)
-    return min(max(st.f_blocks * st.f_frsize // 50, 2 << 20), 256 << 20)
+    return min(max(st.f_blocks * st.f_frsize // 50, 4 << 20), 256 << 20)
 
 
 def _set_read_ahead(mountpoint: str) -> None:
+    """Raise the mount's read-ahead so sequential reads arrive in 1 MiB requests.
+
+    The device number comes from mountinfo: a stat() of our own mount point from inside
+    the daemon would be a FUSE request to ourselves, and a thread blocked in one cannot be
+    killed (the kernel waits for the answer uninterruptibly once it is sent).
+    """
+    device = None
+    with open("/proc/self/mountinfo", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.split()
+            if _decode_mountinfo(fields[4]) == mountpoint and " - fuse.bpfs " in line:
+                device = fields[2]
+    if device is None:
+        return
     try:
-        dev = os.stat(mountpoint).st_dev
-        with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb", "w") as f:
+        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
             f.write(str(READ_AHEAD_KB))
     except OSError:
         pass  # not root, or no such knob: the kernel's default read-ahead still works
@@ -142,7 +161,11 @@ async def _serve(store: OpenStore, mountpoint: str, options: set[str], ready) ->
             await data.flush_all()
             for ino in store.index.orphans():  # nothing is open any more
                 ops.destroy_inode(ino)
-            await data.sync()
+            try:
+                await data.sync()
+            except OSError:
+                store.index.save()  # the checkpoint failed (drive full?): the redo log keeps it
+                raise
     except BaseException:
         try:
             pyfuse3.close(unmount=True)
@@ -177,16 +200,16 @@ def run_daemon(store_dir: str, keys, mountpoint: str, options: set[str], foregro
     except Exception as e:
         log.exception("daemon failed")
         ready(f"mount failed: {e}")
-        return 1
     finally:
         try:
-            store.close()
+            store.close(release_lock=False)
         except Exception:
             log.exception("closing the store failed")
             clean = False
-        if clean:
+        if clean:  # before the lock goes: `bpfs umount` reads it once the lock is free
             clear_daemon_info(store_dir)
-    return 0
+        store.lock.release()
+    return 0 if clean else 1
 
 
 def mount(store_dir: str, mountpoint: str, keys, options: set[str], foreground: bool, debug: bool) -> int:

@@ -192,13 +192,19 @@ async def _in_threads(fn, calls: list[tuple], nbytes: int) -> list:
     if len(calls) == 1 or nbytes < INLINE_BYTES:
         return [await _in_thread(nbytes, fn, *args) for args in calls]
     results = [None] * len(calls)
+    errors: list[Exception] = []
 
     async def one(i, args):
-        results[i] = await trio.to_thread.run_sync(fn, *args)
+        try:
+            results[i] = await trio.to_thread.run_sync(fn, *args)
+        except Exception as e:  # keep OSError(ENOSPC) an OSError, not an ExceptionGroup
+            errors.append(e)
 
     async with trio.open_nursery() as nursery:
         for i, args in enumerate(calls):
             nursery.start_soon(one, i, args)
+    if errors:
+        raise errors[0]
     return results
 
 
@@ -254,11 +260,17 @@ class DataStore:
         return self._free_bytes
 
     def check_space(self, nbytes: int) -> None:
-        """Refuse (ENOSPC) writes that the drive could not hold with the index's reserve."""
-        if self.free_bytes() - self.buffered_bytes() - nbytes < self._space_reserve:
+        """Refuse (ENOSPC) writes that the drive could not hold with the index's reserve.
+
+        Buffered and incoming bytes count with Padmé's worst case (+12%) and sealing.
+        """
+        if self._space_needed(nbytes) > self.free_bytes() - self._space_reserve:
             self._free_checked = 0.0
-            if self.free_bytes() - self.buffered_bytes() - nbytes < self._space_reserve:
+            if self._space_needed(nbytes) > self.free_bytes() - self._space_reserve:
                 raise OSError(errno.ENOSPC, "store drive is full")
+
+    def _space_needed(self, nbytes: int) -> int:
+        return (self.buffered_bytes() + nbytes) * 9 // 8 + 4096
 
     # ----- writing -------------------------------------------------------------------------
     async def write(self, ino: int, offset: int, data: bytes) -> None:
@@ -296,8 +308,9 @@ class DataStore:
         except OSError as e:
             buf.error = e  # reported to the next write, flush or fsync of this inode
             log.warning("writing inode %d failed: %s", ino, os.strerror(e.errno or errno.EIO))
-        except IntegrityError:
-            buf.error = OSError(errno.EIO, "index damaged")
+        except Exception:  # a background task must never take the mount down
+            log.exception("writing inode %d failed", ino)
+            buf.error = OSError(errno.EIO, "write failed")
         finally:
             buf.drain_queued = False
 
@@ -524,6 +537,8 @@ class DataStore:
             if rec is None:
                 raise IntegrityError("extent refers to a missing chunk")
             located.append((e, rec))
+        if located:
+            self._prefetch_after(ino, located[-1][0], file_size)
         if len(located) == 1 and not overlays:
             e, rec = located[0]
             if e.offset <= offset and e.end >= end:
@@ -539,6 +554,26 @@ class DataStore:
         for a, data in overlays:
             out[a - offset:a - offset + len(data)] = data
         return bytes(out)
+
+    def _prefetch_after(self, ino: int, last: Extent, file_size: int) -> None:
+        """Sequential reads: start decrypting the next chunk while the kernel copies this one."""
+        if self.nursery is None or last.end >= file_size:
+            return
+        following = self.index.extents(ino, last.end, last.end + 1)
+        if not following:
+            return
+        nxt = following[0]
+        if self._cache.get(nxt.chunk_id) is not None or nxt.chunk_id in self._loading:
+            return
+        rec = self.index.get_chunk(nxt.chunk_id)
+        if rec is not None:
+            self.nursery.start_soon(self._prefetch, nxt.chunk_id, rec)
+
+    async def _prefetch(self, cid: bytes, rec: ChunkRecord) -> None:
+        try:
+            await self._load_chunk(cid, rec)
+        except Exception:
+            pass  # the read that needs it will report the error
 
     async def _load_chunk(self, cid: bytes, rec: ChunkRecord) -> bytes:
         while True:
@@ -663,26 +698,32 @@ class DataStore:
         await self.sync()
 
     async def run_committer(self) -> None:
-        """Group commit: make changes durable every second, and persist idle buffers."""
+        """Checkpoint every second, persist idle buffers, compact sparse packs."""
         while True:
             await trio.sleep(COMMIT_INTERVAL)
-            now = time.monotonic()
-            for ino, buf in list(self._buffers.items()):
-                if buf.data and not buf.inflight and now - buf.touched > IDLE_FLUSH_SECONDS:
-                    try:
-                        await self.flush_buffer(ino)
-                    except OSError as e:
-                        buf.error = e
-            if self._sparse_packs:
+            try:
+                await self._committer_round()
+            except Exception:  # a background task must never take the mount down
+                log.exception("background commit failed")
+
+    async def _committer_round(self) -> None:
+        now = time.monotonic()
+        for ino, buf in list(self._buffers.items()):
+            if buf.data and not buf.inflight and now - buf.touched > IDLE_FLUSH_SECONDS:
                 try:
-                    await self.compact()
-                except (OSError, IntegrityError) as e:
-                    log.error("compaction failed: %s", e)
-            if self.index.dirty or self._dead_packs:
-                try:
-                    await self.sync()
+                    await self.flush_buffer(ino)
                 except OSError as e:
-                    log.error("periodic commit failed: %s", e)
+                    buf.error = e
+        if self._sparse_packs:
+            try:
+                await self.compact()
+            except (OSError, IntegrityError) as e:
+                log.error("compaction failed: %s", e)
+        if self.index.dirty or self._dead_packs:
+            try:
+                await self.sync()
+            except OSError as e:
+                log.error("periodic commit failed: %s", e)
 
     def maybe_commit_soon(self) -> bool:
         return self.index.pending_ops > MAX_PENDING_OPS

@@ -151,11 +151,12 @@ class OpenStore:
         index.commit()
         return report
 
-    def close(self) -> None:
+    def close(self, release_lock: bool = True) -> None:
         try:
             self.packs.seal_open(self.index)
             self.index.commit()
             self.index.close()
             self.packs.close()
         finally:
-            self.lock.release()
+            if release_lock:
+                self.lock.release()
