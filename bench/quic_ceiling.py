@@ -11,7 +11,10 @@ Standalone:  .venv/bin/python bench/quic_ceiling.py [--mib 256] [--datagram 1452
 
 Prints throughput (MB/s = 10^6 bytes/s, and MiB/s) and CPU seconds per GiB moved, per
 side and in total. The payload is SHA-256-checked end to end (outside the CPU figures of
-the memory mode only).
+the memory mode only). On Linux it also splits each side's wall time into on-CPU,
+waiting for a CPU (another process had it: the machine is busy) and blocked (idle in
+the event loop): on a shared machine, CPU s/GiB is the figure to compare, and
+1 / (CPU s/GiB of the busier side) the throughput an idle core per side would give.
 """
 
 from __future__ import annotations
@@ -33,7 +36,17 @@ from bpfs.identity import Identity  # noqa: E402
 from bpfs.net.quic import TransportConfig, open_endpoint  # noqa: E402
 
 CHUNK = 1 << 20
-_REPORT = struct.Struct(">d32s")  # receiver CPU seconds, sha256
+_REPORT = struct.Struct(">ddd32s")  # receiver CPU seconds, on-cpu, waiting, sha256
+
+
+def _sched() -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) of this process."""
+    try:
+        with open("/proc/self/schedstat") as f:
+            run, wait, _ = f.read().split()
+        return int(run) / 1e9, int(wait) / 1e9
+    except (OSError, ValueError):
+        return float("nan"), float("nan")
 
 
 def _payload_chunk() -> bytes:
@@ -44,14 +57,15 @@ def _config(args) -> TransportConfig:
     return TransportConfig(max_datagram_size=args.datagram, congestion_control=args.cc)
 
 
-async def _receive(stream) -> tuple[float, bytes]:
+async def _receive(stream) -> tuple[float, float, float, bytes]:
     h = hashlib.sha256()
     first = await stream.receive_some(CHUNK)
-    cpu0 = time.process_time()
+    cpu0, (run0, wait0) = time.process_time(), _sched()
     h.update(first)
     while data := await stream.receive_some(CHUNK):
         h.update(data)
-    return time.process_time() - cpu0, h.digest()
+    run1, wait1 = _sched()
+    return time.process_time() - cpu0, run1 - run0, wait1 - wait0, h.digest()
 
 
 async def _serve(args) -> None:
@@ -60,8 +74,7 @@ async def _serve(args) -> None:
         print(ep.local_address[1], flush=True)
         conn = await ep.accept()
         stream = await conn.accept_stream()
-        cpu, digest = await _receive(stream)
-        await stream.send(_REPORT.pack(cpu, digest), end=True)
+        await stream.send(_REPORT.pack(*await _receive(stream)), end=True)
         with trio.move_on_after(5):
             await conn.wait_closed()
 
@@ -69,14 +82,16 @@ async def _serve(args) -> None:
 async def _send(conn, total: int, chunk: bytes) -> tuple[float, float, bytes]:
     stream = await conn.open_stream()
     h = hashlib.sha256()
-    t0, cpu0 = time.perf_counter(), time.process_time()
+    t0, cpu0, (run0, wait0) = time.perf_counter(), time.process_time(), _sched()
     sent = 0
     while sent < total:
         await stream.send(chunk, end=sent + len(chunk) >= total)
         h.update(chunk)
         sent += len(chunk)
     report = await stream.receive_all(_REPORT.size)
-    return time.perf_counter() - t0, time.process_time() - cpu0, h.digest(), report
+    run1, wait1 = _sched()
+    return dict(wall=time.perf_counter() - t0, cpu_send=time.process_time() - cpu0, digest=h.digest(),
+                report=report, sched_send=(run1 - run0, wait1 - wait0))
 
 
 async def _process_mode(args, total: int) -> dict:
@@ -87,14 +102,14 @@ async def _process_mode(args, total: int) -> dict:
         port = int(child.stdout.readline())
         async with open_endpoint(Identity(os.urandom(32)), listen=False, config=_config(args)) as ep:
             conn = await ep.connect(("127.0.0.1", port))
-            wall, cpu_send, digest, report = await _send(conn, total, _payload_chunk())
-            cpu_recv, remote_digest = _REPORT.unpack(report)
+            r = await _send(conn, total, _payload_chunk())
             await conn.aclose()
         child.wait(timeout=10)
     finally:
         if child.poll() is None:
             child.kill()
-    return dict(wall=wall, cpu_send=cpu_send, cpu_recv=cpu_recv, ok=digest == remote_digest)
+    cpu_recv, run, wait, remote_digest = _REPORT.unpack(r["report"])
+    return dict(r, cpu_recv=cpu_recv, sched_recv=(run, wait), ok=r["digest"] == remote_digest)
 
 
 async def _inproc_mode(args, total: int) -> dict:
@@ -105,13 +120,12 @@ async def _inproc_mode(args, total: int) -> dict:
             async def serve():
                 conn = await srv.accept()
                 stream = await conn.accept_stream()
-                _cpu, digest = await _receive(stream)
-                await stream.send(_REPORT.pack(0.0, digest), end=True)
+                await stream.send(_REPORT.pack(*await _receive(stream)), end=True)
 
             nursery.start_soon(serve)
             conn = await cli.connect(srv.local_address)
-            wall, cpu, digest, report = await _send(conn, total, _payload_chunk())
-    return dict(wall=wall, cpu_send=cpu, cpu_recv=None, ok=digest == _REPORT.unpack(report)[1])
+            r = await _send(conn, total, _payload_chunk())
+    return dict(r, cpu_recv=None, ok=r["digest"] == _REPORT.unpack(r["report"])[3])
 
 
 def _memory_mode(args, total: int) -> dict:
@@ -121,9 +135,9 @@ def _memory_mode(args, total: int) -> dict:
     from aioquic.quic.connection import QuicConnection
     from aioquic.quic.packet import pull_quic_header
 
-    from bpfs.net.quic import _process_certificate
+    from bpfs.net.machine import process_certificate
 
-    cert, key = _process_certificate()
+    cert, key = process_certificate()
     kw = dict(alpn_protocols=["bench"], max_datagram_size=args.datagram, max_data=64 << 20,
               max_stream_data=64 << 20, verify_mode=ssl.CERT_NONE, congestion_control_algorithm=args.cc)
     client = QuicConnection(configuration=QuicConfiguration(is_client=True, **kw))
@@ -153,7 +167,7 @@ def _memory_mode(args, total: int) -> dict:
     client.connect(s_addr, now=0.0)
     pump()
     chunk = _payload_chunk()
-    t0, cpu0 = time.perf_counter(), time.process_time()
+    t0, cpu0, (run0, wait0) = time.perf_counter(), time.process_time(), _sched()
     sent = got = 0
     while got < total:
         if sent < total and sent - got < 16 << 20:
@@ -165,7 +179,9 @@ def _memory_mode(args, total: int) -> dict:
                 got += len(ev.data)
         while client.next_event() is not None:
             pass
-    return dict(wall=time.perf_counter() - t0, cpu_send=time.process_time() - cpu0, cpu_recv=None, ok=got == total)
+    run1, wait1 = _sched()
+    return dict(wall=time.perf_counter() - t0, cpu_send=time.process_time() - cpu0, cpu_recv=None,
+                sched_send=(run1 - run0, wait1 - wait0), ok=got == total)
 
 
 def main() -> None:
@@ -190,10 +206,19 @@ def main() -> None:
           f"{r['wall']:.2f} s")
     if r["cpu_recv"] is None:
         label = "both sides, one process" if args.mode != "memory" else "both sides, in memory"
-        print(f"cpu: {r['cpu_send'] / gib:.1f} s/GiB ({label})")
+        print(f"cpu: {r['cpu_send'] / gib:.1f} s/GiB ({label}); "
+              f"one core would give {total / r['cpu_send'] / 1e6:.1f} MB/s")
+        sides = [("process", r["sched_send"])]
     else:
+        busier = max(r["cpu_send"], r["cpu_recv"])
         print(f"cpu: sender {r['cpu_send'] / gib:.1f} s/GiB, receiver {r['cpu_recv'] / gib:.1f} s/GiB, "
-              f"total {(r['cpu_send'] + r['cpu_recv']) / gib:.1f} s/GiB")
+              f"total {(r['cpu_send'] + r['cpu_recv']) / gib:.1f} s/GiB; "
+              f"an idle core per side would give {total / busier / 1e6:.1f} MB/s")
+        sides = [("sender", r["sched_send"]), ("receiver", r["sched_recv"])]
+    for name, (run, wait) in sides:
+        wall = r["wall"]
+        print(f"{name}: on-cpu {run / wall:.0%}, waiting for a cpu {wait / wall:.0%}, "
+              f"blocked {max(0.0, wall - run - wait) / wall:.0%} of {wall:.1f} s")
     if not r["ok"]:
         sys.exit(1)
 

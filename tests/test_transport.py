@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bpfs.identity import Identity, peer_id
-from bpfs.net import auth, codec, quic, rpc
+from bpfs.net import auth, codec, machine, quic, rpc
 from bpfs.net.codec import Bool, Bytes, List, Optional, ProtocolError, Record, Registry, Text, UInt, field, record
 from bpfs.net.quic import (AuthenticationError, Code, ConnectionClosed, TransportConfig, TransportError,
                            open_endpoint)
@@ -127,6 +127,29 @@ def test_streams_carry_data_intact_both_ways():
             await s.send(b"hello from the server", end=True)
             incoming = await conn.accept_stream()
             assert await incoming.receive_all(100) == b"hello from the server"
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
+def test_server_may_open_streams_right_after_accepting():
+    """The server's first stream can overtake its hello: the client must hold it until
+    it has verified the server, not treat it as a protocol violation."""
+
+    async def main():
+        async with pair() as (srv, cli), trio.open_nursery() as nursery:
+            async def pusher():
+                async for conn in srv:
+                    s = await conn.open_stream()
+                    await s.send(b"pushed", end=True)
+
+            nursery.start_soon(pusher)
+            for _ in range(20):
+                conn = await cli.connect(srv.local_address)
+                s = await conn.accept_stream()
+                assert await s.receive_all(10) == b"pushed"
+                assert not conn.closed
+                await conn.aclose()
             nursery.cancel_scope.cancel()
 
     run(main)
@@ -241,6 +264,44 @@ def test_connection_limits_per_endpoint():
                     await trio.sleep(0.05)
             c3 = await cli.connect(srv.local_address)
             assert c3.peer_id == srv.identity.peer_id and not c2.closed
+
+    run(main)
+
+
+def test_unauthenticated_connections_are_bounded_and_timed_out():
+    """Peers that finish the QUIC handshake but never authenticate hold a pending slot
+    for at most `handshake_timeout`, and one host holds at most `max_pending_per_host`."""
+    cfg = TransportConfig(max_pending=8, max_pending_per_host=2, handshake_timeout=1.0)
+
+    class Silent:
+        async def authenticate(self, conn, stream, accept):
+            await trio.sleep_forever()
+
+    async def main():
+        async with open_endpoint(new_identity(), config=cfg) as srv, \
+                open_endpoint(Silent(), listen=False, config=TransportConfig(handshake_timeout=30)) as silent:
+            outcomes = []
+
+            async def loris():
+                try:
+                    await silent.connect(srv.local_address)
+                except ConnectionClosed as exc:
+                    outcomes.append(exc)
+
+            async with trio.open_nursery() as n:
+                n.start_soon(loris)
+                n.start_soon(loris)
+                await trio.sleep(0.3)
+                quick = TransportConfig(handshake_timeout=0.5)
+                async with open_endpoint(new_identity(), listen=False, config=quick) as honest:
+                    with pytest.raises(ConnectionClosed):  # no room for this host
+                        await honest.connect(srv.local_address)
+            assert len(outcomes) == 2
+            assert all(e.by_peer and e.error_code == Code.TIMEOUT for e in outcomes)
+            latecomer = new_identity()
+            async with open_endpoint(latecomer, listen=False) as honest:
+                await honest.connect(srv.local_address)
+                assert (await srv.accept()).peer_id == latecomer.peer_id
 
     run(main)
 
@@ -515,7 +576,7 @@ def test_mitm_showing_a_hello_from_another_connection_fails():
 def test_mitm_control_without_channel_binding_succeeds(monkeypatch):
     """Control: with the binding replaced by a constant, the same relays succeed. This
     is what the two tests above would see if the binding did not bind."""
-    monkeypatch.setattr(quic, "_export_binding", lambda q: b"\x42" * 32)
+    monkeypatch.setattr(machine, "export_binding", lambda q: b"\x42" * 32)
     result, bob_saw, alice_id, bob_id = run(_mitm_relay_attempt)
     assert result == bob_id and bob_saw == alice_id
     result, bob_id = run(_mitm_reflect_attempt)

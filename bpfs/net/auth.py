@@ -31,7 +31,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..identity import Identity, verify_signature
-from .quic import AuthenticationError, LimitExceeded, PeerRefused
+from .errors import AuthenticationError, LimitExceeded, PeerRefused
 
 VERSION = 1
 DOMAIN = b"bpfs/net/auth/v1\x00"
