@@ -31,8 +31,8 @@ from .packs import PackStore
 log = logging.getLogger(__name__)
 
 DRAIN_AT = 8 << 20  # start cutting a buffer into chunks at this size
-BUFFER_LIMIT = 32 << 20  # a writer waits when its buffer grows past this
-TOTAL_BUFFER_LIMIT = 96 << 20  # and when all buffers together pass this
+BUFFER_LIMIT = 2 * DRAIN_AT  # a writer waits when its live run grows past this (a pooled run)
+TOTAL_BUFFER_LIMIT = 64 << 20  # and when all buffers together pass this
 CACHE_BYTES = 32 << 20
 COMMIT_INTERVAL = 1.0
 IDLE_FLUSH_SECONDS = 5.0
@@ -85,7 +85,7 @@ class _Run:
 
     def recycle(self) -> None:
         """Give the memory back for the next run (no views of it may remain)."""
-        if len(self._buf) == self.CAPACITY and len(self._pool) < 4:
+        if len(self._buf) == self.CAPACITY and len(self._pool) < 3:
             self._pool.append(self._buf)
         self._buf, self._len = bytearray(), 0
 
