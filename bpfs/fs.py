@@ -189,9 +189,12 @@ class BpfsOperations(pyfuse3.Operations):
         self.destroy_inode(ino)
 
     def destroy_inode(self, ino: int) -> None:
+        attr = self.index.get_attr(ino)
         with self.index.atomic():
-            self.data.forget_inode(ino)
-            self.index.delete_symlink(ino)
+            if attr is None or attr.stored or self.data.has_buffer(ino):
+                self.data.forget_inode(ino)
+            if attr is None or stat.S_ISLNK(attr.mode):
+                self.index.delete_symlink(ino)
             self.index.delete_all_xattrs(ino)
             self.index.delete_attr(ino)
             self.index.remove_orphan(ino)
@@ -329,20 +332,25 @@ class BpfsOperations(pyfuse3.Operations):
         attr.nlink += 1
         attr.ctime_ns = now
         self.index.put_attr(attr)
-        self.index.remove_orphan(inode) if attr.nlink == 1 else None
+        if attr.nlink == 1:  # linkat() of an unlinked open file brings it back
+            self.index.remove_orphan(inode)
         self.index.add_entry(new_parent_inode, new_name, inode)
         self._touch_dir(parent, now)
         self._after_change()
         return self._looked_up(attr)
 
-    @_boundary(atomic=True)
-    async def unlink(self, parent_inode, name, ctx):
+    def _named(self, parent_inode: int, name: bytes) -> tuple[Attr, Attr]:
+        """(directory, child) for an existing name, or ENOENT/ENOTDIR/ENAMETOOLONG."""
         _check_name(name)
         parent = self._dir_attr(parent_inode)
         ino = self.index.lookup(parent_inode, name)
         if ino is None:
             _fail(errno.ENOENT)
-        attr = self._attr(ino)
+        return parent, self._attr(ino)
+
+    @_boundary(atomic=True)
+    async def unlink(self, parent_inode, name, ctx):
+        parent, attr = self._named(parent_inode, name)
         if stat.S_ISDIR(attr.mode):
             _fail(errno.EISDIR)
         now = time.time_ns()
@@ -353,13 +361,10 @@ class BpfsOperations(pyfuse3.Operations):
 
     @_boundary(atomic=True)
     async def rmdir(self, parent_inode, name, ctx):
-        _check_name(name)
-        parent = self._dir_attr(parent_inode)
-        ino = self.index.lookup(parent_inode, name)
-        if ino is None:
-            _fail(errno.ENOENT)
-        attr = self._dir_attr(ino)
-        if self.index.has_entries(ino):
+        parent, attr = self._named(parent_inode, name)
+        if not stat.S_ISDIR(attr.mode):
+            _fail(errno.ENOTDIR)
+        if self.index.has_entries(attr.ino):
             _fail(errno.ENOTEMPTY)
         now = time.time_ns()
         self.index.remove_entry(parent_inode, name)
@@ -370,14 +375,10 @@ class BpfsOperations(pyfuse3.Operations):
 
     @_boundary(atomic=True)
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        _check_name(name_old)
         _check_name(name_new)
-        old_parent = self._dir_attr(parent_inode_old)
+        old_parent, attr = self._named(parent_inode_old, name_old)
+        ino = attr.ino
         new_parent = self._dir_attr(parent_inode_new) if parent_inode_new != parent_inode_old else old_parent
-        ino = self.index.lookup(parent_inode_old, name_old)
-        if ino is None:
-            _fail(errno.ENOENT)
-        attr = self._attr(ino)
         target_ino = self.index.lookup(parent_inode_new, name_new)
         now = time.time_ns()
         if flags & RENAME_EXCHANGE:

@@ -12,6 +12,7 @@ Tables (LMDB named databases) and what they map:
   xattrs    ino + name hash        -> sealed (name, value)
   orphans   ino                    -> unlinked inodes still open, deleted when released
   outbox    pack id                -> sealed packs not yet handed to the replicator
+  snapshots snapshot bookkeeping   -> sealed: metadata chunks, their packs, signed roots (see snapshot)
 
 Every value that could reveal a name, a size, a time or content is sealed with the store's
 record key and bound (associated data) to its table and key, so records cannot be swapped.
@@ -42,13 +43,18 @@ _CHUNK = struct.Struct("<QQIII")
 _PACK = struct.Struct("<IQQB")
 _NAME_HASH_LEN = 6  # ids (hash << 8 | position) must fit a signed 64-bit readdir offset
 TABLES = ("meta", "inodes", "dirents", "extents", "chunks", "packs", "packchunks", "symlinks", "xattrs", "orphans",
-          "outbox")
+          "outbox", "snapshots")
 ROOT_INO = 1
 MAP_SIZE = 1 << 40  # address space only; the file grows as needed
 
 
 def u64(n: int) -> bytes:
     return _U64.pack(n)
+
+
+def record_aad(table: str, key: bytes) -> bytes:
+    """What a sealed record of `table` at `key` is bound to (its associated data)."""
+    return table.encode() + b"\0" + key
 
 
 @dataclass(slots=True)
@@ -226,7 +232,7 @@ class Index:
 
     # ----- sealed records -----------------------------------------------------------------
     def _aad(self, table: str, key: bytes) -> bytes:
-        return table.encode() + b"\0" + key
+        return record_aad(table, key)
 
     def _get(self, table: str, key: bytes) -> bytes | None:
         raw = self.txn.get(key, db=self._db[table])
@@ -404,7 +410,7 @@ class Index:
         return names
 
     def delete_all_xattrs(self, ino: int) -> None:
-        for key, _ in list(self._scan_prefix("xattrs", u64(ino))):
+        for key in [k for k, _ in self._scan_prefix("xattrs", u64(ino))]:
             self._delete("xattrs", key)
 
     # ----- extents ------------------------------------------------------------------------
@@ -498,10 +504,45 @@ class Index:
         self._put_plain("orphans", u64(ino), b"")
 
     def remove_orphan(self, ino: int) -> None:
-        self._delete("orphans", u64(ino))
+        if self.txn.get(u64(ino), db=self._db["orphans"]) is not None:
+            self._delete("orphans", u64(ino))
 
     def orphans(self) -> list[int]:
         return [_U64.unpack(k)[0] for k, _ in self._scan_prefix("orphans", b"")]
 
+    # ----- snapshots (record formats belong to the snapshot module) --------------------------
+    def get_snapshot_record(self, key: bytes) -> bytes | None:
+        return self._get("snapshots", key)
 
-__all__ = ["Attr", "ChunkRecord", "Extent", "Index", "IntegrityError", "PackRecord", "ROOT_INO", "u64"]
+    def put_snapshot_record(self, key: bytes, value: bytes) -> None:
+        self._put("snapshots", key, value)
+
+    def delete_snapshot_record(self, key: bytes) -> None:
+        self._delete("snapshots", key)
+
+    def snapshot_records(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        """(key, opened value) of the snapshot records whose key starts with `prefix`."""
+        return [(bytes(key), self._sealer.open(raw, self._aad("snapshots", key)))
+                for key, raw in list(self._scan_prefix("snapshots", prefix))]
+
+    @contextmanager
+    def read_view(self):
+        """A read-only view of the last checkpoint that later writes do not change (LMDB MVCC).
+
+        Yields `records(table)`: an iterator of (key, value) exactly as stored (sealed values
+        stay sealed), in key order. Commit first to include the latest changes.
+        """
+        txn = self.env.begin(write=False)
+
+        def records(table: str):
+            for key, value in txn.cursor(db=self._db[table]):
+                yield bytes(key), bytes(value)
+
+        try:
+            yield records
+        finally:
+            txn.abort()
+
+
+__all__ = ["Attr", "ChunkRecord", "Extent", "Index", "IntegrityError", "PackRecord", "ROOT_INO", "TABLES", "record_aad",
+           "u64"]
