@@ -271,6 +271,7 @@ def umount(mountpoint: str, timeout: float | None = None) -> int:
     if not is_locked(store_dir):
         _lazy_unmount(mountpoint)
         raise BpfsError(f"the daemon of {mountpoint} was not running (killed?); removed the stale mount")
+    pid = (read_daemon_info(store_dir) or {}).get("pid")
     result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
     if result.returncode != 0:
         reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "fusermount3 failed"
@@ -280,6 +281,19 @@ def umount(mountpoint: str, timeout: float | None = None) -> int:
         if deadline is not None and time.monotonic() > deadline:
             raise BpfsError(f"unmounted {mountpoint}, but its daemon is still writing after {timeout:.0f}s")
         time.sleep(0.02)
+    while isinstance(pid, int) and _process_running(pid):  # the lock goes a moment before the process
+        if deadline is not None and time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
     if read_daemon_info(store_dir) is not None:
         raise BpfsError(f"the daemon of {mountpoint} stopped uncleanly; see {store_dir}/log/daemon.log")
     return 0
+
+
+def _process_running(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False

@@ -58,7 +58,9 @@ def _boundary(handler=None, *, atomic=False):
             return result
         except pyfuse3.FUSEError:
             raise
-        except OSError as e:
+        except OSError as e:  # a real I/O error of ours (the deliberate ones are FUSEErrors)
+            if e.errno != errno.ENOSPC:
+                log.warning("%s: %s", handler.__name__, e)
             raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
         except IntegrityError as e:
             log.error("%s: damaged data: %s", handler.__name__, e)

@@ -57,13 +57,18 @@ class PackStore:
         return self._open_id, offset
 
     def _start_pack(self, index: Index) -> None:
-        pack_id = index.allocate_pack_id()
-        path = self.path(pack_id)
-        parent = os.path.dirname(path)
-        if not os.path.isdir(parent):
-            make_private_dir(parent)
-            self._dirs_to_sync.add(self.dir)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        while True:
+            pack_id = index.allocate_pack_id()
+            path = self.path(pack_id)
+            parent = os.path.dirname(path)
+            if not os.path.isdir(parent):
+                make_private_dir(parent)
+                self._dirs_to_sync.add(self.dir)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                break
+            except FileExistsError:  # left by a crash before its id was committed: skip it
+                continue
         self._dirs_to_sync.add(parent)
         self._open_id, self._open_fd, self._open_size = pack_id, fd, 0
         with self._lock:
@@ -154,6 +159,18 @@ class PackStore:
         if len(data) != length:
             raise IntegrityError(f"pack {pack_id:012x} is truncated")
         return data
+
+    def ids_on_disk(self) -> set[int]:
+        """Ids of every pack file in the packs folder."""
+        ids = set()
+        for _root, _dirs, files in os.walk(self.dir):
+            for name in files:
+                if name.endswith(".pack"):
+                    try:
+                        ids.add(int(name[:-5], 16))
+                    except ValueError:
+                        pass
+        return ids
 
     def delete(self, pack_id: int) -> None:
         with self._lock:

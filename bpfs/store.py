@@ -134,7 +134,8 @@ class OpenStore:
     def repair_after_crash(self, destroy_inode) -> dict:
         """Bring the store to a clean state after an unclean stop; return what was done."""
         index = self.index
-        report = {"replayed_records": index.replayed, "orphans": 0, "sealed_packs": 0, "dead_packs": 0}
+        report = {"replayed_records": index.replayed, "orphans": 0, "sealed_packs": 0, "dead_packs": 0,
+                  "stray_packs": 0}
         for ino in index.orphans():
             destroy_inode(ino)
             report["orphans"] += 1
@@ -148,6 +149,11 @@ class OpenStore:
                 index.delete_pack(pack_id)
                 self.packs.delete(pack_id)
                 report["dead_packs"] += 1
+        known = {pack_id for pack_id, _ in index.all_packs()}
+        for pack_id in self.packs.ids_on_disk() - known:
+            # created just before a crash, its id never committed: nothing refers to it
+            self.packs.delete(pack_id)
+            report["stray_packs"] += 1
         index.commit()
         return report
 

@@ -152,15 +152,7 @@ class _Checker:
                 self.problem(damage)
                 for ino in users.get(cid, ()):
                     self.report.damaged_paths.add(self.path(ino))
-        on_disk = set()
-        for root, _dirs, files in os.walk(self.packs.dir):
-            for name in files:
-                if name.endswith(".pack"):
-                    try:
-                        on_disk.add(int(name[:-5], 16))
-                    except ValueError:
-                        pass
-        stray = on_disk - set(pack_sizes)
+        stray = self.packs.ids_on_disk() - set(pack_sizes)
         if stray:
             self.report.notes.append(f"{len(stray)} pack file(s) not in the index (left by a crash; harmless)")
         self.report.counts = {"inodes": len(attrs), "extents": n_extents, "chunks": len(chunks),

@@ -228,7 +228,7 @@ def fuse_fd_holders() -> list[tuple[int, str]]:
 def process_report(pid: int) -> str:
     """State, wchan and kernel stack of a process (for diagnosing hangs)."""
     out = []
-    for what in ("status", "wchan", "stack"):
+    for what in ("status", "wchan", "syscall", "stack"):
         try:
             with open(f"/proc/{pid}/{what}") as f:
                 txt = f.read()
@@ -237,6 +237,11 @@ def process_report(pid: int) -> str:
             out.append(f"{what}: {txt.strip()}")
         except OSError as e:
             out.append(f"{what}: <{e}>")
+    try:
+        fds = {fd: os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+        out.append(f"fds: {fds}")
+    except OSError:
+        pass
     return "\n".join(out)
 
 
@@ -415,13 +420,19 @@ class Mount:
     def is_mounted(self) -> bool:
         return fuse_mounted(self.mnt)
 
-    def kill_daemon(self) -> int:
-        """kill -9 the daemon and clear the dead mount.  Returns the killed pid."""
+    def kill_daemon(self, unmount: bool = True) -> int:
+        """kill -9 the daemon; with unmount, also detach the dead mount.  Returns the killed pid.
+
+        Pass unmount=False while other processes still use the mount: after a lazy
+        unmount their next open() would silently land in the directory underneath.
+        Call force_unmount(self.mnt) once they are done.
+        """
         pid = self.daemon_pid()
         kill_pid(pid)
         assert not pid_alive(pid), f"daemon {pid} survived SIGKILL"
-        force_unmount(self.mnt)
-        assert not is_mounted(self.mnt)
+        if unmount:
+            force_unmount(self.mnt)
+            assert not is_mounted(self.mnt)
         return pid
 
     def verify(self, *extra, check=False, timeout=600) -> subprocess.CompletedProcess:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mount, fuse_fd_holders, process_report, sha256_file
+from conftest import Mount, force_unmount, fuse_fd_holders, process_report, sha256_file
 
 WRITER = r'''
 import hashlib, os, random, sys
@@ -25,7 +26,12 @@ def record(*fields):
     os.fsync(logf.fileno())
 
 def write_file(path, data, fsync):
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError as e:
+        listing = sorted(os.listdir(os.path.dirname(path)))[-8:]
+        raise OSError(e.errno, f"O_EXCL create of {path} (never created before under this name "
+                               f"unless renamed away): {e}; tail of listing: {listing}")
     try:
         for off in range(0, len(data), 131072):
             os.write(fd, data[off:off + 131072])
@@ -54,8 +60,21 @@ try:
             record("renamed", "config", sha)
         i += 1
 except OSError as e:
-    print(f"writer stopped: {e}", file=sys.stderr)
+    import traceback
+    print(f"writer stopped: {e}\n{traceback.format_exc(limit=3)}", file=sys.stderr)
 '''
+
+
+def strace_sample(pid: int, seconds: float = 1.0) -> str:
+    """A second of `strace -p pid` (if strace exists): what a hung process is doing."""
+    if not shutil.which("strace"):
+        return "<no strace>"
+    try:
+        cp = subprocess.run(["timeout", str(seconds), "strace", "-f", "-p", str(pid)],
+                            capture_output=True, text=True, timeout=seconds + 10)
+    except subprocess.TimeoutExpired:
+        return "<strace timed out>"
+    return "\n".join(cp.stderr.splitlines()[:25])
 
 
 def parse_log(log: Path):
@@ -126,15 +145,18 @@ def test_kill9_during_writes(mounted, tmp_path):
         # let it write for a while, then pull the plug
         time.sleep(rng.uniform(0.3, 3.0))
         assert writer.poll() is None, f"writer died before the kill: {writer.stderr.read()!r}"
-        killed = mounted.kill_daemon()
+        killed = mounted.kill_daemon(unmount=False)   # the writer must hit the dead mount, not the dir below
         try:
             writer.wait(timeout=60)
         except subprocess.TimeoutExpired:
             diag = (f"writer {writer.pid}:\n{process_report(writer.pid)}\n"
+                    f"strace:\n{strace_sample(writer.pid)}\n"
                     f"/dev/fuse holders: {fuse_fd_holders()}\nkilled daemon: {killed}")
             writer.kill()
             writer.wait()
             pytest.fail("writer hung after the daemon was killed (FUSE requests not aborted)\n" + diag)
+        force_unmount(mounted.mnt)
+        assert os.listdir(mounted.mnt) == [], "something was written into the directory under the mount"
         mounted.mount()
         n = check_logged(mounted.mnt, log)
         read_everything(mounted.mnt)
@@ -191,14 +213,16 @@ def test_kill9_during_metadata_churn(mounted, tmp_path):
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=str(tmp_path))
         time.sleep(rng.uniform(0.5, 2.5))
         assert w.poll() is None, f"writer died before the kill: {w.stderr.read()!r}"
-        killed = mounted.kill_daemon()
+        killed = mounted.kill_daemon(unmount=False)
         try:
             w.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            diag = f"{process_report(w.pid)}\n/dev/fuse holders: {fuse_fd_holders()}\nkilled daemon: {killed}"
+            diag = f"{process_report(w.pid)}\nstrace:\n{strace_sample(w.pid)}\n/dev/fuse holders: {fuse_fd_holders()}\nkilled daemon: {killed}"
             w.kill()
             w.wait()
             pytest.fail("writer hung after the daemon was killed\n" + diag)
+        force_unmount(mounted.mnt)
+        assert os.listdir(mounted.mnt) == [], "something was written into the directory under the mount"
         mounted.mount()
         n = read_everything(mounted.mnt)
         # hard link counts must be consistent with what is visible
