@@ -16,7 +16,7 @@ import os
 import nacl.pwhash
 
 from . import checked
-from .crypto import BulkSealer, ChunkIdHash, KeyedHash, Sealer, derive_key
+from .crypto import KEY_SIZE, BulkSealer, ChunkIdHash, KeyedHash, Sealer, derive_key
 from .errors import BpfsError, IntegrityError, WrongPassphrase
 from .fsutil import write_private_file
 from .identity import Identity
@@ -45,6 +45,10 @@ class StoreKeys:
         self.chunk_id = ChunkIdHash(derive_key(master, "chunk-id"))
         self.name_hash = KeyedHash(derive_key(master, "name-lookup"), size=16)
         self.chunker_seed = int.from_bytes(derive_key(master, "chunker-seed", 8), "little") | 1
+
+    def derive(self, purpose: str, size: int = KEY_SIZE) -> bytes:
+        """A subkey of the master key for one named purpose, for modules with keys of their own."""
+        return derive_key(derive_key(self._root, "master"), purpose, size)
 
     @property
     def recovery_secret(self) -> str:
