@@ -366,7 +366,7 @@ class DataStore:
             pos += length
         ids = await _in_threads(self._hash_some, [(data, part) for part in _split(pieces, lambda p: p[1])],
                                 sum(lengths))
-        return [(pos, length, cid) for (pos, length), cid in zip(pieces, [c for part in ids for c in part])]
+        return [(pos, length, cid) for (pos, length), cid in zip(pieces, [c for part in ids for c in part], strict=True)]
 
     def _hash_some(self, data: memoryview, pieces) -> list[bytes]:
         ids = []
@@ -628,7 +628,7 @@ class DataStore:
                     self.packs.finish(e[2])
             async with self._apply_lock:
                 with self.index.atomic():
-                    for cid, old, new_pack, new_offset in entries:
+                    for cid, _old, new_pack, new_offset in entries:
                         rec = self.index.get_chunk(cid)
                         if rec is None or rec.pack != pack_id:
                             continue  # freed meanwhile: the copy is garbage in the new pack
@@ -644,7 +644,7 @@ class DataStore:
         return moved
 
     def _copy_entries(self, entries) -> None:
-        for cid, rec, new_pack, new_offset in entries:
+        for _cid, rec, new_pack, new_offset in entries:
             self.packs.write(new_pack, new_offset, self.packs.read(rec.pack, rec.offset, rec.sealed_length))
 
     # ----- durability ----------------------------------------------------------------------

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import lmdb
 
 from .errors import IntegrityError
-from .redolog import DELETE, PUT, RedoLog
+from .redolog import PUT, RedoLog
 
 _U64 = struct.Struct(">Q")
 _ATTR = struct.Struct("<IIIIQQQqqqQ")

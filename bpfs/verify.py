@@ -123,7 +123,7 @@ class _Checker:
         except IntegrityError:
             self.problem("an extent record does not authenticate (index damaged)")
         pack_sizes = {}
-        for pack_id, prec in index.all_packs():
+        for pack_id, _record in index.all_packs():
             try:
                 pack_sizes[pack_id] = os.path.getsize(self.packs.path(pack_id))
             except OSError:
