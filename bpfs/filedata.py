@@ -236,6 +236,7 @@ class DataStore:
         self._sparse_packs: set[int] = {  # sealed packs less than half alive: to compact
             pack_id for pack_id, rec in index.all_packs() if rec.sealed and rec.live_bytes * 2 < rec.size}
         self._space_reserve = space_reserve
+        self._checkpoint_queued = False
         self._free_checked = 0.0
         self._free_bytes = 1 << 62
         self.nursery: trio.Nursery | None = None
@@ -725,5 +726,16 @@ class DataStore:
             except OSError as e:
                 log.error("periodic commit failed: %s", e)
 
-    def maybe_commit_soon(self) -> bool:
-        return self.index.pending_ops > MAX_PENDING_OPS
+    def checkpoint_if_large(self) -> None:
+        """Start a checkpoint (once) when the open transaction has grown large."""
+        if self.index.pending_ops > MAX_PENDING_OPS and not self._checkpoint_queued and self.nursery is not None:
+            self._checkpoint_queued = True
+            self.nursery.start_soon(self._queued_checkpoint)
+
+    async def _queued_checkpoint(self) -> None:
+        try:
+            await self.sync()
+        except OSError as e:
+            log.error("checkpoint failed: %s", e)
+        finally:
+            self._checkpoint_queued = False

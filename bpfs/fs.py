@@ -151,8 +151,7 @@ class BpfsOperations(pyfuse3.Operations):
             _fail(errno.ENOSPC)
 
     def _after_change(self) -> None:
-        if self.data.maybe_commit_soon() and self.data.nursery is not None:
-            self.data.nursery.start_soon(self.data.sync)
+        self.data.checkpoint_if_large()
 
     def _new_inode(self, parent: Attr, mode: int, ctx, rdev: int = 0) -> Attr:
         now = time.time_ns()
