@@ -71,24 +71,26 @@ def _decode_mountinfo(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def _mountinfo() -> list[tuple[str, str, str]]:
-    """(mount point, fs type, source) of every mount, from /proc/self/mountinfo."""
-    out = []
+def _bpfs_mount(mountpoint: str) -> tuple[str, str] | None:
+    """(store, device "major:minor") of the bpfs mount at `mountpoint`, from mountinfo.
+
+    The last matching line wins: it is the mount on top.
+    """
+    found = None
     with open("/proc/self/mountinfo", errors="surrogateescape") as f:
         for line in f:
             left, _, right = line.partition(" - ")
             fields = left.split()
             fstype, source = right.split()[:2]
-            out.append((_decode_mountinfo(fields[4]), fstype, _decode_mountinfo(source)))
-    return out
+            if fstype == "fuse.bpfs" and _decode_mountinfo(fields[4]) == mountpoint:
+                found = (_decode_mountinfo(source), fields[2])
+    return found
 
 
 def find_bpfs_mount(mountpoint: str) -> str | None:
     """The store mounted at `mountpoint`, if a bpfs mount is there."""
-    for mp, fstype, source in _mountinfo():
-        if mp == mountpoint and fstype == "fuse.bpfs":
-            return source
-    return None
+    found = _bpfs_mount(mountpoint)
+    return found[0] if found else None
 
 
 def _lazy_unmount(mountpoint: str) -> None:
@@ -122,16 +124,11 @@ def _set_read_ahead(mountpoint: str) -> None:
     the daemon would be a FUSE request to ourselves, and a thread blocked in one cannot be
     killed (the kernel waits for the answer uninterruptibly once it is sent).
     """
-    device = None
-    with open("/proc/self/mountinfo", errors="surrogateescape") as f:
-        for line in f:
-            fields = line.split()
-            if _decode_mountinfo(fields[4]) == mountpoint and " - fuse.bpfs " in line:
-                device = fields[2]
-    if device is None:
+    found = _bpfs_mount(mountpoint)
+    if found is None:
         return
     try:
-        with open(f"/sys/class/bdi/{device}/read_ahead_kb", "w") as f:
+        with open(f"/sys/class/bdi/{found[1]}/read_ahead_kb", "w") as f:
             f.write(str(READ_AHEAD_KB))
     except OSError:
         pass  # not root, or no such knob: the kernel's default read-ahead still works

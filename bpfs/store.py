@@ -66,33 +66,38 @@ def create_store(store_dir: str, passphrase: bytes, profile: str, root: bytes | 
     return keys
 
 
+def _try_lock(store_dir: str) -> int | None:
+    """The store's lock file, flock'ed exclusively by us; None if another process holds it."""
+    fd = os.open(os.path.join(store_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except BlockingIOError:
+        os.close(fd)
+        return None
+
+
 class StoreLock:
     """Exclusive ownership of a store by one process, released when it exits."""
 
     def __init__(self, store_dir: str):
         self.store_dir = store_dir
-        self.fd = os.open(os.path.join(store_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
+        self.fd = _try_lock(store_dir)
+        if self.fd is None:
             info = read_daemon_info(store_dir)
             where = f" (mounted at {info['mountpoint']} by pid {info['pid']})" if info else ""
-            raise StoreBusy(f"store {store_dir} is in use by another bpfs process{where}") from None
+            raise StoreBusy(f"store {store_dir} is in use by another bpfs process{where}")
 
     def release(self) -> None:
         os.close(self.fd)
 
 
 def is_locked(store_dir: str) -> bool:
-    fd = os.open(os.path.join(store_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
+    fd = _try_lock(store_dir)
+    if fd is None:
         return True
-    finally:
-        os.close(fd)
+    os.close(fd)
+    return False
 
 
 def read_daemon_info(store_dir: str) -> dict | None:

@@ -132,7 +132,7 @@ class _Checker:
         for cid, rec in chunks.items():
             if refs.get(cid, 0) != rec.refs:
                 self.problem(f"chunk {cid[:6].hex()}: reference count {rec.refs}, expected {refs.get(cid, 0)}")
-            size = pack_sizes.get(rec.pack, None) if rec.pack in pack_sizes else None
+            size = pack_sizes.get(rec.pack)
             damage = None
             if rec.pack not in pack_sizes:
                 damage = f"chunk {cid[:6].hex()} is in pack {rec.pack:012x}, which the index does not know"
