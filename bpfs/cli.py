@@ -16,6 +16,7 @@ import click
 from . import __version__, keyfile
 from .errors import BpfsError
 from .passphrase import read_passphrase
+from .config import DEFAULT_LISTEN, format_address, load_config, parse_address
 from .store import create_store, default_store_path, key_path, require_store
 
 STORE_HELP = "store folder (default: $BPFS_STORE, else ~/.local/share/bpfs/store)"
@@ -68,7 +69,7 @@ def _parse_options(values: tuple[str, ...]) -> dict[str, str | None]:
     return out
 
 
-MOUNT_OPTIONS = {"allow_other", "allow_root", "ro", "rw", "debug", "keyfile", "default_permissions", "noatime",
+MOUNT_OPTIONS = {"listen", "allow_other", "allow_root", "ro", "rw", "debug", "keyfile", "default_permissions", "noatime",
                  "relatime", "nosuid", "nodev", "noexec", "suid", "dev", "exec"}
 
 
@@ -78,7 +79,9 @@ MOUNT_OPTIONS = {"allow_other", "allow_root", "ro", "rw", "debug", "keyfile", "d
 @click.option("-o", "options", multiple=True, metavar="OPTIONS",
               help="comma-separated: keyfile=PATH, allow_other, ro, debug")
 @click.option("--passphrase-file", type=click.Path(dir_okay=False), help="read the passphrase from this file")
-def mount(args, foreground, options, passphrase_file):
+@click.option("--listen", default=None, metavar="HOST:PORT",
+              help=f"UDP address to serve partners on (default from bpfs.toml, else {DEFAULT_LISTEN}; 'none': do not listen)")
+def mount(args, foreground, options, passphrase_file, listen):
     """Mount STORE at MOUNTPOINT; returns once the mount is usable."""
     from .daemon import mount as do_mount
 
@@ -89,6 +92,7 @@ def mount(args, foreground, options, passphrase_file):
     else:
         raise click.UsageError("expected [STORE] MOUNTPOINT")
     opts = _parse_options(options)
+    listen = listen or opts.pop("listen", None)
     unknown = sorted(set(opts) - MOUNT_OPTIONS)
     if unknown:
         raise BpfsError(f"unknown mount option: {unknown[0]}", exit_code=2)
@@ -97,7 +101,8 @@ def mount(args, foreground, options, passphrase_file):
     keys = keyfile.unlock(key_path(store), read_passphrase(keyfile_path))
     debug = "debug" in opts
     fuse_opts = {k for k in opts if k in ("allow_other", "allow_root", "ro", "nosuid", "nodev", "noexec")}
-    sys.exit(do_mount(store, mountpoint, keys, fuse_opts, foreground, debug))
+    listen_at, explicit = _listen_address(store, listen)
+    sys.exit(do_mount(store, mountpoint, keys, fuse_opts, foreground, debug, listen_at, explicit))
 
 
 @cli.command()
@@ -130,14 +135,65 @@ def verify(store, read_data, passphrase_file, as_json):
     sys.exit(0 if report.ok else 1)
 
 
-@cli.command("id")
-@click.option("--store", "store", default=None, help=STORE_HELP)
-@click.option("--json", "as_json", is_flag=True, help="print {peer_id, addresses} as JSON")
-def show_id(store, as_json):
-    """Print this store's peer id."""
+def _listen_address(store: str, listen: str | None) -> tuple[str | None, bool]:
+    """(address or None for not listening, whether the user chose it explicitly)."""
+    if listen is None:
+        listen = os.environ.get("BPFS_LISTEN")
+    if listen is None:
+        return load_config(store).listen, False
+    if listen.lower() == "none":
+        return None, True
+    return format_address(parse_address(listen)), True
+
+
+@cli.command()
+@click.argument("store", required=False)
+@click.option("--listen", default=None, metavar="HOST:PORT",
+              help=f"UDP address to serve partners on (default from bpfs.toml, else {DEFAULT_LISTEN})")
+@click.option("-f", "--foreground", is_flag=True, help="stay in the foreground (logs to stderr)")
+@click.option("--passphrase-file", type=click.Path(dir_okay=False), help="read the passphrase from this file")
+@click.option("--debug", is_flag=True, help="log debug messages")
+def serve(store, listen, foreground, passphrase_file, debug):
+    """Serve partners and replicate STORE without mounting it (a storage box)."""
+    from .daemon import serve as do_serve
+
     store = require_store(_store_arg(store))
+    keys = keyfile.unlock(key_path(store), read_passphrase(passphrase_file))
+    listen_at, explicit = _listen_address(store, listen)
+    if listen_at is None:
+        raise BpfsError("bpfs serve needs an address to listen on", exit_code=2)
+    sys.exit(do_serve(store, keys, listen_at, explicit, foreground, debug))
+
+
+@cli.command()
+@click.argument("store", required=False)
+@click.option("--timeout", type=float, default=None, help="give up waiting after this many seconds")
+def stop(store, timeout):
+    """Stop the daemon of STORE (unmounts a mount); returns once it has exited."""
+    from .daemon import stop as do_stop
+
+    sys.exit(do_stop(_store_arg(store), timeout))
+
+
+@cli.command("id")
+@click.argument("store", required=False)
+@click.option("--store", "store_opt", default=None, help=STORE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="print {peer_id, addresses} as JSON")
+def show_id(store, store_opt, as_json):
+    """Print this store's peer id (and, with a daemon running, the addresses it listens on)."""
+    from .store import is_locked, read_daemon_info
+
+    store = require_store(_store_arg(store or store_opt))
     doc = keyfile.read_public(key_path(store))
-    _emit(as_json, {"peer_id": doc["peer_id"], "addresses": []}, doc["peer_id"])
+    info = (read_daemon_info(store) or {}) if is_locked(store) else {}
+    addresses = info.get("addresses") or []
+    text = doc["peer_id"] + "".join(f"\n  listening on {a}" for a in addresses)
+    _emit(as_json, {"peer_id": doc["peer_id"], "addresses": addresses}, text)
+
+
+from .peering.commands import register as _register_peering  # noqa: E402
+
+_register_peering(cli, _store_arg, _emit)
 
 
 def main(argv=None):

@@ -64,6 +64,7 @@ def _setup_logging(store_dir: str, foreground: bool, debug: bool) -> None:
         os.chmod(path, 0o600)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.handlers[:] = [handler]
+    logging.getLogger("quic").setLevel(logging.DEBUG if debug else logging.WARNING)  # aioquic: per connection
 
 
 def _decode_mountinfo(field: str) -> str:
@@ -134,27 +135,86 @@ def _set_read_ahead(mountpoint: str) -> None:
         pass  # not root, or no such knob: the kernel's default read-ahead still works
 
 
-async def _serve(store: OpenStore, mountpoint: str, options: set[str], ready) -> None:
+def _partner_service(store: OpenStore, data: DataStore, listen: str | None):
+    from .config import load_config
+    from .peering.service import PartnerService, StoreSource
+
+    config = load_config(store.dir)
+    return PartnerService(store.dir, store.keys, config, StoreSource(store.index, store.packs, store.keys, data),
+                          listen=listen)
+
+
+async def _run_partners(service, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """The partner service; once started, a failure of it is logged and never ends the mount."""
+    started = []
+
+    def report(value=None):
+        started.append(True)
+        task_status.started(value)
+
+    class _Status:
+        started = staticmethod(report)
+
+    try:
+        await service.run(task_status=_Status)
+    except Exception:
+        if not started:
+            raise
+        log.exception("the partner service failed: partners are not served until the next start")
+
+
+async def _start_partners(nursery, store: OpenStore, data: DataStore, listen: str | None, explicit: bool):
+    """Start the partner service and the control socket; returns the service."""
+    from .peering import control
+
+    service = _partner_service(store, data, listen)
+    try:
+        await nursery.start(_run_partners, service)
+    except OSError as e:
+        if explicit or listen is None:
+            raise BpfsError(f"cannot listen for partners on {listen}: {e.strerror or e} "
+                            "(choose another with --listen HOST:PORT, or --listen none)") from None
+        log.warning("cannot listen on %s (%s): using a free port instead", listen, e.strerror or e)
+        host = listen.rsplit(":", 1)[0]
+        service = _partner_service(store, data, f"{host}:0")
+        await nursery.start(_run_partners, service)
+    path = await nursery.start(control.serve, service, control.socket_path(store.dir))
+    return service, path
+
+
+async def _serve(store: OpenStore, mountpoint: str | None, options: set[str], ready, listen: str | None,
+                 explicit_listen: bool) -> None:
     data = DataStore(store.index, store.packs, store.keys, _space_reserve(store.dir))
     ops = BpfsOperations(store.index, data, store.dir)
     repaired = store.repair_after_crash(ops.destroy_inode)
     if any(repaired.values()):
         log.info("cleaned up after an unclean stop: %s", repaired)
-    fuse_options = set(pyfuse3.default_options) | {f"fsname={store.dir}", "subtype=bpfs"} | options
-    pyfuse3.init(ops, mountpoint, fuse_options)
+    if mountpoint is not None:
+        fuse_options = set(pyfuse3.default_options) | {f"fsname={store.dir}", "subtype=bpfs"} | options
+        pyfuse3.init(ops, mountpoint, fuse_options)
     try:
-        write_daemon_info(store.dir, mountpoint)
-        ready(None)
-        log.info("mounted %s at %s", store.dir, mountpoint)
         async with trio.open_nursery() as drains:
             data.nursery = drains
             async with trio.open_nursery() as services:
+                addresses, control_path = [], None
+                if "ro" not in options:  # a read-only mount changes nothing in the store, partners' data included
+                    service, control_path = await _start_partners(services, store, data, listen, explicit_listen)
+                    addresses = service.addresses
+                write_daemon_info(store.dir, mountpoint, control=control_path, addresses=addresses,
+                                  peer_id=store.keys.identity.peer_id)
+                ready(None)
+                log.info("%s %s; partners: %s", "mounted" if mountpoint else "serving", store.dir,
+                         ", ".join(addresses) or "not served")
                 services.start_soon(data.run_committer)
-                services.start_soon(_stop_on_signal, services.cancel_scope)
-                services.start_soon(trio.to_thread.run_sync, _set_read_ahead, mountpoint)
-                await pyfuse3.main()
-                services.cancel_scope.cancel()
-            pyfuse3.close(unmount=True)
+                services.start_soon(_stop_on_signal, services.cancel_scope, mountpoint is not None)
+                if mountpoint is not None:
+                    services.start_soon(trio.to_thread.run_sync, _set_read_ahead, mountpoint)
+                    await pyfuse3.main()
+                    services.cancel_scope.cancel()
+                else:
+                    await trio.sleep_forever()
+            if mountpoint is not None:
+                pyfuse3.close(unmount=True)
             await data.flush_all()
             for ino in store.index.orphans():  # nothing is open any more
                 ops.destroy_inode(ino)
@@ -164,25 +224,30 @@ async def _serve(store: OpenStore, mountpoint: str, options: set[str], ready) ->
                 store.index.save()  # the checkpoint failed (drive full?): the redo log keeps it
                 raise
     except BaseException:
-        try:
-            pyfuse3.close(unmount=True)
-        except Exception:
-            pass
+        if mountpoint is not None:
+            try:
+                pyfuse3.close(unmount=True)
+            except Exception:
+                pass
         raise
-    log.info("unmounted %s cleanly", mountpoint)
+    log.info("%s %s cleanly", "unmounted" if mountpoint else "stopped serving", mountpoint or store.dir)
 
 
-async def _stop_on_signal(cancel_scope) -> None:
+async def _stop_on_signal(cancel_scope, mounted: bool) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
-            log.info("signal %d: unmounting", signum)
-            pyfuse3.terminate()
+            log.info("signal %d: stopping", signum)
+            if mounted:
+                pyfuse3.terminate()
+            else:
+                cancel_scope.cancel()
             return
 
 
-def run_daemon(store_dir: str, keys, mountpoint: str, options: set[str], foreground: bool,
-               debug: bool, ready) -> int:
-    """Serve the mount until it is unmounted; `ready(error)` reports the mount's outcome once."""
+def run_daemon(store_dir: str, keys, mountpoint: str | None, options: set[str], foreground: bool,
+               debug: bool, ready, listen: str | None = None, explicit_listen: bool = False) -> int:
+    """Serve the mount (or, without a mount point, partners only) until stopped; `ready(error)`
+    reports the start's outcome once."""
     _tune_runtime()
     _setup_logging(store_dir, foreground, debug)
     try:
@@ -192,11 +257,14 @@ def run_daemon(store_dir: str, keys, mountpoint: str, options: set[str], foregro
         return e.exit_code
     clean = False
     try:
-        trio.run(_serve, store, mountpoint, options, ready)
+        trio.run(_serve, store, mountpoint, options, ready, listen, explicit_listen)
         clean = True
+    except BpfsError as e:
+        log.error("%s", e)
+        ready(str(e))
     except Exception as e:
         log.exception("daemon failed")
-        ready(f"mount failed: {e}")
+        ready(f"{'mount' if mountpoint else 'serve'} failed: {e}")
     finally:
         try:
             store.close(release_lock=False)
@@ -209,22 +277,8 @@ def run_daemon(store_dir: str, keys, mountpoint: str, options: set[str], foregro
     return 0 if clean else 1
 
 
-def mount(store_dir: str, mountpoint: str, keys, options: set[str], foreground: bool, debug: bool) -> int:
-    store_dir = require_store(store_dir)
-    mountpoint = check_mountpoint(mountpoint)
-    if is_locked(store_dir):
-        info = read_daemon_info(store_dir) or {}
-        where = f" at {info.get('mountpoint')}" if info.get("mountpoint") else ""
-        raise BpfsError(f"store {store_dir} is already mounted{where}", exit_code=3)
-    if foreground:
-        def ready(error):
-            if error:
-                print(f"bpfs: {error}", file=sys.stderr)
-            else:
-                print(f"bpfs: mounted {store_dir} at {mountpoint} (foreground; Ctrl-C or bpfs umount to stop)",
-                      file=sys.stderr)
-        return run_daemon(store_dir, keys, mountpoint, options, True, debug, ready)
-
+def _fork_daemon(store_dir: str, run) -> None:
+    """Run `run(ready)` in a detached child; return once it reported ready, raise its error."""
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon
@@ -244,7 +298,7 @@ def mount(store_dir: str, mountpoint: str, keys, options: set[str], foreground: 
 
         code = 1
         try:
-            code = run_daemon(store_dir, keys, mountpoint, options, False, debug, ready)
+            code = run(ready)
         finally:
             os._exit(code)
     os.close(wfd)
@@ -253,11 +307,74 @@ def mount(store_dir: str, mountpoint: str, keys, options: set[str], foreground: 
         message += chunk
     os.close(rfd)
     if message.startswith(b"ok"):
-        print(f"bpfs: mounted {store_dir} at {mountpoint}")
-        return 0
+        return
     os.waitpid(pid, 0)
-    text = message.decode(errors="replace").removeprefix("error ").strip() or "the mount daemon died while starting"
+    text = message.decode(errors="replace").removeprefix("error ").strip() or "the daemon died while starting"
     raise BpfsError(text)
+
+
+def _foreground_ready(text: str):
+    def ready(error):
+        print(f"bpfs: {error}" if error else text, file=sys.stderr)
+    return ready
+
+
+def _check_not_running(store_dir: str) -> None:
+    if is_locked(store_dir):
+        info = read_daemon_info(store_dir) or {}
+        where = f" at {info.get('mountpoint')}" if info.get("mountpoint") else " (bpfs serve)" if info else ""
+        raise BpfsError(f"store {store_dir} is already in use{where}", exit_code=3)
+
+
+def mount(store_dir: str, mountpoint: str, keys, options: set[str], foreground: bool, debug: bool,
+          listen: str | None = None, explicit_listen: bool = False) -> int:
+    store_dir = require_store(store_dir)
+    mountpoint = check_mountpoint(mountpoint)
+    _check_not_running(store_dir)
+    if foreground:
+        ready = _foreground_ready(f"bpfs: mounted {store_dir} at {mountpoint} (foreground; Ctrl-C or bpfs umount "
+                                  "to stop)")
+        return run_daemon(store_dir, keys, mountpoint, options, True, debug, ready, listen, explicit_listen)
+    _fork_daemon(store_dir, lambda ready: run_daemon(store_dir, keys, mountpoint, options, False, debug, ready,
+                                                     listen, explicit_listen))
+    print(f"bpfs: mounted {store_dir} at {mountpoint}")
+    return 0
+
+
+def serve(store_dir: str, keys, listen: str | None, explicit_listen: bool, foreground: bool, debug: bool) -> int:
+    """Serve partners (and replicate) without a mount."""
+    store_dir = require_store(store_dir)
+    _check_not_running(store_dir)
+    if foreground:
+        ready = _foreground_ready(f"bpfs: serving {store_dir} (foreground; Ctrl-C or bpfs stop to stop)")
+        return run_daemon(store_dir, keys, None, set(), True, debug, ready, listen, explicit_listen)
+    _fork_daemon(store_dir, lambda ready: run_daemon(store_dir, keys, None, set(), False, debug, ready, listen,
+                                                     explicit_listen))
+    info = read_daemon_info(store_dir) or {}
+    print(f"bpfs: serving {store_dir} on {', '.join(info.get('addresses') or []) or 'no address'}")
+    return 0
+
+
+def stop(store_dir: str, timeout: float | None = None) -> int:
+    """Stop the daemon of a store: unmount a mount, end a serve."""
+    store_dir = require_store(store_dir)
+    info = read_daemon_info(store_dir)
+    if not is_locked(store_dir):
+        raise BpfsError(f"no daemon is running for {store_dir}", exit_code=2)
+    if info and info.get("mountpoint"):
+        return umount(info["mountpoint"], timeout)
+    pid = (info or {}).get("pid")
+    if not isinstance(pid, int):
+        raise BpfsError(f"the store {store_dir} is locked by a process that left no daemon.json")
+    os.kill(pid, signal.SIGTERM)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while is_locked(store_dir) or _process_running(pid):
+        if deadline is not None and time.monotonic() > deadline:
+            raise BpfsError(f"the daemon of {store_dir} is still stopping after {timeout:.0f}s")
+        time.sleep(0.02)
+    if read_daemon_info(store_dir) is not None:
+        raise BpfsError(f"the daemon of {store_dir} stopped uncleanly; see {store_dir}/log/daemon.log")
+    return 0
 
 
 def umount(mountpoint: str, timeout: float | None = None) -> int:

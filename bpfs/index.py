@@ -11,7 +11,9 @@ Tables (LMDB named databases) and what they map:
   symlinks  ino                    -> sealed target
   xattrs    ino + name hash        -> sealed (name, value)
   orphans   ino                    -> unlinked inodes still open, deleted when released
-  outbox    pack id                -> sealed packs not yet handed to the replicator
+  outbox    pack id                -> sealed packs to replicate (priority byte); gone with the pack
+  tombstones pack id               -> generation when a replicable pack was deleted: partners are
+                                      told to release it once they hold a newer root (see peering)
   snapshots snapshot bookkeeping   -> sealed: metadata chunks, their packs, signed roots (see snapshot)
 
 Every value that could reveal a name, a size, a time or content is sealed with the store's
@@ -43,7 +45,7 @@ _CHUNK = struct.Struct("<QQIII")
 _PACK = struct.Struct("<IQQB")
 _NAME_HASH_LEN = 6  # ids (hash << 8 | position) must fit a signed 64-bit readdir offset
 TABLES = ("meta", "inodes", "dirents", "extents", "chunks", "packs", "packchunks", "symlinks", "xattrs", "orphans",
-          "outbox", "snapshots")
+          "outbox", "snapshots", "tombstones")
 ROOT_INO = 1
 MAP_SIZE = 1 << 40  # address space only; the file grows as needed
 
@@ -489,7 +491,11 @@ class Index:
 
     def delete_pack(self, pack_id: int) -> None:
         self._delete("packs", u64(pack_id))
-        self._delete("outbox", u64(pack_id))
+        if self._delete("outbox", u64(pack_id)):  # partners may hold it: remember to release it
+            self._put_plain("tombstones", u64(pack_id), u64(self.generation))
+
+    def delete_tombstone(self, pack_id: int) -> None:
+        self._delete("tombstones", u64(pack_id))
 
     def all_packs(self):
         for key, raw in self._scan_prefix("packs", b""):

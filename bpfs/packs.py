@@ -131,6 +131,11 @@ class PackStore:
                     self._unsynced.pop(pack_id, None)
                     os.close(fd)
 
+    def busy(self, pack_id: int) -> bool:
+        """Whether bytes may still be written into the pack (open, or a writer not finished)."""
+        with self._lock:
+            return pack_id == self._open_id or pack_id in self._writers
+
     @property
     def has_unsynced(self) -> bool:
         return bool(self._dirty) or bool(self._dirs_to_sync)

@@ -109,8 +109,8 @@ def read_daemon_info(store_dir: str) -> dict | None:
         return None
 
 
-def write_daemon_info(store_dir: str, mountpoint: str) -> None:
-    doc = {"pid": os.getpid(), "mountpoint": mountpoint, "store": store_dir}
+def write_daemon_info(store_dir: str, mountpoint: str | None, **extra) -> None:
+    doc = {"pid": os.getpid(), "mountpoint": mountpoint, "store": store_dir, **extra}
     write_private_file(os.path.join(store_dir, DAEMON_FILE), json.dumps(doc).encode())
 
 

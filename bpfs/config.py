@@ -1,0 +1,163 @@
+"""A store's settings: `STORE/bpfs.toml`, optional, every key with a default.
+
+    [replication]
+    replicas = 2                 # partners that hold each pack (the first N active ones)
+    upload_limit = "0"           # bytes per second to all partners together; "5M"; 0 = no limit
+    window = ""                  # daily upload window in local time, "22:00-06:00"; empty = always
+    snapshot_interval = 300      # seconds between signed index snapshots while data changes
+    priority = [...]             # gitignore patterns replicated first (default: keys, wallets, ...)
+
+    [partners]
+    listen = "0.0.0.0:7450"      # UDP address the daemon serves partners on; "none" = do not listen
+    grace_days = 30              # data a partner asked us to delete is kept this long
+
+Sizes are bytes or a number with K, M, G, T (binary: 1G = 1 GiB), optionally followed by
+"iB" or "B". Owns parsing and validating these; an invalid file is a clear one-line error.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+
+from .errors import BpfsError
+
+DEFAULT_PORT = 7450
+DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
+DEFAULT_PRIORITY = (
+    "id_rsa*", "id_ed25519*", "id_ecdsa*", "id_dsa*", "*.key", "*.pem", "*.p12", "*.pfx", "*.kdbx", "*.kdb",
+    "wallet.dat", "*.wallet", ".ssh/", ".gnupg/", "*.gpg", "*.asc",
+)
+CONFIG_NAME = "bpfs.toml"
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b)?\s*$", re.IGNORECASE)
+_WINDOW = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
+
+
+class ConfigError(BpfsError):
+    def __init__(self, message: str):
+        super().__init__(message, exit_code=2)
+
+
+def parse_size(text) -> int:
+    """"10G" -> 10 GiB; plain integers are bytes. ConfigError if it is not a size."""
+    if isinstance(text, int) and not isinstance(text, bool) and text >= 0:
+        return text
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ConfigError(f"not a size: {text!r} (examples: 500M, 10G, 1T)")
+    scale = 1024 ** "kmgtp".index(m.group(2).lower()) * 1024 if m.group(2) else 1
+    return int(float(m.group(1)) * scale)
+
+
+def format_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """"HOST:PORT", "[v6]:PORT" or "HOST" -> (ip, port). Only IP literals (no DNS lookups here)."""
+    text = text.strip()
+    host, port = text, default_port
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest.startswith(":"):
+            port = rest[1:]
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    try:
+        host = str(ipaddress.ip_address(host))
+        port = int(port)
+    except ValueError:
+        raise ConfigError(f"not an address: {text!r} (expected IP:PORT, e.g. 192.0.2.7:{DEFAULT_PORT})") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port out of range in {text!r}")
+    return host, port
+
+
+def format_address(addr) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_window(text: str) -> tuple[int, int] | None:
+    """"22:00-06:00" -> (start minute, end minute) of the day; "" -> None (always)."""
+    if not text or not text.strip():
+        return None
+    m = _WINDOW.match(text)
+    if not m:
+        raise ConfigError(f"not a time window: {text!r} (expected HH:MM-HH:MM)")
+    h1, m1, h2, m2 = (int(x) for x in m.groups())
+    if h1 > 23 or h2 > 24 or m1 > 59 or m2 > 59:
+        raise ConfigError(f"not a time window: {text!r}")
+    return h1 * 60 + m1, h2 * 60 + m2
+
+
+def in_window(window: tuple[int, int] | None, minute_of_day: int) -> bool:
+    if window is None:
+        return True
+    start, end = window
+    if start == end:
+        return True
+    if start < end:
+        return start <= minute_of_day < end
+    return minute_of_day >= start or minute_of_day < end  # crosses midnight
+
+
+@dataclass
+class Config:
+    replicas: int = 2
+    upload_limit: int = 0
+    window: tuple[int, int] | None = None
+    snapshot_interval: float = 300.0
+    priority: list[str] = field(default_factory=lambda: list(DEFAULT_PRIORITY))
+    listen: str | None = DEFAULT_LISTEN
+    grace_days: float = 30.0
+
+    @property
+    def grace_seconds(self) -> float:
+        return self.grace_days * 86400.0
+
+
+def load_config(store_dir: str) -> Config:
+    path = os.path.join(store_dir, CONFIG_NAME)
+    cfg = Config()
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError:
+        return cfg
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+    rep, partners = doc.get("replication", {}), doc.get("partners", {})
+    try:
+        if "replicas" in rep:
+            cfg.replicas = int(rep["replicas"])
+            if not 1 <= cfg.replicas <= 16:
+                raise ConfigError(f"{path}: replicas must be within 1..16")
+        if "upload_limit" in rep:
+            cfg.upload_limit = parse_size(rep["upload_limit"])
+        if "window" in rep:
+            cfg.window = parse_window(str(rep["window"]))
+        if "snapshot_interval" in rep:
+            cfg.snapshot_interval = max(5.0, float(rep["snapshot_interval"]))
+        if "priority" in rep:
+            if not isinstance(rep["priority"], list) or not all(isinstance(p, str) for p in rep["priority"]):
+                raise ConfigError(f"{path}: priority must be a list of patterns")
+            cfg.priority = list(rep["priority"])
+        if "listen" in partners:
+            value = str(partners["listen"])
+            cfg.listen = None if value.lower() == "none" else format_address(parse_address(value))
+        if "grace_days" in partners:
+            cfg.grace_days = float(partners["grace_days"])
+            if cfg.grace_days < 0:
+                raise ConfigError(f"{path}: grace_days must be >= 0")
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return cfg

@@ -1,0 +1,337 @@
+"""The partner commands of the CLI: pair, peers, unpair, status, sync, recover.
+
+Each one asks the store's running daemon through its control socket when there is one (the
+daemon owns the UDP port); otherwise it does the work in this process: `peers`, `status` and
+`pair --accept` read or write the ledger only (no passphrase); `pair --direct`, `unpair` and
+`sync` unlock the store, open it (taking its lock) and run a partner service until done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import click
+
+from ..config import format_size, load_config, parse_size
+from ..errors import BpfsError
+from ..passphrase import read_passphrase
+from ..store import is_locked, key_path, read_daemon_info, require_store
+from . import control
+
+
+def _daemon(store: str) -> str | None:
+    """The control socket of the store's running daemon, if any."""
+    if not is_locked(store):
+        return None
+    info = read_daemon_info(store) or {}
+    path = info.get("control")
+    if not path:
+        raise BpfsError(f"store {store} is in use by a process that cannot be asked (bpfs recover or verify?)",
+                        exit_code=3)
+    return path
+
+
+def _in_process(store: str, passphrase_file: str | None, fn):
+    """Run `await fn(service)` with a partner service of this process on the unlocked store."""
+    import trio
+
+    from .. import keyfile
+    from ..daemon import _space_reserve
+    from ..filedata import DataStore
+    from ..fs import BpfsOperations
+    from ..store import OpenStore
+    from .service import PartnerService, StoreSource
+
+    keys = keyfile.unlock(key_path(store), read_passphrase(passphrase_file))
+    config = load_config(store)
+
+    async def main():
+        opened = OpenStore(store, keys)
+        try:
+            data = DataStore(opened.index, opened.packs, keys, _space_reserve(store))
+            ops = BpfsOperations(opened.index, data, store)
+            opened.repair_after_crash(ops.destroy_inode)
+            source = StoreSource(opened.index, opened.packs, keys, data)
+            result = None
+            async with trio.open_nursery() as nursery:
+                data.nursery = nursery
+                service = await _start(nursery, store, keys, config, source)
+                try:
+                    result = await fn(service)
+                finally:
+                    nursery.cancel_scope.cancel()
+            await data.sync()
+            return result
+        finally:
+            opened.close()
+
+    return trio.run(main)
+
+
+async def _start(nursery, store, keys, config, source):
+    from .service import PartnerService
+
+    for listen in (config.listen, "0.0.0.0:0"):
+        service = PartnerService(store, keys, config, source, listen=listen)
+        try:
+            await nursery.start(service.run)
+            return service
+        except OSError:
+            continue
+        except BaseExceptionGroup as eg:  # trio may wrap the bind error
+            if not eg.subgroup(OSError):
+                raise
+    raise BpfsError("cannot open a UDP socket for partners")
+
+
+def _ledger_only(store: str):
+    from .ledger import Ledger
+
+    return Ledger(store)
+
+
+def _fmt_time(t) -> str:
+    if not t:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
+
+def register(cli, store_arg, emit) -> None:
+    passphrase_opt = click.option("--passphrase-file", type=click.Path(dir_okay=False),
+                                  help="read the passphrase from this file (when no daemon runs)")
+
+    @cli.command()
+    @click.argument("store", required=False)
+    @click.option("--accept", "accept", metavar="PEER_ID", help="allow PEER_ID to pair with this store")
+    @click.option("--direct", "direct", metavar="HOST:PORT", help="pair with the store listening there")
+    @click.option("--expect", metavar="PEER_ID", help="the peer id the store at HOST:PORT must have")
+    @click.option("--offer", default="10G", show_default=True, help="how much of the partner's data we keep")
+    @click.option("--ask", default="10G", show_default=True, help="how much of ours we ask the partner to keep")
+    @click.option("--yes", is_flag=True, help="accept the partner's peer id without asking")
+    @click.option("--json", "as_json", is_flag=True)
+    @passphrase_opt
+    def pair(store, accept, direct, expect, offer, ask, yes, as_json, passphrase_file):
+        """Pair with a partner: --accept PEER_ID on one side, then --direct HOST:PORT on the other."""
+        store = require_store(store_arg(store))
+        offer_n, ask_n = parse_size(offer), parse_size(ask)
+        if bool(accept) == bool(direct):
+            raise click.UsageError("give exactly one of --accept PEER_ID or --direct HOST:PORT")
+        sock = _daemon(store)
+        if accept:
+            if sock:
+                res = control.call(sock, "invite", peer=accept, offer=offer_n, ask=ask_n)
+            else:
+                from .service import INVITE_VALID, _check_peer_id
+
+                _check_peer_id(accept)
+                from .ledger import Invite
+
+                ledger = _ledger_only(store)
+                try:
+                    ledger.put_invite(Invite(accept, offer_n, ask_n, time.time() + INVITE_VALID))
+                finally:
+                    ledger.close()
+                res = {"peer_id": accept, "offer": offer_n, "ask": ask_n}
+            emit(as_json, res, f"{accept} may now pair with this store (it asks: keep up to "
+                               f"{format_size(offer_n)} of its data; we ask it to keep up to {format_size(ask_n)}).\n"
+                               f"On the other side run: bpfs pair STORE --direct THIS_HOST:PORT --expect "
+                               f"{_own_id(store)}")
+            return
+
+        def confirm(peer: str) -> None:
+            if yes:
+                return
+            if not sys.stdin.isatty():
+                raise BpfsError(f"the store at {direct} has peer id {peer}; pass --expect {peer} (or --yes) "
+                                "to pair with it", exit_code=2)
+            click.confirm(f"The store at {direct} has peer id\n  {peer}\nIs this the partner you expect?",
+                          abort=True)
+
+        if sock:
+            peer = expect
+            if peer is None:
+                peer = control.call(sock, "probe", address=direct)["peer_id"]
+                confirm(peer)
+            res = control.call(sock, "pair", address=direct, expect=peer, offer=offer_n, ask=ask_n)
+        else:
+            async def run(service):
+                peer = expect
+                if peer is None:
+                    peer = (await service.op_probe(direct))["peer_id"]
+                    confirm(peer)
+                return await service.op_pair(direct, peer, offer_n, ask_n)
+
+            res = _in_process(store, passphrase_file, run)
+        emit(as_json, res, f"Paired with {res['peer_id']} at {res['address']}: we keep up to "
+                           f"{format_size(res['we_keep'])} of its data, it keeps up to "
+                           f"{format_size(res['they_keep'])} of ours.")
+
+    @cli.command()
+    @click.argument("store", required=False)
+    @click.option("--json", "as_json", is_flag=True)
+    def peers(store, as_json):
+        """List partners: quotas both ways, bytes held, last seen, connection state."""
+        store = require_store(store_arg(store))
+        sock = _daemon(store)
+        rows = control.call(sock, "peers") if sock else offline_peers(store)
+        if as_json:
+            click.echo(json.dumps(rows))
+            return
+        if not rows:
+            click.echo("no partners (pair with: bpfs pair --accept / --direct)")
+        for r in rows:
+            click.echo(f"{r['peer_id']}  {r['state']:<9} {r['address'] or '(dials us)'}\n"
+                       f"    we keep {format_size(r['held_for_them'])} of {format_size(r['we_keep'])} for it; "
+                       f"it keeps {format_size(r['held_by_them'])} of {format_size(r['they_keep'])} for us; "
+                       f"last seen {_fmt_time(r['last_seen'])}")
+
+    @cli.command()
+    @click.argument("store", required=False)
+    @click.argument("peer")
+    @passphrase_opt
+    def unpair(store, peer, passphrase_file):
+        """End the partnership with PEER: it is told; our data there goes after its grace period."""
+        store = require_store(store_arg(store))
+        sock = _daemon(store)
+        if sock:
+            res = control.call(sock, "unpair", peer=peer)
+        else:
+            res = _in_process(store, passphrase_file, lambda service: service.op_unpair(peer))
+        click.echo(f"Unpaired {peer}" + ("" if res["told"] else " (it was not reachable: it will be refused "
+                                          "from now on)") + f"; data held for each other is deleted after "
+                   f"{res['grace_days']:g} days.")
+
+    @cli.command()
+    @click.argument("store", required=False)
+    @click.option("--json", "as_json", is_flag=True)
+    def status(store, as_json):
+        """What is replicated to each partner, what is pending, the rate and an estimate."""
+        store = require_store(store_arg(store))
+        sock = _daemon(store)
+        doc = control.call(sock, "status") if sock else offline_status(store)
+        doc["daemon"] = bool(sock)
+        if as_json:
+            click.echo(json.dumps(doc))
+            return
+        click.echo(f"latest snapshot generation {doc['latest_generation']}"
+                   + ("" if sock else " (no daemon running: nothing is being sent)"))
+        if not doc["partners"]:
+            click.echo("no partners")
+        for p in doc["partners"]:
+            total = p["replicated_bytes"] + p["pending_bytes"]
+            frac = p["replicated_bytes"] / total if total else 1.0
+            bar = "#" * int(frac * 30) + "-" * (30 - int(frac * 30))
+            eta = f", about {p['eta']} s left" if p.get("eta") else ""
+            click.echo(f"{p['peer_id']}  [{bar}] {frac * 100:5.1f}%  {p['state']}\n"
+                       f"    {p['replicated_packs']} packs ({format_size(p['replicated_bytes'])}) replicated, "
+                       f"{p['pending_packs']} ({format_size(p['pending_bytes'])}) pending, "
+                       f"{format_size(p['rate'])}/s{eta}; root generation {p['root_generation']}"
+                       + (f"\n    last error: {p['last_error']}" if p.get("last_error") else ""))
+
+    @cli.command()
+    @click.argument("store", required=False)
+    @click.option("--timeout", type=float, default=None, help="exit 1 if not done after this many seconds")
+    @click.option("--json", "as_json", is_flag=True)
+    @passphrase_opt
+    def sync(store, timeout, as_json, passphrase_file):
+        """Wait until everything written so far is held by the partners (run before unplugging)."""
+        store = require_store(store_arg(store))
+        sock = _daemon(store)
+        if sock:
+            res = control.call(sock, "sync", timeout=timeout)
+        else:
+            res = _in_process(store, passphrase_file, lambda service: service.op_sync(timeout))
+        emit(as_json, res, f"Synced: generation {res['generation']} is held by {len(res['partners'])} "
+                           f"partner(s) ({res['seconds']:.1f} s).")
+
+    @cli.command()
+    @click.argument("store")
+    @click.option("--from", "source", required=True, metavar="HOST:PORT", help="a partner holding our data")
+    @click.option("--expect", metavar="PEER_ID", help="the partner's peer id (checked on connecting)")
+    @click.option("--kdf", default="moderate", show_default=True,
+                  type=click.Choice(["interactive", "moderate", "sensitive"]), help="for the new store's key file")
+    @click.option("--json", "as_json", is_flag=True)
+    @passphrase_opt
+    def recover(store, source, expect, kdf, as_json, passphrase_file):
+        """Rebuild STORE from a partner (recovery secret from $BPFS_RECOVERY or a prompt)."""
+        from .recovery import recover as do_recover
+
+        store = os.path.abspath(store)
+        res = do_recover(store, source, expect, kdf, passphrase_file,
+                         progress=None if as_json else lambda line: click.echo(line, err=True))
+        emit(as_json, res, f"Recovered {store}: {res['files_bytes'] if 'files_bytes' in res else ''}"
+                           f"{res['packs']} packs ({format_size(res['bytes'])}) from {res['from']}, "
+                           f"generation {res['generation']}. Mount it with: bpfs mount {store} MOUNTPOINT")
+
+
+def _own_id(store: str) -> str:
+    from .. import keyfile
+
+    return keyfile.read_public(key_path(store))["peer_id"]
+
+
+def offline_peers(store: str) -> list[dict]:
+    from . import protocol as P
+    from .ledger import Ledger
+
+    ledger = Ledger(store)
+    try:
+        sizes = _pack_sizes(store)
+        rows = []
+        for p in sorted(ledger.partners(), key=lambda p: p.paired_at):
+            held_for = sum(rec.total for _, _, _, rec in ledger.all_hosted(p.raw_id))
+            held_by = sum(sizes.get(pid, 0) for pid in ledger.sent(p.peer_id, P.PACK))
+            rows.append({"peer_id": p.peer_id, "address": p.address, "state": "offline" if p.active else "ended",
+                         "we_keep": p.we_keep, "they_keep": p.they_keep, "held_for_them": held_for,
+                         "held_by_them": held_by, "last_seen": p.last_seen, "paired_at": p.paired_at,
+                         "ended_at": p.ended_at, "root_generation": p.root_generation})
+        return rows
+    finally:
+        ledger.close()
+
+
+def offline_status(store: str) -> dict:
+    from . import protocol as P
+    from .ledger import Ledger
+
+    ledger = Ledger(store)
+    try:
+        sizes, latest = _pack_sizes(store, with_root=True)
+        replicas = load_config(store).replicas
+        active = sorted((p for p in ledger.partners() if p.active), key=lambda p: p.paired_at)[:replicas]
+        out = []
+        for p in active:
+            sent = ledger.sent(p.peer_id, P.PACK)
+            done = [pid for pid in sizes if pid in sent]
+            todo = [pid for pid in sizes if pid not in sent]
+            out.append({"peer_id": p.peer_id, "replicated_packs": len(done),
+                        "replicated_bytes": sum(sizes[i] for i in done), "pending_packs": len(todo),
+                        "pending_bytes": sum(sizes[i] for i in todo), "sent_bytes": 0, "rate": 0, "eta": None,
+                        "root_generation": p.root_generation, "state": "offline", "last_error": None})
+        return {"peer_id": _own_id(store), "latest_generation": latest, "partners": out}
+    finally:
+        ledger.close()
+
+
+def _pack_sizes(store: str, with_root: bool = False):
+    """pack id -> size of the replicable packs, read from the index without keys (plain tables)."""
+    import lmdb
+
+    path = os.path.join(store, "index")
+    env = lmdb.open(path, readonly=True, lock=False, max_dbs=32, subdir=True)
+    try:
+        with env.begin() as txn:
+            outbox = {bytes(k) for k, _ in txn.cursor(db=env.open_db(b"outbox", txn=txn, create=False))}
+            sizes = {int.from_bytes(k, "big"): int.from_bytes(v[12:20], "little")
+                     for k, v in txn.cursor(db=env.open_db(b"packs", txn=txn, create=False)) if bytes(k) in outbox}
+            latest = 0
+            if with_root:
+                for k, _ in txn.cursor(db=env.open_db(b"snapshots", txn=txn, create=False)):
+                    if k[:1] == b"r":
+                        latest = max(latest, int.from_bytes(k[1:], "big"))
+    finally:
+        env.close()
+    return (sizes, latest) if with_root else sizes

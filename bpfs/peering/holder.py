@@ -1,0 +1,383 @@
+"""The holder: serving partners' requests, and keeping their objects within what we agreed.
+
+Owns STORE/hosted/PEER_ID/ (packs/XX/ID.pack and roots/GEN.root, partial uploads as *.part),
+the quota each partner may use here, pairing requests, and deleting released data once its
+grace period is over. Everything a partner sends is untrusted: sizes are bounded by the codec,
+each object by the quota (refused with a clear message, never dropped silently), pieces must come
+in order, a finished object must match its digest, and a root must be signed by its owner and
+newer than the one we hold. A partner can only read, list or release its own objects.
+
+Durability: a piece is acknowledged once written (it survives a killed daemon: how far an upload
+got is the partial file's size); an object is acknowledged complete only after its digest is
+checked and the file fdatasync'ed and renamed, so a complete object survives a power loss too.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import time
+from typing import Callable
+
+import trio
+
+from ..config import Config, format_size
+from ..fsutil import fsync_dir, make_private_dir
+from ..identity import Identity, peer_id, verify_signature
+from ..net.quic import Code
+from ..net.rpc import Dispatcher, Reject
+from ..snapshot import SnapshotError, verify_root
+from . import protocol as P
+from .ledger import ACTIVE, ENDED, HostedRecord, Invite, Ledger, Partner, raw_id_of
+
+log = logging.getLogger("bpfs.peering.holder")
+
+_DISK_RESERVE = 256 << 20  # never fill the holder's disk past this
+SWEEP_INTERVAL = 3600.0
+
+
+class Holder:
+    def __init__(self, store_dir: str, identity: Identity, ledger: Ledger, config: Config, *,
+                 listen_port: Callable[[], int], on_paired: Callable[[Partner], None],
+                 on_unpaired: Callable[[Partner], None], clock=time.time):
+        self.dir = os.path.join(store_dir, "hosted")
+        make_private_dir(self.dir)
+        self.identity = identity
+        self.ledger = ledger
+        self.config = config
+        self._listen_port = listen_port
+        self._on_paired, self._on_unpaired = on_paired, on_unpaired
+        self._clock = clock
+        self._locks: dict[tuple, trio.Lock] = {}
+        self.used: dict[bytes, int] = {}
+        self.received_bytes: dict[str, int] = {}  # piece bytes received per partner since start
+        for owner, _kind, _obj, rec in ledger.all_hosted():
+            self.used[owner] = self.used.get(owner, 0) + rec.total
+        self.dispatcher = Dispatcher(P.PARTNER, rate=400.0, burst=800.0)
+        d = self.dispatcher
+        d.handler(P.PairRequest)(self._pair)
+        d.handler(P.Unpair)(self._unpair)
+        d.handler(P.Usage)(self._usage)
+        d.handler(P.Have)(self._have)
+        d.handler(P.PutPiece)(self._put_piece)
+        d.handler(P.ListHeld)(self._list_held)
+        d.handler(P.GetPiece)(self._get_piece)
+        d.handler(P.Release)(self._release)
+        d.handler(P.GetRoot)(self._get_root)
+
+    # ----- paths and bookkeeping ------------------------------------------------------------
+    def _owner_dir(self, owner_raw: bytes) -> str:
+        from ..checked import encode
+
+        return os.path.join(self.dir, encode(owner_raw, b"bpfs.peer-id"))
+
+    def path(self, owner_raw: bytes, kind: int, obj_id: int) -> str:
+        if kind == P.PACK:
+            return os.path.join(self._owner_dir(owner_raw), "packs", f"{obj_id & 0xFF:02x}", f"{obj_id:012x}.pack")
+        return os.path.join(self._owner_dir(owner_raw), "roots", f"{obj_id:016x}.root")
+
+    def held_for(self, peer: str) -> int:
+        return self.used.get(raw_id_of_peer(peer), 0)
+
+    def _lock(self, key) -> trio.Lock:
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = trio.Lock()
+        return lock
+
+    def _partner(self, conn, *, writing: bool = False) -> Partner:
+        p = self.ledger.partner(conn.peer_id)
+        if p is None or (writing and not p.active):
+            raise Reject("not paired with you" if p is None else "our partnership has ended",
+                         P.Refusal.NOT_PAIRED)
+        p.last_seen = self._clock()
+        return p
+
+    def _root_generation(self, owner_raw: bytes) -> int:
+        roots = [obj for _, kind, obj, rec in self.ledger.all_hosted(owner_raw) if kind == P.ROOT and rec.complete]
+        return max(roots, default=0)
+
+    def _drop(self, owner_raw: bytes, kind: int, obj_id: int, rec: HostedRecord) -> None:
+        path = self.path(owner_raw, kind, obj_id)
+        for p in (path, path + ".part"):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+        self.ledger.delete_hosted(owner_raw, kind, obj_id)
+        self.used[owner_raw] = max(0, self.used.get(owner_raw, 0) - rec.total)
+
+    # ----- pairing ------------------------------------------------------------------------------
+    async def _pair(self, conn, msg: P.PairRequest):
+        now = self._clock()
+        address = f"{conn.remote_address[0]}:{msg.listen_port}" if msg.listen_port else None
+        if ":" in conn.remote_address[0] and msg.listen_port:
+            address = f"[{conn.remote_address[0]}]:{msg.listen_port}"
+        existing = self.ledger.partner(conn.peer_id)
+        if existing is not None and existing.active:
+            existing.address = address or existing.address
+            existing.last_seen = now
+            self.ledger.put_partner(existing)
+            return P.PairReply(existing.we_keep, existing.they_keep, self._listen_port())
+        invite = self.ledger.take_invite(conn.peer_id, now)
+        if invite is None:
+            raise Reject(f"not invited: the other side must first run `bpfs pair --accept {conn.peer_id}`",
+                         P.Refusal.NOT_INVITED)
+        we_keep, they_keep = min(msg.ask, invite.offer), min(msg.offer, invite.ask)
+        if we_keep == 0 and they_keep == 0:
+            raise Reject("nothing to agree: both quotas would be zero", P.Refusal.BAD_REQUEST)
+        partner = Partner(conn.peer_id, conn.peer_public_key.hex(), address, we_keep, they_keep, last_seen=now)
+        if existing is not None:  # an ended partnership renewed: keep what it still holds
+            partner.root_generation = existing.root_generation
+        self.ledger.put_partner(partner)
+        log.info("paired with %s: we keep %s of theirs, they keep %s of ours", conn.peer_id,
+                 format_size(we_keep), format_size(they_keep))
+        self._on_paired(partner)
+        return P.PairReply(we_keep, they_keep, self._listen_port())
+
+    async def _unpair(self, conn, msg: P.Unpair):
+        p = self._partner(conn)
+        if p.active:
+            p.state, p.ended_at = ENDED, self._clock()
+            self.ledger.put_partner(p)
+            log.info("%s ended our partnership (%s); their data here goes in %.0f days", p.peer_id,
+                     msg.reason or "no reason given", self.config.grace_days)
+            self._on_unpaired(p)
+        return P.Done(1)
+
+    def invite(self, peer: str, offer: int, ask: int, valid_for: float) -> Invite:
+        inv = Invite(peer, offer, ask, self._clock() + valid_for)
+        self.ledger.put_invite(inv)
+        return inv
+
+    # ----- reading what we hold -----------------------------------------------------------------
+    async def _usage(self, conn, msg: P.Usage):
+        p = self._partner(conn)
+        self.ledger.put_partner(p)  # last seen
+        owner = p.raw_id
+        packs = [obj for _, kind, obj, rec in self.ledger.all_hosted(owner) if kind == P.PACK and rec.complete]
+        return P.UsageReply(quota=p.we_keep if p.active else 0, used=self.used.get(owner, 0), packs=len(packs),
+                            highest_pack=max(packs, default=0), root_generation=self._root_generation(owner))
+
+    def _held(self, owner: bytes, kind: int, obj_id: int) -> tuple[int, bool]:
+        rec = self.ledger.hosted(owner, kind, obj_id)
+        if rec is None:
+            return 0, False
+        if rec.complete:
+            return rec.total, True
+        try:
+            return min(os.stat(self.path(owner, kind, obj_id) + ".part").st_size, rec.total), False
+        except FileNotFoundError:
+            return 0, False
+
+    async def _have(self, conn, msg: P.Have):
+        owner = self._partner(conn).raw_id
+        held = [self._held(owner, msg.kind, i) for i in msg.ids]
+        return P.HaveReply([h[0] for h in held], [h[1] for h in held])
+
+    async def _list_held(self, conn, msg: P.ListHeld):
+        owner = self._partner(conn).raw_id
+        rows = [(obj, rec) for _, kind, obj, rec in self.ledger.all_hosted(owner)
+                if kind == msg.kind and obj > msg.after][:msg.limit]
+        return P.HeldList([r[0] for r in rows], [r[1].total for r in rows], [r[1].complete for r in rows])
+
+    async def _get_piece(self, conn, msg: P.GetPiece):
+        owner = self._partner(conn).raw_id
+        rec = self.ledger.hosted(owner, msg.kind, msg.id)
+        if rec is None or not rec.complete:
+            raise Reject("not held here", P.Refusal.NOT_FOUND)
+        if msg.offset > rec.total:
+            raise Reject("offset beyond the object", P.Refusal.BAD_REQUEST)
+        path = self.path(owner, msg.kind, msg.id)
+
+        def read() -> bytes:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                return os.pread(fd, min(msg.length, rec.total - msg.offset), msg.offset)
+            finally:
+                os.close(fd)
+
+        try:
+            return P.PieceData(await trio.to_thread.run_sync(read))
+        except FileNotFoundError:
+            raise Reject("not held here", P.Refusal.NOT_FOUND) from None
+
+    async def _get_root(self, conn, msg: P.GetRoot):
+        owner = self._partner(conn).raw_id
+        gen = self._root_generation(owner)
+        rec = self.ledger.hosted(owner, P.ROOT, gen) if gen else None
+        return P.RootInfo(gen, rec.total if rec else 0)
+
+    # ----- receiving ------------------------------------------------------------------------------
+    async def _put_piece(self, conn, msg: P.PutPiece):
+        p = self._partner(conn, writing=True)
+        owner = p.raw_id
+        if msg.total == 0 or msg.offset + len(msg.data) > msg.total:
+            raise Reject("piece outside the object", P.Refusal.BAD_REQUEST)
+        self.received_bytes[p.peer_id] = self.received_bytes.get(p.peer_id, 0) + len(msg.data)
+        async with self._lock((owner, msg.kind, msg.id)):
+            rec = self.ledger.hosted(owner, msg.kind, msg.id)
+            if rec is not None and rec.complete:
+                if rec.total != msg.total:
+                    raise Reject("a different object with this id is held", P.Refusal.BAD_REQUEST)
+                return P.PutAck(rec.total, True)
+            if msg.kind == P.ROOT and rec is None and msg.id <= self._root_generation(owner):
+                raise Reject(f"root generation {msg.id} is not newer than the one held "
+                             f"({self._root_generation(owner)}): refusing a rollback", P.Refusal.ROLLBACK)
+            if rec is None:
+                if msg.offset != 0:
+                    conn.close(Code.PROTOCOL_VIOLATION, "piece out of order")
+                    raise Reject("piece out of order", P.Refusal.BAD_REQUEST)
+                self._admit(p, msg.total)
+                rec = HostedRecord(msg.total, False, 0)
+                self.ledger.put_hosted(owner, msg.kind, msg.id, rec)
+                self.used[owner] = self.used.get(owner, 0) + msg.total
+            elif rec.total != msg.total:
+                raise Reject("the object's size changed between pieces", P.Refusal.BAD_REQUEST)
+            path = self.path(owner, msg.kind, msg.id)
+            part = path + ".part"
+            try:
+                size = await trio.to_thread.run_sync(_write_piece, part, msg.offset, msg.data)
+            except _OutOfOrder:
+                conn.close(Code.PROTOCOL_VIOLATION, "piece out of order")
+                raise Reject("piece out of order", P.Refusal.BAD_REQUEST) from None
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise Reject("the partner's disk is full", P.Refusal.NO_SPACE) from None
+                raise
+            if size < msg.total or msg.digest is None:
+                return P.PutAck(size, False)
+            return await self._finish(p, msg, rec, path, part)
+
+    def _admit(self, p: Partner, total: int) -> None:
+        used = self.used.get(p.raw_id, 0)
+        if used + total > p.we_keep:
+            raise Reject(f"quota exceeded: we agreed to keep {format_size(p.we_keep)} of yours, "
+                         f"{format_size(used)} is used, this needs {format_size(total)} more", P.Refusal.QUOTA)
+        st = os.statvfs(self.dir)
+        if st.f_bavail * st.f_frsize < total + _DISK_RESERVE:
+            raise Reject("the partner's disk is full", P.Refusal.NO_SPACE)
+
+    async def _finish(self, p: Partner, msg: P.PutPiece, rec: HostedRecord, path: str, part: str):
+        owner = p.raw_id
+        digest = await trio.to_thread.run_sync(_digest_and_sync, part)
+        if digest != msg.digest:
+            self._drop(owner, msg.kind, msg.id, rec)
+            raise Reject("the object does not match its digest: discarded", P.Refusal.BAD_DIGEST)
+        if msg.kind == P.ROOT:
+            current = self._root_generation(owner)
+            try:
+                blob = await trio.to_thread.run_sync(_read_all, part)
+                root = verify_root(bytes.fromhex(p.public_key), blob, min_generation=current + 1)
+                if root.generation != msg.id:
+                    raise SnapshotError("root generation does not match its id")
+            except SnapshotError as e:
+                self._drop(owner, msg.kind, msg.id, rec)
+                raise Reject(f"root refused: {e}", P.Refusal.BAD_ROOT) from None
+        os.replace(part, path)
+        fsync_dir(os.path.dirname(path))
+        rec.complete = True
+        self.ledger.put_hosted(owner, msg.kind, msg.id, rec)
+        if msg.kind == P.ROOT:  # only the newest root is kept: the packs it needs are all here
+            for _, kind, obj, old in self.ledger.all_hosted(owner):
+                if kind == P.ROOT and obj != msg.id:
+                    self._drop(owner, kind, obj, old)
+        return P.PutAck(rec.total, True)
+
+    # ----- releasing --------------------------------------------------------------------------------
+    async def _release(self, conn, msg: P.Release):
+        p = self._partner(conn)
+        signed = P.release_message(raw_id_of(self.identity.public_key), msg.ids)
+        if not verify_signature(bytes.fromhex(p.public_key), signed, msg.signature):
+            raise Reject("release request not signed by you", P.Refusal.BAD_REQUEST)
+        now, n = self._clock(), 0
+        for obj_id in msg.ids:
+            rec = self.ledger.hosted(p.raw_id, P.PACK, obj_id)
+            if rec is not None and not rec.released_at:
+                rec.released_at = now
+                self.ledger.put_hosted(p.raw_id, P.PACK, obj_id, rec)
+                n += 1
+        return P.Done(n)
+
+    def sweep(self) -> int:
+        """Delete what the grace period allows: released objects, and everything of ended partners."""
+        now, grace, dropped = self._clock(), self.config.grace_seconds, 0
+        ended = {p.raw_id: p for p in self.ledger.partners() if not p.active}
+        for owner, kind, obj, rec in self.ledger.all_hosted():
+            gone = ended.get(owner)
+            if (rec.released_at and now - rec.released_at >= grace) or (
+                    gone is not None and now - (gone.ended_at or now) >= grace):
+                self._drop(owner, kind, obj, rec)
+                dropped += 1
+        for owner, p in ended.items():
+            if now - (p.ended_at or now) >= grace and not self.ledger.all_hosted(owner):
+                self.ledger.forget_partner(p.peer_id)
+        return dropped
+
+    async def run_sweeper(self) -> None:
+        while True:
+            try:
+                n = self.sweep()
+                if n:
+                    log.info("deleted %d objects whose grace period ended", n)
+            except Exception:
+                log.exception("sweeping hosted data failed")
+            await trio.sleep(SWEEP_INTERVAL)
+
+
+class _OutOfOrder(Exception):
+    pass
+
+
+def raw_id_of_peer(peer: str) -> bytes:
+    from ..identity import parse_peer_id
+
+    return parse_peer_id(peer)
+
+
+def _write_piece(part: str, offset: int, data: bytes) -> int:
+    """Append the new part of a piece; return the bytes now held. Pieces already held are no-ops."""
+    make_private_dir(os.path.dirname(part))
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        size = os.fstat(fd).st_size
+        if offset > size:
+            raise _OutOfOrder()
+        end = offset + len(data)
+        if end > size:
+            view = memoryview(data)[size - offset:]
+            while view:
+                n = os.pwrite(fd, view, size)
+                view, size = view[n:], size + n
+        return size
+    finally:
+        os.close(fd)
+
+
+def _digest_and_sync(part: str) -> bytes:
+    h = hashlib.blake2b(digest_size=P.DIGEST_SIZE)
+    fd = os.open(part, os.O_RDONLY)
+    try:
+        while True:
+            block = os.read(fd, 1 << 20)
+            if not block:
+                break
+            h.update(block)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    return h.digest()
+
+
+def _read_all(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(P.MAX_OBJECT + 1)
+
+
+def object_digest(data) -> bytes:
+    return hashlib.blake2b(data, digest_size=P.DIGEST_SIZE).digest()
+
+
+__all__ = ["Holder", "object_digest", "peer_id"]

@@ -1,0 +1,208 @@
+"""The partner ledger: what we agreed with whom, and what is where. LMDB in STORE/partners/.
+
+Tables (keys use the 20-byte peer id, `identity.peer_id_bytes`):
+  peers    peer id              -> JSON Partner: public key, address, quotas both ways, state, times,
+                                   the root generation the partner confirmed holding for us
+  invites  peer id              -> JSON: quotas offered/asked to a peer allowed to pair, expiry
+  sent     peer id + kind + id  -> b"": an object of ours the partner confirmed complete
+  hosted   peer id + kind + id  -> HostedRecord: an object we keep for that partner
+
+Each change is one committed (fsynced) transaction: a handful per pack, never per piece (how far
+a transfer got is the partial file's size; see `holder`). None of this is secret from someone
+holding the drive: which partners, how much. It holds no keys and no plaintext.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from dataclasses import asdict, dataclass, field
+
+import lmdb
+
+from ..fsutil import make_private_dir
+from ..identity import parse_peer_id, peer_id_bytes
+
+_TABLES = ("peers", "invites", "sent", "hosted")
+_OBJ = struct.Struct(">BQ")
+_HOSTED = struct.Struct("<QBQ")  # total size, complete, released at (unix seconds; 0 = not released)
+
+ACTIVE, ENDED = "active", "ended"
+
+
+@dataclass
+class Partner:
+    peer_id: str
+    public_key: str  # hex
+    address: str | None  # "ip:port" we dial, None if it does not accept connections
+    we_keep: int  # bytes of theirs we agreed to keep
+    they_keep: int  # bytes of ours they agreed to keep
+    state: str = ACTIVE
+    paired_at: float = field(default_factory=time.time)
+    ended_at: float | None = None
+    last_seen: float | None = None
+    root_generation: int = 0  # our root generation this partner confirmed holding
+    observed: str | None = None  # where its last connection to us came from (its port, or a NAT's)
+
+    @property
+    def addresses(self) -> list[str]:
+        return [a for a in dict.fromkeys((self.address, self.observed)) if a]
+
+    @property
+    def raw_id(self) -> bytes:
+        return parse_peer_id(self.peer_id)
+
+    @property
+    def active(self) -> bool:
+        return self.state == ACTIVE
+
+
+@dataclass
+class Invite:
+    peer_id: str
+    offer: int
+    ask: int
+    expires: float
+
+
+@dataclass
+class HostedRecord:
+    total: int
+    complete: bool
+    released_at: float  # 0: not released
+
+
+def _obj_key(raw_peer: bytes, kind: int, obj_id: int) -> bytes:
+    return raw_peer + _OBJ.pack(kind, obj_id)
+
+
+class Ledger:
+    def __init__(self, store_dir: str):
+        path = os.path.join(store_dir, "partners")
+        make_private_dir(path)
+        self.env = lmdb.open(path, map_size=1 << 36, max_dbs=len(_TABLES) + 1, subdir=True, sync=True,
+                             metasync=True, readahead=False, mode=0o600, max_readers=16, lock=True)
+        with self.env.begin(write=True) as txn:
+            self._db = {name: self.env.open_db(name.encode(), txn=txn) for name in _TABLES}
+
+    def close(self) -> None:
+        self.env.close()
+
+    # ----- partners -------------------------------------------------------------------------
+    def partners(self) -> list[Partner]:
+        with self.env.begin() as txn:
+            return [Partner(**json.loads(v)) for _, v in txn.cursor(db=self._db["peers"])]
+
+    def partner(self, peer_id: str) -> Partner | None:
+        with self.env.begin() as txn:
+            raw = txn.get(parse_peer_id(peer_id), db=self._db["peers"])
+        return Partner(**json.loads(raw)) if raw is not None else None
+
+    def put_partner(self, p: Partner) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.put(p.raw_id, json.dumps(asdict(p)).encode(), db=self._db["peers"])
+
+    def forget_partner(self, peer_id: str) -> None:
+        """Remove an ended partnership whose data is gone both ways."""
+        raw = parse_peer_id(peer_id)
+        with self.env.begin(write=True) as txn:
+            txn.delete(raw, db=self._db["peers"])
+            for table in ("sent", "hosted"):
+                cur = txn.cursor(db=self._db[table])
+                if cur.set_range(raw):
+                    while cur.key()[:20] == raw:
+                        if not cur.delete():
+                            break
+
+    # ----- invitations ------------------------------------------------------------------------
+    def put_invite(self, inv: Invite) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.put(parse_peer_id(inv.peer_id), json.dumps(asdict(inv)).encode(), db=self._db["invites"])
+
+    def take_invite(self, peer_id: str, now: float) -> Invite | None:
+        """The unexpired invitation of `peer_id`, removed (one pairing per invitation)."""
+        with self.env.begin(write=True) as txn:
+            key = parse_peer_id(peer_id)
+            raw = txn.get(key, db=self._db["invites"])
+            if raw is None:
+                return None
+            txn.delete(key, db=self._db["invites"])
+            inv = Invite(**json.loads(raw))
+        return inv if inv.expires > now else None
+
+    def invites(self) -> list[Invite]:
+        with self.env.begin() as txn:
+            return [Invite(**json.loads(v)) for _, v in txn.cursor(db=self._db["invites"])]
+
+    # ----- what partners confirmed holding of ours ----------------------------------------------
+    def sent(self, peer_id: str, kind: int) -> set[int]:
+        raw = parse_peer_id(peer_id)
+        prefix = raw + bytes([kind])
+        out = set()
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self._db["sent"])
+            if cur.set_range(prefix):
+                for key in cur.iternext(values=False):
+                    if key[:21] != prefix:
+                        break
+                    out.add(_OBJ.unpack(key[20:])[1])
+        return out
+
+    def mark_sent(self, peer_id: str, kind: int, ids, held: bool = True) -> None:
+        raw = parse_peer_id(peer_id)
+        with self.env.begin(write=True) as txn:
+            for obj_id in ids:
+                if held:
+                    txn.put(_obj_key(raw, kind, obj_id), b"", db=self._db["sent"])
+                else:
+                    txn.delete(_obj_key(raw, kind, obj_id), db=self._db["sent"])
+
+    def replace_sent(self, peer_id: str, kind: int, ids: set[int]) -> None:
+        """What the partner reports holding complete becomes our record of it."""
+        old = self.sent(peer_id, kind)
+        raw = parse_peer_id(peer_id)
+        with self.env.begin(write=True) as txn:
+            for obj_id in old - ids:
+                txn.delete(_obj_key(raw, kind, obj_id), db=self._db["sent"])
+            for obj_id in ids - old:
+                txn.put(_obj_key(raw, kind, obj_id), b"", db=self._db["sent"])
+
+    # ----- what we keep for partners -------------------------------------------------------------
+    def hosted(self, owner_raw: bytes, kind: int, obj_id: int) -> HostedRecord | None:
+        with self.env.begin() as txn:
+            raw = txn.get(_obj_key(owner_raw, kind, obj_id), db=self._db["hosted"])
+        if raw is None:
+            return None
+        total, complete, released = _HOSTED.unpack(raw)
+        return HostedRecord(total, bool(complete), released)
+
+    def put_hosted(self, owner_raw: bytes, kind: int, obj_id: int, rec: HostedRecord) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.put(_obj_key(owner_raw, kind, obj_id), _HOSTED.pack(rec.total, rec.complete, int(rec.released_at)),
+                    db=self._db["hosted"])
+
+    def delete_hosted(self, owner_raw: bytes, kind: int, obj_id: int) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.delete(_obj_key(owner_raw, kind, obj_id), db=self._db["hosted"])
+
+    def all_hosted(self, owner_raw: bytes | None = None):
+        """(owner raw id, kind, id, record) in key order, for one owner or all."""
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self._db["hosted"])
+            ok = cur.set_range(owner_raw) if owner_raw else cur.first()
+            rows = []
+            while ok:
+                key, raw = bytes(cur.key()), bytes(cur.value())
+                if owner_raw and key[:20] != owner_raw:
+                    break
+                kind, obj_id = _OBJ.unpack(key[20:])
+                total, complete, released = _HOSTED.unpack(raw)
+                rows.append((key[:20], kind, obj_id, HostedRecord(total, bool(complete), released)))
+                ok = cur.next()
+        return rows
+
+
+def raw_id_of(public_key: bytes) -> bytes:
+    return peer_id_bytes(public_key)

@@ -1,0 +1,389 @@
+"""The partner service of one store: what a daemon (mount or serve) runs beside the filesystem.
+
+Owns the QUIC endpoint of the store, the accept loop (every authenticated connection is served
+by the holder; partners' connections are also adopted as links), the replicator, the periodic
+snapshot, and the operations the CLI asks for: invite, probe, pair, unpair, peers, status, sync.
+The same object serves a daemon (asked through `control`) and a CLI command run without a
+daemon (in-process), so both behave the same.
+
+`StoreSource` is the store side of replication: it reads the *committed* index (an LMDB read
+transaction) so nothing half-written is ever sent, and makes snapshots (in the mount daemon after
+flushing every buffered write, holding the data store's apply lock).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import trio
+
+from ..config import Config, format_address, format_size, parse_address
+from ..errors import BpfsError
+from ..index import u64
+from ..net.quic import TransportConfig, TransportError, open_endpoint
+from ..net.rpc import RemoteError, request
+from .. import snapshot as snap
+from . import protocol as P
+from .holder import Holder
+from .ledger import ENDED, Ledger, Partner
+from .links import Links
+from .replicator import Replicator, SyncTimeout
+
+log = logging.getLogger("bpfs.peering")
+
+INVITE_VALID = 7 * 86400.0
+PAIR_TIMEOUT = 20.0
+
+
+class PeeringError(BpfsError):
+    pass
+
+
+@dataclass
+class RootInfo:
+    generation: int
+    blob: bytes
+    needed: set
+
+
+class PackObject:
+    """One sealed pack opened for upload."""
+
+    def __init__(self, path: str):
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.size = os.fstat(self.fd).st_size
+
+    def read(self, offset: int, length: int) -> bytes:
+        data = os.pread(self.fd, length, offset)
+        if len(data) != length:
+            raise OSError(f"pack shorter than expected ({offset + len(data)} of {self.size} bytes)")
+        return data
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+
+class StoreSource:
+    def __init__(self, index, packs, keys, data=None):
+        self.index, self.packs, self.keys, self.data = index, packs, keys, data
+        self._cache_txn = None
+        self._cache: dict[int, tuple[int, int]] = {}
+        self._root: RootInfo | None = None
+
+    def _committed_txn(self) -> int:
+        return self.index.env.info()["last_txnid"]
+
+    def replicable(self) -> dict[int, tuple[int, int]]:
+        """pack id -> (priority, size) of sealed packs to replicate, as last committed."""
+        txn_id = self._committed_txn()
+        if txn_id != self._cache_txn:
+            out = {}
+            with self.index.read_view() as records:
+                outbox = {int.from_bytes(k, "big"): (1 if v[:1] == b"\x01" else 0) for k, v in records("outbox")}
+                for key, raw in records("packs"):
+                    pid = int.from_bytes(key, "big")
+                    if pid in outbox:
+                        out[pid] = (outbox[pid], int.from_bytes(raw[12:20], "little"))
+            self._cache, self._cache_txn = out, txn_id
+        return {pid: v for pid, v in self._cache.items() if not self.packs.busy(pid)}
+
+    def open_pack(self, pack_id: int) -> PackObject:
+        return PackObject(self.packs.path(pack_id))
+
+    def latest_root(self) -> RootInfo | None:
+        blob = snap.latest_root(self.index)
+        if blob is None:
+            return None
+        if self._root is None or self._root.blob != blob:
+            manifest = snap.open_manifest(self.keys, blob)
+            needed = set(manifest.packs) | {c.pack for c in manifest.chunks}
+            self._root = RootInfo(manifest.generation, blob, needed)
+        return self._root
+
+    def tombstones(self) -> dict[int, int]:
+        with self.index.read_view() as records:
+            return {int.from_bytes(k, "big"): int.from_bytes(v, "big") for k, v in records("tombstones")}
+
+    def forget_tombstones(self, ids) -> None:
+        for pid in ids:
+            self.index.delete_tombstone(pid)
+
+    def changed_since_snapshot(self) -> bool:
+        retained = snap.retained_generations(self.index)
+        return self.index.dirty or not retained or self.index.generation > retained[-1] + 1
+
+    async def snapshot(self) -> int:
+        """Flush everything written so far, then snapshot the index if it changed; the generation."""
+        if self.data is not None:
+            await self.data.flush_all()
+            async with self.data._apply_lock:
+                return self._export()
+        return self._export()
+
+    def _export(self) -> int:
+        if self.changed_since_snapshot():
+            manifest = snap.export_snapshot(self.index, self.keys, self.packs)
+            log.info("snapshot generation %d: %d new metadata chunks", manifest.generation,
+                     manifest.stats["new_chunks"])
+            return manifest.generation
+        return snap.retained_generations(self.index)[-1]
+
+    def commit(self) -> None:
+        if self.data is None and self.index.dirty:
+            if self.packs.has_unsynced:
+                self.packs.sync()
+            self.index.commit()
+
+
+class PartnerService:
+    def __init__(self, store_dir: str, keys, config: Config, source: StoreSource | None, *,
+                 listen: str | None, transport: TransportConfig | None = None):
+        self.store_dir = store_dir
+        self.keys = keys
+        self.identity = keys.identity
+        self.config = config
+        self.source = source
+        self.listen = listen
+        self.transport = transport or TransportConfig(max_data=32 << 20, max_stream_data=8 << 20,
+                                                      socket_buffer=8 << 20, idle_timeout=60.0)
+        self.ledger = Ledger(store_dir)
+        self.endpoint = None
+        self.links: Links | None = None
+        self.replicator: Replicator | None = None
+        self._nursery = None
+        self.holder = Holder(store_dir, self.identity, self.ledger, config, listen_port=self._listen_port,
+                             on_paired=self._changed, on_unpaired=self._changed)
+        self.ready = trio.Event()
+
+    def _listen_port(self) -> int:
+        return self.endpoint.local_address[1] if self.endpoint is not None and self.listen else 0
+
+    def _changed(self, partner: Partner | None = None) -> None:
+        if self.replicator is not None:
+            self.replicator.wake()
+
+    @property
+    def addresses(self) -> list[str]:
+        if self.endpoint is None or not self.listen:
+            return []
+        host, port = self.endpoint.local_address
+        if host in ("0.0.0.0", "::"):
+            return [format_address((a, port)) for a in _local_addresses(host == "::")]
+        return [format_address((host, port))]
+
+    # ----- running ------------------------------------------------------------------------------
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        host, port = parse_address(self.listen) if self.listen else ("0.0.0.0", 0)
+        try:
+            cm = open_endpoint(self.identity, host, port, config=self.transport, listen=bool(self.listen))
+            async with cm as ep:
+                self.endpoint = ep
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    self.links = Links(ep, nursery, self._serve_connection)
+                    nursery.start_soon(_guarded, "accepting connections", self._accept_loop)
+                    nursery.start_soon(_guarded, "sweeping hosted data", self.holder.run_sweeper)
+                    if self.source is not None:
+                        self.replicator = Replicator(self.identity, self.ledger, self.links, self.source, self.config)
+                        nursery.start_soon(_guarded, "replicating", self.replicator.run)
+                        nursery.start_soon(_guarded, "snapshots", self._snapshot_loop)
+                    self.ready.set()
+                    task_status.started(self.addresses)
+                    await trio.sleep_forever()
+        finally:
+            self.ledger.close()
+
+    async def _accept_loop(self) -> None:
+        async for conn in self.endpoint:
+            self._nursery.start_soon(self._serve_connection, conn)
+
+    async def _serve_connection(self, conn) -> None:
+        try:
+            await self._serve_connection_unguarded(conn)
+        except Exception:  # one connection's failure must not end the others (or the mount)
+            log.exception("serving %r failed", conn)
+            conn.close()
+
+    async def _serve_connection_unguarded(self, conn) -> None:
+        p = self.ledger.partner(conn.peer_id)
+        if p is not None and p.active:
+            if not conn.is_client:
+                p.observed = format_address(conn.remote_address)
+                p.last_seen = time.time()
+                self.ledger.put_partner(p)
+            self.links.adopt(conn)
+            self._changed()
+        await self.holder.dispatcher.serve_connection(conn)
+
+    async def _snapshot_loop(self) -> None:
+        """A signed root at most every `snapshot_interval` while the index changes."""
+        while True:
+            await trio.sleep(self.config.snapshot_interval)
+            try:
+                if self.source.changed_since_snapshot() and any(p.active for p in self.ledger.partners()):
+                    await self.source.snapshot()
+                    self._changed()
+                self.source.commit()
+            except Exception:
+                log.exception("periodic snapshot failed")
+
+    # ----- operations (the CLI's, through control or in-process) --------------------------------------
+    def op_id(self) -> dict:
+        return {"peer_id": self.identity.peer_id, "addresses": self.addresses}
+
+    def op_invite(self, peer: str, offer: int, ask: int) -> dict:
+        _check_peer_id(peer)
+        if peer == self.identity.peer_id:
+            raise PeeringError("that is this store's own peer id", exit_code=2)
+        inv = self.holder.invite(peer, offer, ask, INVITE_VALID)
+        return {"peer_id": peer, "offer": offer, "ask": ask, "expires": inv.expires}
+
+    async def op_probe(self, address: str) -> dict:
+        """Connect and report the peer id there, for the user to confirm (nothing is exchanged)."""
+        conn = await self._dial(address, None)
+        peer = conn.peer_id
+        await conn.aclose()
+        return {"peer_id": peer}
+
+    async def _dial(self, address: str, expect: str | None):
+        addr = parse_address(address)
+        try:
+            with trio.fail_after(PAIR_TIMEOUT):
+                return await self.endpoint.connect(addr, expected_peer=expect)
+        except trio.TooSlowError:
+            raise PeeringError(f"no answer from {format_address(addr)} within {PAIR_TIMEOUT:.0f} s") from None
+        except TransportError as e:
+            raise PeeringError(f"could not connect to {format_address(addr)}: {e}") from None
+
+    async def op_pair(self, address: str, expect: str, offer: int, ask: int) -> dict:
+        _check_peer_id(expect)
+        if expect == self.identity.peer_id:
+            raise PeeringError("that is this store's own peer id", exit_code=2)
+        conn = await self._dial(address, expect)
+        try:
+            reply = await request(conn, P.PairRequest(offer, ask, self._listen_port()), registry=P.PARTNER,
+                                  timeout=PAIR_TIMEOUT)
+        except RemoteError as e:
+            await conn.aclose()
+            raise PeeringError(f"{expect} refused to pair: {e.message}") from None
+        except (TransportError, trio.TooSlowError) as e:
+            await conn.aclose()
+            raise PeeringError(f"pairing with {expect} failed: {e or type(e).__name__}") from None
+        old = self.ledger.partner(expect)
+        host, port = parse_address(address)
+        partner = Partner(expect, conn.peer_public_key.hex(), format_address((host, reply.listen_port or port)),
+                          we_keep=reply.keep_for_me, they_keep=reply.keep_for_you, last_seen=time.time())
+        if old is not None:
+            partner.root_generation = old.root_generation if old.active else 0
+            partner.paired_at = old.paired_at if old.active else partner.paired_at
+        self.ledger.put_partner(partner)
+        self._nursery.start_soon(self.holder.dispatcher.serve_connection, conn)
+        self.links.adopt(conn)
+        self._changed()
+        return {"peer_id": expect, "address": partner.address, "we_keep": partner.we_keep,
+                "they_keep": partner.they_keep}
+
+    async def op_unpair(self, peer: str) -> dict:
+        p = self.ledger.partner(peer)
+        if p is None:
+            raise PeeringError(f"not paired with {peer}", exit_code=2)
+        told = False
+        if p.active:
+            try:
+                with trio.fail_after(PAIR_TIMEOUT):
+                    conn = await self.links.get(peer, p.addresses)
+                    await request(conn, P.Unpair("unpaired by its owner"), registry=P.PARTNER)
+                told = True
+            except (TransportError, trio.TooSlowError) as e:
+                log.info("could not tell %s about the unpairing: %s", peer, e)
+            p.state, p.ended_at = ENDED, time.time()
+            self.ledger.put_partner(p)
+            self.links.drop(peer)
+            self._changed()
+        return {"peer_id": peer, "told": told, "grace_days": self.config.grace_days}
+
+    def op_peers(self) -> list[dict]:
+        status = {}
+        if self.replicator is not None:
+            status = {s["peer_id"]: s for s in self.replicator.status()}
+        out = []
+        for p in sorted(self.ledger.partners(), key=lambda p: p.paired_at):
+            state = "ended" if not p.active else (
+                "connected" if self.links is not None and self.links.connected(p.peer_id) else "offline")
+            out.append({"peer_id": p.peer_id, "address": p.address, "state": state, "we_keep": p.we_keep,
+                        "they_keep": p.they_keep, "held_for_them": self.holder.held_for(p.peer_id),
+                        "held_by_them": status.get(p.peer_id, {}).get("replicated_bytes", 0),
+                        "last_seen": p.last_seen, "paired_at": p.paired_at, "ended_at": p.ended_at,
+                        "root_generation": p.root_generation})
+        return out
+
+    def op_status(self) -> dict:
+        root = self.source.latest_root() if self.source is not None else None
+        return {"peer_id": self.identity.peer_id, "latest_generation": root.generation if root else 0,
+                "partners": self.replicator.status() if self.replicator is not None else []}
+
+    async def op_sync(self, timeout: float | None) -> dict:
+        if self.replicator is None:
+            raise PeeringError("this daemon does not replicate")
+        if not self.replicator.assigned():
+            raise PeeringError("no partners: pair with one first (bpfs pair --direct ...)")
+        started = time.monotonic()
+        generation = await self.source.snapshot()
+        self.source.commit()
+        self._changed()
+        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+        try:
+            await self.replicator.sync(generation, left)
+        except SyncTimeout as e:
+            raise PeeringError(f"sync timed out: {e}") from None
+        return {"generation": generation, "partners": [p.peer_id for p in self.replicator.assigned()],
+                "seconds": round(time.monotonic() - started, 3)}
+
+
+RESTART_PAUSE = 5.0
+
+
+async def _guarded(what: str, fn) -> None:
+    """Run a background task forever: a bug in it is logged and the task restarted, and never
+    takes the daemon (or its mount) down."""
+    while True:
+        try:
+            await fn()
+            return
+        except Exception:
+            log.exception("%s failed; restarting in %.0f s", what, RESTART_PAUSE)
+        await trio.sleep(RESTART_PAUSE)
+
+
+def _check_peer_id(peer: str) -> None:
+    from ..identity import parse_peer_id
+
+    try:
+        parse_peer_id(peer)
+    except Exception:
+        raise PeeringError(f"not a peer id: {peer!r}", exit_code=2) from None
+
+
+def _local_addresses(v6: bool) -> list[str]:
+    """Addresses of this machine's interfaces (for `bpfs id`), loopback last."""
+    import socket
+
+    out = []
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None):
+            fam, addr = info[0], info[4][0]
+            if fam == (socket.AF_INET6 if v6 else socket.AF_INET) and addr not in out:
+                out.append(addr)
+    except OSError:
+        pass
+    loop = "::1" if v6 else "127.0.0.1"
+    return [a for a in out if a != loop and not a.startswith("127.")] + [loop]
+
+
+__all__ = ["PartnerService", "PeeringError", "StoreSource", "format_size", "u64"]
