@@ -14,6 +14,10 @@ bounds, per-peer rate limits, handler dispatch and error replies. Policy on bad 
   replies `Error(INTERNAL)` with no details (errors never carry secrets).
 - a request that does not arrive, or a reply the peer does not take, within
   `request_timeout` is abandoned (the stream reset).
+- `admit(conn, type_id, length) -> refusal text or None` (optional) sees each frame's
+  header before its body is read: a refused request is answered `Error(REJECTED, text)`
+  without buffering its body, so a peer the application does not serve cannot make it
+  hold more than a header per stream.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Awaitable, Callable
 
 import trio
 
-from .codec import CORE, Error, ErrorCode, ProtocolError, Registry, UnknownMessage
+from .codec import CORE, HEADER_SIZE, Error, ErrorCode, ProtocolError, Registry, UnknownMessage
 from .quic import Code, Connection, LimitExceeded, TransportError
 
 log = logging.getLogger("bpfs.net.rpc")
@@ -103,8 +107,10 @@ class Dispatcher:
     `async def handle(conn, msg) -> reply`."""
 
     def __init__(self, registry: Registry = CORE, *, rate: float = 100.0, burst: float = 200.0,
-                 request_timeout: float = 30.0, max_tracked_peers: int = 4096):
+                 request_timeout: float = 30.0, max_tracked_peers: int = 4096,
+                 admit: Callable[[Connection, int, int], str | None] | None = None):
         self.registry = registry
+        self.admit = admit
         self.rate, self.burst = rate, burst
         self.request_timeout = request_timeout
         self._handlers: dict[type, Handler] = {}
@@ -155,7 +161,13 @@ class Dispatcher:
                 return
             data = None
             with trio.move_on_after(self.request_timeout):
-                data = await stream.receive_all(reg.max_frame)
+                header = await stream.receive_exactly(HEADER_SIZE)
+                type_id, length = reg.decode_header(header)
+                refusal = self.admit(conn, type_id, length) if self.admit is not None else None
+                if refusal is not None:
+                    await self._reply(stream, Error(ErrorCode.REJECTED, refusal[:200]))
+                    return
+                data = header + await stream.receive_all(length)
             if data is None:
                 stream.reset()
                 return

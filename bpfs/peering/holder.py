@@ -36,6 +36,7 @@ log = logging.getLogger("bpfs.peering.holder")
 
 _DISK_RESERVE = 256 << 20  # never fill the holder's disk past this
 SWEEP_INTERVAL = 3600.0
+_MAX_PAIR_FRAME = 256
 
 
 class Holder:
@@ -55,7 +56,7 @@ class Holder:
         self.received_bytes: dict[str, int] = {}  # piece bytes received per partner since start
         for owner, _kind, _obj, rec in ledger.all_hosted():
             self.used[owner] = self.used.get(owner, 0) + rec.total
-        self.dispatcher = Dispatcher(P.PARTNER, rate=400.0, burst=800.0)
+        self.dispatcher = Dispatcher(P.PARTNER, rate=400.0, burst=800.0, admit=self._admit_frame)
         d = self.dispatcher
         d.handler(P.PairRequest)(self._pair)
         d.handler(P.Unpair)(self._unpair)
@@ -66,6 +67,14 @@ class Holder:
         d.handler(P.GetPiece)(self._get_piece)
         d.handler(P.Release)(self._release)
         d.handler(P.GetRoot)(self._get_root)
+
+    def _admit_frame(self, conn, type_id: int, length: int) -> str | None:
+        """Strangers may only ask to pair (a small frame); nothing else of theirs is read."""
+        if type_id == P.PairRequest.TYPE:
+            return None if length <= _MAX_PAIR_FRAME else "oversized pairing request"
+        if self.ledger.partner(conn.peer_id) is None:
+            return "not paired with you"
+        return None
 
     # ----- paths and bookkeeping ------------------------------------------------------------
     def _owner_dir(self, owner_raw: bytes) -> str:

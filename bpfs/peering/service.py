@@ -320,7 +320,8 @@ class PartnerService:
                         "they_keep": p.they_keep, "held_for_them": self.holder.held_for(p.peer_id),
                         "held_by_them": status.get(p.peer_id, {}).get("replicated_bytes", 0),
                         "last_seen": p.last_seen, "paired_at": p.paired_at, "ended_at": p.ended_at,
-                        "root_generation": p.root_generation})
+                        "root_generation": p.root_generation,
+                        "received_bytes": self.holder.received_bytes.get(p.peer_id, 0)})
         return out
 
     def op_status(self) -> dict:
