@@ -1,0 +1,316 @@
+"""The holder side of the partner protocol, against real QUIC on loopback and a real LMDB ledger.
+
+Each test runs a `Holder` (what every daemon serves) on a real endpoint and talks to it as one
+or more partners would, message by message, to check what the end-to-end tests cannot reach
+precisely: quota refusals, ordering, digests, rollback, signed releases and the grace period.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+from bpfs.config import Config
+from bpfs.identity import Identity, peer_id_bytes
+from bpfs.net.codec import HEADER
+from bpfs.net.quic import ConnectionClosed, TransportError, open_endpoint
+from bpfs.net.rpc import RemoteError, request
+from bpfs.peering import protocol as P
+from bpfs.peering.holder import Holder
+from bpfs.peering.ledger import Ledger, Partner
+from bpfs.snapshot import _ROOT_HEAD, _SIGN_DOMAIN, ROOT_MAGIC, ROOT_VERSION
+
+pytestmark = pytest.mark.timeout(60)
+
+MiB = 1 << 20
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1_800_000_000.0
+
+    def __call__(self):
+        return self.now
+
+
+def digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=P.DIGEST_SIZE).digest()
+
+
+def make_root(identity: Identity, generation: int, size: int = 400) -> bytes:
+    """A well-formed root signed by `identity` (the holder cannot open the manifest anyway)."""
+    sealed = os.urandom(size)
+    body = _ROOT_HEAD.pack(ROOT_MAGIC, ROOT_VERSION, peer_id_bytes(identity.public_key), generation,
+                           len(sealed)) + sealed
+    return body + identity.sign(_SIGN_DOMAIN + body)
+
+
+@asynccontextmanager
+async def holder_running(tmp_path, *, grace_days=30.0):
+    me = Identity(os.urandom(32))
+    ledger = Ledger(str(tmp_path))
+    clock = Clock()
+    holder = Holder(str(tmp_path), me, ledger, Config(grace_days=grace_days), listen_port=lambda: 0,
+                    on_paired=lambda p: None, on_unpaired=lambda p: None, clock=clock)
+    holder.clock = clock
+    try:
+        async with open_endpoint(me) as ep:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(holder.dispatcher.serve, ep)
+                holder.address = ep.local_address
+                yield holder
+                nursery.cancel_scope.cancel()
+    finally:
+        ledger.close()
+
+
+@asynccontextmanager
+async def partner_of(holder: Holder, quota: int = 64 * MiB, identity: Identity | None = None):
+    """A client endpoint of a store paired with the holder (recorded in the holder's ledger)."""
+    ident = identity or Identity(os.urandom(32))
+    if quota is not None:
+        holder.ledger.put_partner(Partner(ident.peer_id, ident.public_key.hex(), None, we_keep=quota, they_keep=quota))
+    async with open_endpoint(ident, listen=False) as ep:
+        conn = await ep.connect(holder.address)
+        conn.identity = ident
+        yield conn
+
+
+async def call(conn, msg):
+    return await request(conn, msg, registry=P.PARTNER, timeout=20)
+
+
+async def upload(conn, kind, obj_id, data: bytes, piece: int = P.PIECE):
+    ack = None
+    for off in range(0, len(data), piece):
+        part = data[off:off + piece]
+        last = off + len(part) >= len(data)
+        ack = await call(conn, P.PutPiece(kind, obj_id, len(data), off, part, digest(data) if last else None))
+    return ack
+
+
+def run(fn, tmp_path, **kw):
+    async def main():
+        with trio.fail_after(50):
+            async with holder_running(tmp_path, **kw) as holder:
+                await fn(holder)
+
+    trio.run(main)
+
+
+def test_strangers_get_nothing_but_pairing(tmp_path):
+    async def body(holder):
+        async with partner_of(holder, quota=None) as conn:
+            with pytest.raises(RemoteError, match="not paired"):
+                await call(conn, P.Usage())
+            with pytest.raises(RemoteError, match="not paired"):
+                await call(conn, P.PutPiece(P.PACK, 1, 10, 0, b"x" * 10, digest(b"x" * 10)))
+            with pytest.raises(RemoteError, match="not invited") as exc:
+                await call(conn, P.PairRequest(offer=5 * MiB, ask=9 * MiB, listen_port=7450))
+            assert conn.identity.peer_id in exc.value.message  # says exactly what to run on the other side
+            holder.invite(conn.identity.peer_id, offer=8 * MiB, ask=2 * MiB, valid_for=60)
+            reply = await call(conn, P.PairRequest(offer=5 * MiB, ask=9 * MiB, listen_port=7450))
+            assert (reply.keep_for_you, reply.keep_for_me) == (8 * MiB, 2 * MiB)  # the smaller of each pair
+            p = holder.ledger.partner(conn.identity.peer_id)
+            assert p.we_keep == 8 * MiB and p.address == "127.0.0.1:7450"
+            usage = await call(conn, P.Usage())
+            assert (usage.quota, usage.used, usage.packs) == (8 * MiB, 0, 0)
+
+    run(body, tmp_path)
+
+
+def test_expired_invitation_is_refused(tmp_path):
+    async def body(holder):
+        async with partner_of(holder, quota=None) as conn:
+            holder.invite(conn.identity.peer_id, offer=MiB, ask=MiB, valid_for=60)
+            holder.clock.now += 61
+            with pytest.raises(RemoteError, match="not invited"):
+                await call(conn, P.PairRequest(offer=MiB, ask=MiB, listen_port=0))
+
+    run(body, tmp_path)
+
+
+def test_quota_is_enforced_with_a_clear_refusal(tmp_path):
+    async def body(holder):
+        async with partner_of(holder, quota=3 * MiB) as conn:
+            first = os.urandom(2 * MiB)
+            ack = await upload(conn, P.PACK, 1, first)
+            assert ack.complete and ack.held == len(first)
+            with pytest.raises(RemoteError) as exc:
+                await upload(conn, P.PACK, 2, os.urandom(2 * MiB))
+            assert exc.value.code == P.Refusal.QUOTA
+            assert "quota exceeded" in exc.value.message and "3.0 MiB" in exc.value.message
+            usage = await call(conn, P.Usage())
+            assert usage.used == 2 * MiB and usage.packs == 1 and usage.highest_pack == 1
+            got = await call(conn, P.GetPiece(P.PACK, 1, 0, P.PIECE))
+            assert got.data == first[:P.PIECE]  # what was accepted is intact and readable
+
+    run(body, tmp_path)
+
+
+def test_resume_acknowledges_held_pieces_and_out_of_order_closes_only_that_connection(tmp_path):
+    async def body(holder):
+        data = os.urandom(3 * MiB + 123)
+        async with partner_of(holder) as conn:
+            await call(conn, P.PutPiece(P.PACK, 7, len(data), 0, data[:MiB], None))
+            await call(conn, P.PutPiece(P.PACK, 7, len(data), MiB, data[MiB:2 * MiB], None))
+        async with partner_of(holder, identity=conn.identity) as conn2:  # a new connection: resume
+            have = await call(conn2, P.Have(P.PACK, [7, 8]))
+            assert list(have.sizes) == [2 * MiB, 0] and list(have.complete) == [False, False]
+            ack = await call(conn2, P.PutPiece(P.PACK, 7, len(data), MiB, data[MiB:2 * MiB], None))
+            assert ack.held == 2 * MiB and not ack.complete  # a repeat is acknowledged, not appended
+            async with partner_of(holder) as other:
+                await upload(other, P.PACK, 1, b"other partner's pack")
+                with pytest.raises((TransportError, RemoteError)):
+                    await call(conn2, P.PutPiece(P.PACK, 7, len(data), 3 * MiB, data[3 * MiB:], digest(data)))
+                with trio.fail_after(5):
+                    await conn2.wait_closed()
+                assert (await call(other, P.Usage())).packs == 1  # the other partner is still served
+        async with partner_of(holder, identity=conn.identity) as conn3:
+            ack = await upload_from(conn3, data, 2 * MiB)
+            assert ack.complete
+            stored = open(holder.path(peer_id_bytes(conn.identity.public_key), P.PACK, 7), "rb").read()
+            assert stored == data
+
+    run(body, tmp_path)
+
+
+async def upload_from(conn, data, start):
+    ack = None
+    for off in range(start, len(data), P.PIECE):
+        part = data[off:off + P.PIECE]
+        last = off + len(part) >= len(data)
+        ack = await call(conn, P.PutPiece(P.PACK, 7, len(data), off, part, digest(data) if last else None))
+    return ack
+
+
+def test_an_object_that_does_not_match_its_digest_is_discarded(tmp_path):
+    async def body(holder):
+        async with partner_of(holder) as conn:
+            data = os.urandom(MiB + 5)
+            await call(conn, P.PutPiece(P.PACK, 3, len(data), 0, data[:MiB], None))
+            with pytest.raises(RemoteError) as exc:
+                await call(conn, P.PutPiece(P.PACK, 3, len(data), MiB, data[MiB:], digest(b"something else")))
+            assert exc.value.code == P.Refusal.BAD_DIGEST
+            usage = await call(conn, P.Usage())
+            assert usage.used == 0 and usage.packs == 0
+            assert list((await call(conn, P.Have(P.PACK, [3]))).sizes) == [0]
+
+    run(body, tmp_path)
+
+
+def test_roots_must_be_signed_by_the_owner_and_newer(tmp_path):
+    async def body(holder):
+        async with partner_of(holder) as conn:
+            me = conn.identity
+            assert (await call(conn, P.GetRoot())).generation == 0
+            ack = await upload(conn, P.ROOT, 5, make_root(me, 5))
+            assert ack.complete
+            with pytest.raises(RemoteError) as exc:
+                await upload(conn, P.ROOT, 4, make_root(me, 4))
+            assert exc.value.code == P.Refusal.ROLLBACK
+            with pytest.raises(RemoteError) as exc:  # signed by someone else
+                await upload(conn, P.ROOT, 6, make_root(Identity(os.urandom(32)), 6))
+            assert exc.value.code == P.Refusal.BAD_ROOT
+            forged = bytearray(make_root(me, 7))
+            forged[_ROOT_HEAD.size + 3] ^= 1
+            with pytest.raises(RemoteError) as exc:
+                await upload(conn, P.ROOT, 7, bytes(forged))
+            assert exc.value.code == P.Refusal.BAD_ROOT
+            good = make_root(me, 8)
+            assert (await upload(conn, P.ROOT, 8, good)).complete
+            info = await call(conn, P.GetRoot())
+            assert (info.generation, info.size) == (8, len(good))
+            assert (await call(conn, P.GetPiece(P.ROOT, 8, 0, P.PIECE))).data == good
+            with pytest.raises(RemoteError):  # only the newest root is kept
+                await call(conn, P.GetPiece(P.ROOT, 5, 0, 10))
+
+    run(body, tmp_path)
+
+
+def test_release_needs_the_owners_signature_and_waits_for_the_grace_period(tmp_path):
+    async def body(holder):
+        async with partner_of(holder) as conn:
+            me = conn.identity
+            for pid in (1, 2):
+                await upload(conn, P.PACK, pid, os.urandom(1000))
+            holder_raw = peer_id_bytes(holder.identity.public_key)
+            with pytest.raises(RemoteError, match="not signed"):
+                await call(conn, P.Release([1], Identity(os.urandom(32)).sign(P.release_message(holder_raw, [1]))))
+            with pytest.raises(RemoteError, match="not signed"):  # a signature for another holder
+                await call(conn, P.Release([1], me.sign(P.release_message(b"\0" * 20, [1]))))
+            done = await call(conn, P.Release([1], me.sign(P.release_message(holder_raw, [1]))))
+            assert done.count == 1
+            holder.clock.now += 30 * 86400 - 10
+            assert holder.sweep() == 0
+            assert list((await call(conn, P.Have(P.PACK, [1]))).complete) == [True]  # still there in the grace period
+            holder.clock.now += 20
+            assert holder.sweep() == 1
+            assert list((await call(conn, P.Have(P.PACK, [1, 2]))).complete) == [False, True]
+            assert (await call(conn, P.Usage())).used == 1000
+
+    run(body, tmp_path)
+
+
+def test_ended_partnership_keeps_data_for_the_grace_period_then_forgets(tmp_path):
+    async def body(holder):
+        async with partner_of(holder) as conn:
+            await upload(conn, P.PACK, 1, os.urandom(5000))
+            assert (await call(conn, P.Unpair("testing"))).count == 1
+            with pytest.raises(RemoteError, match="ended"):
+                await upload(conn, P.PACK, 2, b"more")
+            assert (await call(conn, P.GetPiece(P.PACK, 1, 0, 10))).data  # still readable (recovery)
+            holder.clock.now += 31 * 86400
+            assert holder.sweep() == 1
+            assert holder.ledger.partner(conn.identity.peer_id) is None
+
+    run(body, tmp_path)
+
+
+def test_garbage_frames_close_that_connection_only(tmp_path):
+    async def body(holder):
+        async with partner_of(holder) as good, partner_of(holder) as bad:
+            await upload(good, P.PACK, 1, b"good data")
+            stream = await bad.open_stream()
+            await stream.send(HEADER.pack(1, P.PutPiece.TYPE, 40) + b"\xff" * 40, end=True)
+            with trio.fail_after(5):
+                closed = await bad.wait_closed()
+            assert isinstance(closed, ConnectionClosed)
+            big = await (await_new_stream(good))  # the good partner is unaffected
+            assert big.packs == 1
+
+    run(body, tmp_path)
+
+
+async def await_new_stream(conn):
+    return await call(conn, P.Usage())
+
+
+def test_oversized_frames_are_refused_before_being_read(tmp_path):
+    async def body(holder):
+        async with partner_of(holder, quota=None) as stranger:
+            stream = await stranger.open_stream()
+            # a stranger announces a 1 MiB request: refused from its header alone
+            await stream.send(HEADER.pack(1, P.PutPiece.TYPE, MiB), end=False)
+            reply = await stream.receive_all(4096)
+            assert b"not paired" in reply
+            stream.reset()
+            stream = await stranger.open_stream()
+            await stream.send(HEADER.pack(1, P.PairRequest.TYPE, 4096) + b"\0" * 4096, end=True)
+            reply = await stream.receive_all(4096)
+            assert b"oversized" in reply
+
+    run(body, tmp_path)
+
+
+def test_release_message_binds_holder_and_ids():
+    a = P.release_message(b"h" * 20, [1, 2])
+    assert a != P.release_message(b"g" * 20, [1, 2])
+    assert a != P.release_message(b"h" * 20, [1, 2, 3])
+    assert a != P.release_message(b"h" * 20, [2, 1])
+    assert struct.unpack_from("<I", a, len(a) - 20)[0] == 2
