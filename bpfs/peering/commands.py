@@ -262,8 +262,7 @@ def register(cli, store_arg, emit) -> None:
         store = os.path.abspath(store)
         res = do_recover(store, source, expect, kdf, passphrase_file,
                          progress=None if as_json else lambda line: click.echo(line, err=True))
-        emit(as_json, res, f"Recovered {store}: {res['files_bytes'] if 'files_bytes' in res else ''}"
-                           f"{res['packs']} packs ({format_size(res['bytes'])}) from {res['from']}, "
+        emit(as_json, res, f"Recovered {store}: {res['packs']} packs ({format_size(res['bytes'])}) from {res['from']}, "
                            f"generation {res['generation']}. Mount it with: bpfs mount {store} MOUNTPOINT")
 
 

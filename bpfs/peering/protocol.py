@@ -31,6 +31,7 @@ import struct
 
 from ..net.codec import Bool, Bytes, List, Optional, Registry, Text, UInt, field
 
+PARTNER_IDLE_TIMEOUT = 8.0  # seconds of silence before a connection is dead (a killed peer sends no close)
 PIECE = 1 << 20  # bytes of object data per PutPiece / PieceData
 MAX_OBJECT = 64 << 20  # a pack is ~16 MiB plus at most one 4 MiB chunk; a root at most 18 MiB
 MAX_IDS = 1024  # ids per Have / ListHeld / Release

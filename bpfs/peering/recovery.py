@@ -34,6 +34,7 @@ from ..net.rpc import RemoteError, request
 from ..passphrase import read_passphrase
 from ..store import key_path
 from . import protocol as P
+from .protocol import PARTNER_IDLE_TIMEOUT
 
 STATE_FILE = "recovery.json"
 PARALLEL = 4
@@ -98,7 +99,8 @@ def recover(store: str, source: str, expect: str | None, kdf: str, passphrase_fi
 
 
 async def _recover(store: str, keys: StoreKeys, address, expect: str | None, state: dict, say) -> dict:
-    config = TransportConfig(max_data=32 << 20, max_stream_data=8 << 20, socket_buffer=8 << 20, idle_timeout=60.0)
+    config = TransportConfig(max_data=32 << 20, max_stream_data=8 << 20, socket_buffer=8 << 20,
+                             idle_timeout=PARTNER_IDLE_TIMEOUT)
     host = "::" if ":" in address[0] else "0.0.0.0"
     async with open_endpoint(keys.identity, host, 0, config=config, listen=False) as ep:
         try:
@@ -157,10 +159,33 @@ async def _rebuild(store, keys, conn, usage, info, state, say) -> dict:
         manifest = await trio.to_thread.run_sync(
             lambda: rebuild_index(store, keys, blob, fetch_chunk, pack_id_floor=usage.highest_pack))
     except SnapshotError as e:
-        raise RecoveryError(f"the snapshot from {conn.peer_id} is unusable: {e}") from None
+        if "not freshly created" in str(e) and _rebuilt_generation(store) == info.generation + 1:
+            from ..snapshot import open_manifest  # interrupted just after rebuilding it: done already
+
+            manifest = open_manifest(keys, blob)
+        else:
+            raise RecoveryError(f"the snapshot from {conn.peer_id} is unusable: {e}") from None
     state.update(phase="data", generation=manifest.generation, packs=sorted(manifest.packs))
     _save_state(store, state)
     return state
+
+
+def _rebuilt_generation(store: str) -> int:
+    """The index's generation counter (plain), read without keys; 0 if unreadable."""
+    import lmdb
+
+    try:
+        env = lmdb.open(os.path.join(store, "index"), readonly=True, lock=False, max_dbs=32, subdir=True)
+    except lmdb.Error:
+        return 0
+    try:
+        with env.begin() as txn:
+            raw = txn.get(b"generation", db=env.open_db(b"meta", txn=txn, create=False))
+        return int.from_bytes(raw, "big") if raw else 0
+    except lmdb.Error:
+        return 0
+    finally:
+        env.close()
 
 
 async def _fetch_data(store, keys, conn, state, say) -> None:

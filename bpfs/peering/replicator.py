@@ -202,6 +202,8 @@ class Replicator:
                 except (TransportError, trio.TooSlowError, OSError) as e:
                     prog.state, prog.last_error = "error", str(e) or type(e).__name__
                     log.info("replicating to %s: %s", peer, prog.last_error)
+                    if not isinstance(e, OSError):
+                        self.links.drop(peer)  # a timed-out request: the next round dials afresh
                     await trio.sleep(ERROR_PAUSE)
                 except Exception as e:  # a bug: log it, keep the others (and the mount) going
                     prog.state, prog.last_error = "error", f"internal error: {type(e).__name__}"
@@ -276,9 +278,12 @@ class Replicator:
                 held.add(pid)
                 self.ledger.mark_sent(partner.peer_id, P.PACK, [pid])
 
-        async with trio.open_nursery() as nursery:
-            for _ in range(min(PARALLEL_PACKS, len(queue))):
-                nursery.start_soon(worker)
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(min(PARALLEL_PACKS, len(queue))):
+                    nursery.start_soon(worker)
+        except BaseExceptionGroup as eg:
+            raise first_error(eg) from None
 
     async def _upload(self, conn, partner: Partner, prog: Progress, kind: int, obj_id: int, obj,
                       held: int = 0) -> None:
@@ -366,6 +371,24 @@ class Replicator:
             self._count_pending(p, prog)
             out.append(prog.as_dict(now))
         return out
+
+
+def first_error(eg: BaseExceptionGroup) -> BaseException:
+    """The first real failure inside a nursery's exception group (not a cancellation)."""
+    leaves = []
+
+    def walk(e):
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(eg)
+    for e in leaves:
+        if not isinstance(e, trio.Cancelled):
+            return e
+    return eg
 
 
 class _BytesObject:

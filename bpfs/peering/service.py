@@ -27,10 +27,11 @@ from ..net.quic import TransportConfig, TransportError, open_endpoint
 from ..net.rpc import RemoteError, request
 from .. import snapshot as snap
 from . import protocol as P
+from .protocol import PARTNER_IDLE_TIMEOUT
 from .holder import Holder
 from .ledger import ENDED, Ledger, Partner
 from .links import Links
-from .replicator import Replicator, SyncTimeout
+from .replicator import Replicator, SyncTimeout, first_error
 
 log = logging.getLogger("bpfs.peering")
 
@@ -151,7 +152,7 @@ class PartnerService:
         self.source = source
         self.listen = listen
         self.transport = transport or TransportConfig(max_data=32 << 20, max_stream_data=8 << 20,
-                                                      socket_buffer=8 << 20, idle_timeout=60.0)
+                                                      socket_buffer=8 << 20, idle_timeout=PARTNER_IDLE_TIMEOUT)
         self.ledger = Ledger(store_dir)
         self.endpoint = None
         self.links: Links | None = None
@@ -206,8 +207,12 @@ class PartnerService:
     async def _serve_connection(self, conn) -> None:
         try:
             await self._serve_connection_unguarded(conn)
-        except Exception:  # one connection's failure must not end the others (or the mount)
-            log.exception("serving %r failed", conn)
+        except Exception as e:  # one connection's failure must not end the others (or the mount)
+            err = first_error(e) if isinstance(e, BaseExceptionGroup) else e
+            if isinstance(err, TransportError):
+                log.debug("connection %r ended: %s", conn, err)
+            else:
+                log.exception("serving %r failed", conn)
             conn.close()
 
     async def _serve_connection_unguarded(self, conn) -> None:
