@@ -1,0 +1,82 @@
+"""bpfs.toml parsing, sizes, addresses, the daily window, and the upload rate limit."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from bpfs.config import (ConfigError, in_window, load_config, parse_address, parse_size, parse_window)
+from bpfs.peering.replicator import ByteLimiter
+
+
+def test_sizes():
+    assert parse_size("10G") == 10 << 30
+    assert parse_size("500MiB") == 500 << 20
+    assert parse_size("1.5K") == 1536
+    assert parse_size("123") == 123
+    assert parse_size(7) == 7
+    for bad in ("", "ten", "10X", "-1G", "1e9"):
+        with pytest.raises(ConfigError):
+            parse_size(bad)
+
+
+def test_addresses():
+    assert parse_address("192.0.2.7:7450") == ("192.0.2.7", 7450)
+    assert parse_address("[2001:db8::1]:9") == ("2001:db8::1", 9)
+    assert parse_address("192.0.2.7") == ("192.0.2.7", 7450)
+    for bad in ("example.com:7450", "1.2.3.4:99999", "1.2.3.4:x"):
+        with pytest.raises(ConfigError):
+            parse_address(bad)
+
+
+def test_window():
+    night = parse_window("22:00-06:00")
+    assert in_window(night, 23 * 60) and in_window(night, 5 * 60 + 59)
+    assert not in_window(night, 6 * 60) and not in_window(night, 12 * 60)
+    day = parse_window("09:30-17:00")
+    assert in_window(day, 9 * 60 + 30) and not in_window(day, 17 * 60)
+    assert parse_window("") is None and in_window(None, 0)
+    for bad in ("9-5", "25:00-01:00", "10:61-11:00"):
+        with pytest.raises(ConfigError):
+            parse_window(bad)
+
+
+def test_load_config(tmp_path):
+    assert load_config(str(tmp_path)).replicas == 2  # no file: defaults
+    (tmp_path / "bpfs.toml").write_text(
+        '[replication]\nreplicas = 3\nupload_limit = "5M"\nwindow = "22:00-06:00"\npriority = ["*.key"]\n'
+        '[partners]\nlisten = "127.0.0.1:9000"\ngrace_days = 7\n')
+    cfg = load_config(str(tmp_path))
+    assert (cfg.replicas, cfg.upload_limit, cfg.window, cfg.priority) == (3, 5 << 20, (1320, 360), ["*.key"])
+    assert (cfg.listen, cfg.grace_seconds) == ("127.0.0.1:9000", 7 * 86400)
+    (tmp_path / "bpfs.toml").write_text("[replication]\nreplicas = 0\n")
+    with pytest.raises(ConfigError, match="replicas"):
+        load_config(str(tmp_path))
+    (tmp_path / "bpfs.toml").write_text("not toml [")
+    with pytest.raises(ConfigError, match="bpfs.toml"):
+        load_config(str(tmp_path))
+
+
+def test_upload_limit_paces_bytes():
+    async def main():
+        limiter = ByteLimiter(1 << 20)  # 1 MiB/s
+        start = trio.current_time()
+        for _ in range(10):
+            await limiter.take(512 << 10)
+        return trio.current_time() - start
+
+    elapsed = trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    # 5 MiB at 1 MiB/s with a one-second burst: about 4 seconds, never much less
+    assert 3.9 <= elapsed <= 4.6
+
+
+def test_no_limit_does_not_wait():
+    async def main():
+        limiter = ByteLimiter(0)
+        start = trio.current_time()
+        for _ in range(100):
+            await limiter.take(1 << 20)
+        return trio.current_time() - start
+
+    assert trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0)) == 0
