@@ -129,9 +129,10 @@ class StoreSource:
 
     def _export(self) -> int:
         if self.changed_since_snapshot():
+            started = time.monotonic()
             manifest = snap.export_snapshot(self.index, self.keys, self.packs)
-            log.info("snapshot generation %d: %d new metadata chunks", manifest.generation,
-                     manifest.stats["new_chunks"])
+            log.info("snapshot generation %d: %d new metadata chunks of %d, %.3f s", manifest.generation,
+                     manifest.stats["new_chunks"], manifest.stats["chunks"], time.monotonic() - started)
             return manifest.generation
         return snap.retained_generations(self.index)[-1]
 
