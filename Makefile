@@ -30,8 +30,12 @@ STAMP := $(VENV)/.bpfs-installed
 # Debian packages: FUSE runtime + headers (pyfuse3 is built from source), a compiler,
 # and the tools the tests/benchmarks compare against or use.
 DEB_PKGS := fuse3 libfuse3-dev pkg-config gcc rsync sqlite3 attr gocryptfs restic
+# Only for `make bench`: the rsync-over-ssh reference runs a private sshd on 127.0.0.1 (see
+# bench/replication.py). Debian starts the system's sshd when it installs the package; a
+# copy installed here is stopped and disabled again, so benchmarking opens no port 22.
+BENCH_PKGS := openssh-server
 
-.PHONY: help deps venv mount umount test bench clean distclean
+.PHONY: help deps bench-deps venv mount umount test bench clean distclean
 
 help:
 	@sed -n '3,10s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
@@ -131,7 +135,21 @@ test: deps venv
 	@echo "test: $(VPY) -m pytest -q $(PYTEST_ARGS)"
 	"$(VPY)" -m pytest -q $(PYTEST_ARGS)
 
-bench: deps venv
+bench-deps:
+	@if ! command -v dpkg-query >/dev/null 2>&1 || dpkg-query -W -f='$${Status}\n' $(BENCH_PKGS) 2>/dev/null | grep -q ' installed$$'; then
+	  exit 0
+	fi
+	if [ "$$(id -u)" -ne 0 ]; then
+	  echo "bench-deps: missing $(BENCH_PKGS) (the rsync-over-ssh reference is skipped without it)" >&2
+	  exit 0
+	fi
+	echo "bench-deps: installing $(BENCH_PKGS)"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get install -y --no-install-recommends $(BENCH_PKGS) || { apt-get update && apt-get install -y --no-install-recommends $(BENCH_PKGS); }
+	if command -v systemctl >/dev/null 2>&1; then systemctl disable --now ssh.service ssh.socket >/dev/null 2>&1 || true; fi
+	if command -v service >/dev/null 2>&1; then service ssh stop >/dev/null 2>&1 || true; fi
+
+bench: deps venv bench-deps
 	@echo "bench: $(VPY) -m bench $(BENCH_ARGS)"
 	"$(VPY)" -m bench $(BENCH_ARGS)
 

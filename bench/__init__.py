@@ -1,7 +1,8 @@
 """Benchmark harness for bpfs (run it with ``python -m bench`` or ``make bench``).
 
 It compares bpfs against the raw disk (a plain directory) and gocryptfs, all on
-the same disk, and against restic for the deduplication figures. Every
+the same disk, against restic for the deduplication figures, and its replication
+and recovery against the raw aioquic ceiling and rsync over ssh. Every
 filesystem instance lives in a temporary directory under the work directory and
 is unmounted and removed at the end, also after an error or Ctrl-C.
 
@@ -16,6 +17,8 @@ Modules, one job each:
 - ``workloads``  the timed workloads (sequential write/read, files, untar)
 - ``runner``     repeats the timed workloads over runs and targets
 - ``dedup``      the deduplication figures for bpfs and restic
+- ``replication`` replication to a partner over loopback and recovery, next to the raw
+                 aioquic ceiling (``quic_ceiling``) and rsync over ssh to a private sshd
 - ``stats``      medians, minima and maxima
 - ``report``     the printed table and the JSON file
 """

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import config, datagen, dedup, proc, report, runner, targets
+from bench import config, datagen, dedup, proc, replication, report, runner, targets
 from bench.cleanup import Cleanup, force_unmount
 
 DEFAULT_WORKDIR = "/var/tmp/bpfs-bench"
@@ -27,10 +27,13 @@ def log(msg: str) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Benchmark bpfs against the raw disk and gocryptfs (timed workloads) and "
-                    "restic (deduplication). Needs root for dropping the page cache.")
+        description="Benchmark bpfs against the raw disk and gocryptfs (timed workloads), "
+                    "restic (deduplication), and the raw aioquic ceiling and rsync over ssh "
+                    "(replication to a partner on loopback, and recovery). Needs root for "
+                    "dropping the page cache and for the private sshd.")
     p.add_argument("--quick", action="store_true",
-                   help="smaller sizes (256 MiB file, 2,000 files, 1,500-file tarball) for a fast check")
+                   help="smaller sizes (256 MiB file, 2,000 files, 1,500-file tarball, 256 MiB "
+                        "replicated) for a fast check")
     p.add_argument("--only", metavar="NAME[,NAME]",
                    help="workloads to run, from: " + ", ".join(config.ALL) + " (default: all)")
     p.add_argument("--targets", metavar="NAME[,NAME]", default=",".join(config.ALL_TARGETS),
@@ -78,7 +81,7 @@ def _remove_stale_runs(workdir: Path) -> None:
 
 def _notes(workdir: Path, sizes: config.Sizes) -> list[str]:
     notes = []
-    need = 2 * sizes.seq_bytes + 5 * sizes.tree_bytes + 4 * sizes.insert_bytes
+    need = 2 * sizes.seq_bytes + 5 * sizes.tree_bytes + 4 * sizes.insert_bytes + 5 * sizes.repl_bytes
     free = shutil.disk_usage(workdir).free
     if free < need:
         notes.append(f"only {free >> 20} MiB free in {workdir}, about {need >> 20} MiB needed")
@@ -96,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     only = set(args.only)
     timed = [w for w in config.TIMED if w in only]
     dedups = [w for w in config.DEDUP if w in only]
+    network = [w for w in config.NETWORK if w in only]
     columns = [t for t in args.targets if t in config.TARGETS]
     notes: list[str] = []
 
@@ -106,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             log(notes[-1])
             columns.remove("bpfs")
     dedup_tools = [t for t in ("bpfs", "restic") if t in columns or t in args.targets and t == "restic"]
+    if network and "bpfs" not in columns:
+        network = []  # replication is a bpfs figure (the ceiling and rsync are its references)
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     notes += _notes(args.workdir, sizes)
@@ -136,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
                 results["dedup"] = {}
                 dedup.run_dedup(set(dedups), dedup_tools, tmp, sizes.tree_bytes, sizes.insert_bytes,
                                 cleanup, log, out=results["dedup"], runs=args.runs)
+            if network:
+                results["replication"] = {}
+                replication.run_replication(tmp, sizes.repl_bytes, args.runs, cleanup, log,
+                                            out=results["replication"])
         except KeyboardInterrupt:
             interrupted = True
             log("interrupted: cleaning up")
@@ -189,6 +199,14 @@ def _collect(results: dict, dedup_tools: list[str]) -> None:
             for err in r.get("errors", []) + ([r["error"]] if "error" in r else []):
                 results["errors"].append({"target": tool, "run": "-", "step": figure, "error": err})
             results["problems"] += [f"{tool} ({figure}): {p}" for p in r.get("problems", [])]
+    rep = results.get("replication")
+    if rep:
+        if "runs" in rep and "summary" not in rep:  # interrupted half-way
+            rep["summary"] = replication.summarize(rep)
+        for e in rep.get("errors", []):
+            results["errors"].append(dict(e, step=f"replication: {e['step']}"))
+        results["problems"] += [f"replication: {p}" for p in rep.get("problems", [])]
+        results["meta"]["notes"] += rep.get("notes", [])
 
 
 def _versions() -> dict:

@@ -11,7 +11,9 @@ GiB = 1024 * MiB
 TIMED = ("seq_write", "seq_read", "create", "stat", "unlink", "untar")
 #: Deduplication figures (bpfs and restic), measured once: the sizes are deterministic.
 DEDUP = ("dedup_copy", "dedup_insert")
-ALL = TIMED + DEDUP
+#: Replication to a partner over loopback and recovery from it (bpfs, the raw aioquic ceiling, rsync).
+NETWORK = ("replication",)
+ALL = TIMED + DEDUP + NETWORK
 
 #: Filesystems for the timed workloads, in column order.
 TARGETS = ("raw", "gocryptfs", "bpfs")
@@ -35,6 +37,7 @@ class Sizes:
     src_bytes: int  # total bytes of those files
     tree_bytes: int  # the tree copied in twice (dedup_copy)
     insert_bytes: int  # the file that gets one byte inserted at its start (dedup_insert)
+    repl_bytes: int  # replicated to a partner, then recovered (replication)
 
 
 FULL = Sizes(
@@ -44,6 +47,7 @@ FULL = Sizes(
     src_bytes=60_000_000,
     tree_bytes=1 * GiB,
     insert_bytes=256 * MiB,
+    repl_bytes=1 * GiB,
 )
 
 QUICK = Sizes(
@@ -53,6 +57,7 @@ QUICK = Sizes(
     src_bytes=18_000_000,
     tree_bytes=256 * MiB,
     insert_bytes=64 * MiB,
+    repl_bytes=256 * MiB,
 )
 
 

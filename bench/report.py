@@ -1,11 +1,11 @@
-"""The printed table (medians with min-max, ratios bpfs/raw and bpfs/gocryptfs) and the JSON file."""
+"""The printed tables (medians with min-max; ratios to raw, gocryptfs; dedup; replication) and the JSON file."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from bench import stats
+from bench import replication, stats
 from bench.config import TIMED, human_bytes
 from bench.dedup import TARGET_PERCENT
 from bench.runner import UNITS
@@ -128,6 +128,11 @@ def print_report(results: dict) -> None:
         print("deduplication (store growth; lower is better; the insert figure is the median over runs, "
               "each in a new store)")
         for line in dedup_table(results["dedup"]):
+            print(line)
+    if results.get("replication", {}).get("runs"):
+        print()
+        print("replication to a partner and recovery, over loopback (medians with min-max)")
+        for line in replication.report_lines(results["replication"]):
             print(line)
     if results.get("errors"):
         print()
