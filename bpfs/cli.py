@@ -208,6 +208,14 @@ def main(argv=None):
     except BpfsError as e:
         click.echo(f"bpfs: {e}", err=True)
         sys.exit(e.exit_code)
+    except BaseExceptionGroup as eg:  # from inside a trio nursery: report the error it carries
+        from .peering.replicator import first_error
+
+        err = first_error(eg)
+        if isinstance(err, (BpfsError, OSError)) and not isinstance(err, BaseExceptionGroup):
+            click.echo(f"bpfs: {err}", err=True)
+            sys.exit(getattr(err, "exit_code", 1))
+        raise
     except KeyboardInterrupt:
         click.echo("bpfs: interrupted", err=True)
         sys.exit(130)

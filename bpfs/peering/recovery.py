@@ -35,6 +35,7 @@ from ..passphrase import read_passphrase
 from ..store import key_path
 from . import protocol as P
 from .protocol import PARTNER_IDLE_TIMEOUT
+from .replicator import first_error
 
 STATE_FILE = "recovery.json"
 PARALLEL = 4
@@ -220,12 +221,15 @@ async def _fetch_data(store, keys, conn, state, say) -> None:
                 await trio.sleep(2)
                 say(f"  {format_size(done[0])} of {format_size(total)}")
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(report)
-            async with trio.open_nursery() as workers:
-                for _ in range(min(PARALLEL, len(todo))):
-                    workers.start_soon(worker)
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(report)
+                async with trio.open_nursery() as workers:
+                    for _ in range(min(PARALLEL, len(todo))):
+                        workers.start_soon(worker)
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as eg:
+            raise first_error(eg) from None
         state["bytes"] = state.get("bytes", 0) + total
     finally:
         index.close()

@@ -358,6 +358,11 @@ class Replicator:
                     done, _ = self.synced(generation)
                     if done:
                         return
+                    full = [p for p in self.assigned() if (prog := self.progress.get(p.peer_id)) is not None
+                            and prog.state == "quota full"]
+                    if full:  # waiting would not help: the partner refuses until quotas change
+                        prog = self.progress[full[0].peer_id]
+                        raise SyncTimeout(f"{full[0].peer_id} refuses more of our data: {prog.last_error}")
                     await trio.sleep(0.1)
             raise SyncTimeout("not replicated yet: " + "; ".join(self.synced(generation)[1]))
         finally:

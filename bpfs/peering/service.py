@@ -283,8 +283,12 @@ class PartnerService:
             raise PeeringError(f"pairing with {expect} failed: {e or type(e).__name__}") from None
         old = self.ledger.partner(expect)
         host, port = parse_address(address)
-        partner = Partner(expect, conn.peer_public_key.hex(), format_address((host, reply.listen_port or port)),
-                          we_keep=reply.keep_for_me, they_keep=reply.keep_for_you, last_seen=time.time())
+        # The address the user gave is the one we dial (it may be a port forward); the port the
+        # partner says it listens on is the fallback, for when that address stops working.
+        announced = format_address((host, reply.listen_port)) if reply.listen_port else None
+        partner = Partner(expect, conn.peer_public_key.hex(), format_address((host, port)),
+                          we_keep=reply.keep_for_me, they_keep=reply.keep_for_you, last_seen=time.time(),
+                          observed=announced if announced != format_address((host, port)) else None)
         if old is not None:
             partner.root_generation = old.root_generation if old.active else 0
             partner.paired_at = old.paired_at if old.active else partner.paired_at
