@@ -47,6 +47,20 @@ class Sealer:
         nonce = os.urandom(NONCE_SIZE)
         return nonce + _aead_encrypt(plaintext, aad, nonce, self._key)
 
+    def reseal(self, plaintext: bytes, aad: bytes, previous: bytes) -> bytes:
+        """Seal a changed copy of the sealed value `previous` deterministically: the nonce is
+        a keyed hash of (previous, aad, plaintext), so the same change of the same value gives
+        the same bytes (snapshots that filter records stay deduplicated), and different
+        plaintexts never share a nonce."""
+        nonce_key = hashlib.blake2b(b"reseal nonce", key=self._key, digest_size=KEY_SIZE,
+                                    person=b"bpfs.reseal").digest()
+        h = hashlib.blake2b(key=nonce_key, digest_size=NONCE_SIZE)
+        for part in (previous, aad, plaintext):
+            h.update(len(part).to_bytes(8, "little"))
+            h.update(part)
+        nonce = h.digest()
+        return nonce + _aead_encrypt(plaintext, aad, nonce, self._key)
+
     def open(self, sealed: bytes, aad: bytes) -> bytes:
         if len(sealed) < SEAL_OVERHEAD:
             raise IntegrityError("sealed data too short")

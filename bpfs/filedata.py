@@ -6,6 +6,11 @@ into content-defined chunks, hashes them (keyed), skips chunks the store already
 thread, and then records extents in the index. Reads combine the index's extents with
 whatever is still buffered, so a reader always sees every accepted write.
 
+Each inode's new chunks go to the packs of its lane (normal, priority, local; `lanes` decides
+per inode, once). A replicable file must never depend on a local pack: a chunk it uses that
+lives in one (dedup with an ignored file, or a file that stopped being ignored) is moved,
+still sealed, into a replicable pack (`promote`, in the background and in `flush_all`).
+
 Durability, two levels: `flush()` (close) persists the inode's buffer into the packs and
 saves the index changes to the redo log, which survives a killed daemon at the cost of a
 write(); `sync()` (fsync, and every second) fdatasyncs the packs and then checkpoints the
@@ -25,7 +30,7 @@ import trio
 from .chunker import Chunker
 from .crypto import NONCE_SIZE, padme, sealed_chunk_size
 from .errors import IntegrityError
-from .index import ChunkRecord, Extent, Index
+from .index import LANE_LOCAL, LANE_NORMAL, ChunkRecord, Extent, Index
 from .packs import PackStore
 
 log = logging.getLogger(__name__)
@@ -233,8 +238,17 @@ class DataStore:
         self._apply_lock = trio.Lock()
         self._written: set[int] = set()  # inodes with data applied since the last commit
         self._dead_packs: list[int] = []
-        self._sparse_packs: set[int] = {  # sealed packs less than half alive: to compact
-            pack_id for pack_id, rec in index.all_packs() if rec.sealed and rec.live_bytes * 2 < rec.size}
+        self._sparse_packs: set[int] = set()  # sealed packs less than half alive: to compact
+        for pack_id, rec in index.all_packs():
+            if rec.sealed and rec.live_bytes * 2 < rec.size:
+                self._sparse_packs.add(pack_id)
+            if rec.lane == LANE_LOCAL:
+                packs.local_ids.add(pack_id)
+        self.lanes = None  # a lanes.Lanes once the filesystem is set up; None: everything normal
+        self._promote: dict[bytes, int] = {}  # chunk id in a local pack -> lane to move it to
+        self._promote_files: dict[int, int] = {}  # inode no longer local -> its lane (chunks to move)
+        self._promoting = False
+        self._promote_lock = trio.Lock()
         self._space_reserve = space_reserve
         self._checkpoint_queued = False
         self._free_checked = 0.0
@@ -336,7 +350,8 @@ class DataStore:
                         buf.data, buf.start = _Run(view[len(view) - kept:], live), buf.start - kept
                     item.length -= kept
                 pieces = await self._hash_pieces(view, lengths) if lengths else []
-                placed, reservations = self._place_new_chunks(pieces)
+                lane = self.lanes.lane_of(ino) if self.lanes is not None else LANE_NORMAL
+                placed, reservations = self._place_new_chunks(pieces, lane)
                 await buf.write_lock.acquire()  # keep phase 2 in file order
             except BaseException:
                 for r in reservations:
@@ -346,7 +361,7 @@ class DataStore:
                 self._finish_inflight(buf, item, view)
                 raise
         try:
-            await self._write_and_record(ino, view, start, pieces, placed, reservations)
+            await self._write_and_record(ino, view, start, pieces, placed, reservations, lane)
         finally:
             buf.write_lock.release()
             self._finish_inflight(buf, item, view)
@@ -379,18 +394,18 @@ class DataStore:
                 ids.append(self._keys.chunk_id(piece))
         return ids
 
-    def _place_new_chunks(self, pieces):
-        """Reserve pack space for the chunks the store does not hold yet (dedup)."""
+    def _place_new_chunks(self, pieces, lane: int = LANE_NORMAL):
+        """Reserve space in the lane's pack for the chunks the store does not hold yet (dedup)."""
         placed: dict[bytes, ChunkRecord] = {}
         reservations = []
         for pos, length, cid in pieces:
             if cid != _ZERO_ID and cid not in placed and self.index.get_chunk(cid) is None:
-                pack_id, offset = self.packs.reserve(self.index, sealed_chunk_size(length))
+                pack_id, offset = self.packs.reserve(self.index, sealed_chunk_size(length), lane)
                 placed[cid] = ChunkRecord(pack_id, offset, sealed_chunk_size(length), length, 0)
                 reservations.append((cid, pos, length, pack_id, offset))
         return placed, reservations
 
-    async def _write_and_record(self, ino, view, start, pieces, placed, reservations) -> None:
+    async def _write_and_record(self, ino, view, start, pieces, placed, reservations, lane=LANE_NORMAL) -> None:
         try:
             if reservations:
                 await _in_threads(self._seal_and_write,
@@ -400,7 +415,7 @@ class DataStore:
             for r in reservations:
                 self.packs.finish(r[3])
         async with self._apply_lock:
-            self._apply(ino, start, pieces, placed)
+            self._apply(ino, start, pieces, placed, lane)
 
     def _seal_and_write(self, source: memoryview, reservations) -> None:
         """Pad and seal chunks in place in one buffer per run of a pack, then write the run."""
@@ -420,8 +435,11 @@ class DataStore:
                 self._keys.data.seal_in_place(out, at, padme(length), cid)
             self.packs.write(pack_id, base, out)
 
-    def _apply(self, ino: int, start: int, pieces, placed: dict[bytes, ChunkRecord]) -> None:
+    def _apply(self, ino: int, start: int, pieces, placed: dict[bytes, ChunkRecord], lane: int = LANE_NORMAL) -> None:
         """Record persisted pieces as extents: all of it or (on an error) none of it."""
+        if self.lanes is not None and self.packs.local_ids:
+            lane = self.lanes.current(ino, lane)  # it may have changed since the pieces were placed
+        watch_local = lane != LANE_LOCAL and bool(self.packs.local_ids)
         with self.index.atomic():
             for cid, rec in placed.items():
                 if self.index.get_chunk(cid) is None:  # another writer may have stored it meanwhile
@@ -436,7 +454,9 @@ class DataStore:
                 for pos, length, cid in pieces:
                     offset = start + pos
                     if cid != _ZERO_ID:
-                        self._ref(cid)  # before the punch, which may drop the last old reference
+                        rec = self._ref(cid)  # before the punch, which may drop the last old reference
+                        if watch_local and rec.pack in self.packs.local_ids:
+                            self._promote.setdefault(cid, lane)  # a replicable file uses it now
                     stored_delta -= self._punch(ino, offset, offset + length)
                     if cid != _ZERO_ID:
                         self.index.put_extent(ino, Extent(offset, cid, 0, length))
@@ -448,12 +468,15 @@ class DataStore:
                 rec = self.index.get_chunk(cid)
                 if rec is not None and rec.refs == 0:
                     self._free_chunk(cid, rec)
+        if self._promote:
+            self._start_promoting()
 
     # ----- the extent map ------------------------------------------------------------------
-    def _ref(self, cid: bytes) -> None:
+    def _ref(self, cid: bytes) -> ChunkRecord:
         rec = self.index.get_chunk(cid)
         rec.refs += 1
         self.index.put_chunk(cid, rec, rec.pack)
+        return rec
 
     def _unref(self, cid: bytes) -> None:
         rec = self.index.get_chunk(cid)
@@ -603,9 +626,10 @@ class DataStore:
     def read_chunk(self, cid: bytes, rec: ChunkRecord) -> bytes:
         return read_chunk(self.packs, self._keys, cid, rec)
 
-    # ----- compaction ----------------------------------------------------------------------
+    # ----- compaction and lane changes ----------------------------------------------------
     async def compact(self, max_bytes: int = 64 << 20) -> int:
-        """Move the live chunks of sparse packs into the open pack, so the sparse packs can go.
+        """Move the live chunks of sparse packs into the open pack of their lane, so the
+        sparse packs can go.
 
         Sealed entries are copied as they are (they are bound to their chunk id, not to a
         place), so nothing is decrypted or re-encrypted. Returns the bytes moved.
@@ -616,37 +640,118 @@ class DataStore:
             pack = self.index.get_pack(pack_id)
             if pack is None or not pack.sealed:
                 continue
-            entries = []
+            moves = []
             for cid in self.index.chunks_in_pack(pack_id):
                 rec = self.index.get_chunk(cid)
                 if rec is not None and rec.pack == pack_id:
-                    new_pack, new_offset = self.packs.reserve(self.index, rec.sealed_length)
-                    entries.append((cid, rec, new_pack, new_offset))
-            try:
-                await trio.to_thread.run_sync(self._copy_entries, entries)
-            finally:
-                for e in entries:
-                    self.packs.finish(e[2])
-            async with self._apply_lock:
-                with self.index.atomic():
-                    for cid, _old, new_pack, new_offset in entries:
-                        rec = self.index.get_chunk(cid)
-                        if rec is None or rec.pack != pack_id:
-                            continue  # freed meanwhile: the copy is garbage in the new pack
-                        rec.pack, rec.offset = new_pack, new_offset
-                        self.index.put_chunk(cid, rec, pack_id)
-                        target = self.index.get_pack(new_pack)
-                        target.live_chunks += 1
-                        target.live_bytes += rec.sealed_length
-                        self.index.put_pack(new_pack, target)
-                        self._pack_lost(pack_id, rec.sealed_length)
-                        moved += rec.sealed_length
-            log.debug("compacted pack %d: moved %d chunks", pack_id, len(entries))
+                    moves.append((cid, rec, pack.lane))
+            moved += await self._move_chunks(moves)
+            log.debug("compacted pack %d: moved %d chunks", pack_id, len(moves))
+        return moved
+
+    async def _move_chunks(self, moves: list[tuple[bytes, ChunkRecord, int]]) -> int:
+        """Copy sealed entries (chunk id, current record, target lane) into the open packs of
+        their target lanes and point the chunks there; returns the bytes moved. A chunk freed
+        or moved meanwhile keeps its place (the copy is garbage in the new pack)."""
+        entries = []
+        for cid, rec, lane in moves:
+            new_pack, new_offset = self.packs.reserve(self.index, rec.sealed_length, lane)
+            entries.append((cid, rec, new_pack, new_offset))
+        try:
+            await trio.to_thread.run_sync(self._copy_entries, entries)
+        finally:
+            for e in entries:
+                self.packs.finish(e[2])
+        moved = 0
+        async with self._apply_lock:
+            with self.index.atomic():
+                for cid, old, new_pack, new_offset in entries:
+                    rec = self.index.get_chunk(cid)
+                    if rec is None or (rec.pack, rec.offset) != (old.pack, old.offset):
+                        continue
+                    rec.pack, rec.offset = new_pack, new_offset
+                    self.index.put_chunk(cid, rec, old.pack)
+                    target = self.index.get_pack(new_pack)
+                    target.live_chunks += 1
+                    target.live_bytes += rec.sealed_length
+                    self.index.put_pack(new_pack, target)
+                    self._pack_lost(old.pack, rec.sealed_length)
+                    moved += rec.sealed_length
         return moved
 
     def _copy_entries(self, entries) -> None:
         for _cid, rec, new_pack, new_offset in entries:
             self.packs.write(new_pack, new_offset, self.packs.read(rec.pack, rec.offset, rec.sealed_length))
+
+    def queue_file_promotion(self, ino: int, lane: int) -> None:
+        """`ino` stopped being local: its chunks in local packs move to `lane`'s packs."""
+        if self.packs.local_ids:
+            self._promote_files[ino] = lane
+            self._start_promoting()
+
+    def _start_promoting(self) -> None:
+        if not self._promoting and self.nursery is not None:
+            self._promoting = True
+            self.nursery.start_soon(self._promote_in_background)
+
+    async def _promote_in_background(self) -> None:
+        try:
+            await self.promote()
+        except (OSError, IntegrityError) as e:
+            log.error("moving chunks out of local packs failed: %s", e)
+        except Exception:  # a background task must never take the mount down
+            log.exception("moving chunks out of local packs failed")
+        finally:
+            self._promoting = False
+
+    async def promote(self, batch_bytes: int = 64 << 20) -> int:
+        """Move every chunk a replicable file uses out of local packs; returns the bytes moved."""
+        async with self._promote_lock:
+            return await self._promote_queued(batch_bytes)
+
+    async def _promote_queued(self, batch_bytes: int) -> int:
+        moved = 0
+        while self._promote or self._promote_files:
+            while self._promote_files:
+                ino, lane = self._promote_files.popitem()
+                if self.index.is_ignored(ino):
+                    continue
+                for e in self.index.extents(ino):
+                    self._promote.setdefault(e.chunk_id, lane)
+                await trio.sleep(0)
+            moves, nbytes = [], 0
+            while self._promote and nbytes < batch_bytes:
+                cid, lane = self._promote.popitem()
+                rec = self.index.get_chunk(cid)
+                if rec is not None and rec.pack in self.packs.local_ids:
+                    moves.append((cid, rec, lane))
+                    nbytes += rec.sealed_length
+            if moves:
+                moved += await self._move_chunks(moves)
+        return moved
+
+    # ----- small reads on the event loop ----------------------------------------------------
+    def read_small(self, ino: int, size: int) -> bytes:
+        """The first `size` bytes of `ino` as a reader would see them, read synchronously
+        (for `.backupignore` files: small, and needed inside synchronous handlers)."""
+        out = bytearray(size)
+        for e in self.index.extents(ino, 0, size):
+            rec = self.index.get_chunk(e.chunk_id)
+            if rec is None:
+                raise IntegrityError("extent refers to a missing chunk")
+            plain = self._cache.get(e.chunk_id)
+            if plain is None:
+                plain = self.read_chunk(e.chunk_id, rec)
+            a, b = e.offset, min(size, e.end)
+            out[a:b] = memoryview(plain)[e.chunk_offset:e.chunk_offset + b - a]
+        buf = self._buffers.get(ino)
+        if buf is not None:
+            for run_start, run, length in buf.runs():
+                a, b = max(0, run_start), min(size, run_start + length)
+                if a < b:
+                    with run.view(a - run_start, b - run_start) as window:
+                        out[a:b] = window
+        return bytes(out)
 
     # ----- durability ----------------------------------------------------------------------
     async def flush_buffer(self, ino: int) -> None:
@@ -691,11 +796,18 @@ class DataStore:
             self.packs.delete(pack_id)
 
     async def flush_all(self) -> None:
+        """Persist every buffer, settle lane changes, then checkpoint (before a snapshot or a stop)."""
         for ino in list(self._buffers):
             try:
                 await self.flush_buffer(ino)
             except OSError as e:
                 log.error("could not persist buffered data of inode %d: %s", ino, e)
+        if self.lanes is not None:
+            await self.lanes.settle()
+        try:
+            await self.promote()
+        except (OSError, IntegrityError) as e:
+            log.error("moving chunks out of local packs failed: %s", e)
         await self.sync()
 
     async def run_committer(self) -> None:
@@ -715,6 +827,10 @@ class DataStore:
                     await self.flush_buffer(ino)
                 except OSError as e:
                     buf.error = e
+        if self.lanes is not None and self.lanes.pending:
+            self.lanes.tick()
+        if (self._promote or self._promote_files) and not self._promoting:
+            self._start_promoting()
         if self._sparse_packs:
             try:
                 await self.compact()

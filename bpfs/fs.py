@@ -1,7 +1,9 @@
 """The mount: POSIX filesystem semantics on top of the index and the file-data layer.
 
 This module maps pyfuse3 requests to index changes (names, attributes, links, xattrs)
-and to `DataStore` calls (contents). It knows nothing of packs, crypto or peers. Every
+and to `DataStore` calls (contents). It knows nothing of packs, crypto or peers; it tells
+`lanes.Lanes` about names (lookups, creations, links, renames, removals, `.backupignore`
+writes), which decides per inode whether its data stays local, replicates, or goes first. Every
 handler runs through `_boundary`, which turns any failure into a FUSEError: an exception
 escaping a handler would end pyfuse3's main loop and kill the mount.
 
@@ -24,6 +26,7 @@ import pyfuse3
 from .errors import IntegrityError
 from .filedata import DataStore
 from .index import ROOT_INO, Attr, Index
+from .lanes import Lanes, load_priority_patterns
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +106,8 @@ class BpfsOperations(pyfuse3.Operations):
         self._lookups: dict[int, int] = {}
         self._open: dict[int, int] = {}
         self._durable_now = False  # set by a handler whose change must be durable on return
+        self.lanes = Lanes(index, data, load_priority_patterns(store_dir))
+        data.lanes = self.lanes
 
     # ----- helpers -------------------------------------------------------------------------
     def _attr(self, ino: int) -> Attr:
@@ -135,6 +140,10 @@ class BpfsOperations(pyfuse3.Operations):
         e.st_mtime_ns = attr.mtime_ns
         e.st_ctime_ns = attr.ctime_ns
         return e
+
+    def _seen(self, parent: int, name: bytes, attr: Attr) -> Attr:
+        self.lanes.seen(parent, name, attr.ino, attr.mode)
+        return attr
 
     def _looked_up(self, attr: Attr) -> pyfuse3.EntryAttributes:
         self._lookups[attr.ino] = self._lookups.get(attr.ino, 0) + 1
@@ -177,6 +186,7 @@ class BpfsOperations(pyfuse3.Operations):
         self.index.put_attr(attr)
         self.index.add_entry(parent_ino, name, attr.ino)
         self._touch_dir(parent, attr.ctime_ns)
+        self.lanes.created(parent_ino, name, attr)
         self._after_change()
         return attr
 
@@ -199,6 +209,7 @@ class BpfsOperations(pyfuse3.Operations):
             self.index.delete_all_xattrs(ino)
             self.index.delete_attr(ino)
             self.index.remove_orphan(ino)
+            self.lanes.destroyed(ino)
 
     def _drop_name(self, attr: Attr, now: int) -> None:
         attr.nlink = 0 if stat.S_ISDIR(attr.mode) else attr.nlink - 1
@@ -219,7 +230,7 @@ class BpfsOperations(pyfuse3.Operations):
         if ino is None:
             self._dir_attr(parent_inode)
             _fail(errno.ENOENT)
-        return self._looked_up(self._attr(ino))
+        return self._looked_up(self._seen(parent_inode, name, self._attr(ino)))
 
     async def forget(self, inode_list):
         try:
@@ -229,6 +240,7 @@ class BpfsOperations(pyfuse3.Operations):
                     self._lookups[ino] = left
                 else:
                     self._lookups.pop(ino, None)
+                    self.lanes.forget(ino)
                     self._release_if_unused(ino)
         except Exception:
             log.exception("forget failed")
@@ -247,6 +259,9 @@ class BpfsOperations(pyfuse3.Operations):
             if attr.st_size < a.size or self.data.has_buffer(inode):
                 await self.data.truncate(inode, attr.st_size)
                 a = self._attr(inode)
+            if inode in self.lanes.ignore_files:
+                self.lanes.ignore_file_written(inode)
+                self.lanes.ignore_file_closed(inode)
             if attr.st_size != a.size:
                 a.size = attr.st_size
                 if not fields.update_mtime:
@@ -337,6 +352,7 @@ class BpfsOperations(pyfuse3.Operations):
             self.index.remove_orphan(inode)
         self.index.add_entry(new_parent_inode, new_name, inode)
         self._touch_dir(parent, now)
+        self.lanes.linked(attr, new_parent_inode, new_name)
         self._after_change()
         return self._looked_up(attr)
 
@@ -357,6 +373,7 @@ class BpfsOperations(pyfuse3.Operations):
         now = time.time_ns()
         self.index.remove_entry(parent_inode, name)
         self._touch_dir(parent, now)
+        self.lanes.unlinked(parent_inode, name, attr)
         self._drop_name(attr, now)
         self._after_change()
 
@@ -371,6 +388,7 @@ class BpfsOperations(pyfuse3.Operations):
         self.index.remove_entry(parent_inode, name)
         parent.nlink -= 1
         self._touch_dir(parent, now)
+        self.lanes.unlinked(parent_inode, name, attr)
         self._drop_name(attr, now)
         self._after_change()
 
@@ -385,7 +403,10 @@ class BpfsOperations(pyfuse3.Operations):
         if flags & RENAME_EXCHANGE:
             if target_ino is None:
                 _fail(errno.ENOENT)
-            self._exchange(old_parent, name_old, attr, new_parent, name_new, self._attr(target_ino), now)
+            target = self._attr(target_ino)
+            self._exchange(old_parent, name_old, attr, new_parent, name_new, target, now)
+            self.lanes.renamed(parent_inode_old, name_old, parent_inode_new, name_new, attr)
+            self.lanes.renamed(parent_inode_new, name_new, parent_inode_old, name_old, target)
             return
         if target_ino is not None and flags & RENAME_NOREPLACE:
             _fail(errno.EEXIST)
@@ -406,6 +427,7 @@ class BpfsOperations(pyfuse3.Operations):
                 # write-new-then-rename-over is how programs replace a file safely: make it
                 # survive a crash before returning (ext4's auto_da_alloc protects this idiom)
                 self._durable_now = True
+            self.lanes.unlinked(parent_inode_new, name_new, target)
             self._drop_name(target, now)
         self.index.remove_entry(parent_inode_old, name_old)
         self.index.add_entry(parent_inode_new, name_new, ino)
@@ -418,6 +440,7 @@ class BpfsOperations(pyfuse3.Operations):
         self._touch_dir(old_parent, now)
         if new_parent is not old_parent:
             self._touch_dir(new_parent, now)
+        self.lanes.renamed(parent_inode_old, name_old, parent_inode_new, name_new, attr)
         self._after_change()
 
     def _exchange(self, old_parent, name_old, a, new_parent, name_new, b, now):
@@ -452,6 +475,7 @@ class BpfsOperations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, name, self._entry(attr), next_id):
                 break
             self._lookups[ino] = self._lookups.get(ino, 0) + 1
+            self.lanes.seen(fh, name, ino, attr.mode)
 
     async def releasedir(self, fh):
         pass
@@ -480,6 +504,8 @@ class BpfsOperations(pyfuse3.Operations):
                 attr.size = 0
                 attr.mtime_ns = attr.ctime_ns = time.time_ns()
                 self.index.put_attr(attr)
+                if inode in self.lanes.ignore_files:
+                    self.lanes.ignore_file_written(inode)
         return pyfuse3.FileInfo(fh=self._open_handle(inode), keep_cache=flags & os.O_TRUNC == 0)
 
     @_boundary
@@ -493,6 +519,8 @@ class BpfsOperations(pyfuse3.Operations):
         h = self._handles[fh]
         await self.data.write(h.ino, off, buf)
         h.wrote = True
+        if h.ino in self.lanes.ignore_files:
+            self.lanes.ignore_file_written(h.ino)
         attr = self._attr(h.ino)
         end = off + len(buf)
         if end > attr.size:
@@ -509,6 +537,8 @@ class BpfsOperations(pyfuse3.Operations):
         if h.wrote:
             await self.data.flush(h.ino)
             h.wrote = False
+        if h.ino in self.lanes.ignore_dirty:
+            self.lanes.ignore_file_closed(h.ino)
 
     @_boundary
     async def fsync(self, fh, datasync):

@@ -6,20 +6,25 @@ Tables (LMDB named databases) and what they map:
   dirents   parent ino + name hash -> sealed list of (name, child ino) sharing that hash
   extents   ino + file offset      -> sealed (chunk id, offset in chunk, length)
   chunks    chunk id               -> sealed (pack, offset, sealed length, plain length, refcount)
-  packs     pack id                -> plain (live chunks, live bytes, size, sealed flag)
+  packs     pack id                -> plain (live chunks, live bytes, size, flags: sealed, lane)
   packchunks pack id + chunk id    -> nothing: which chunks live in a pack (for compaction)
   symlinks  ino                    -> sealed target
   xattrs    ino + name hash        -> sealed (name, value)
   orphans   ino                    -> unlinked inodes still open, deleted when released
-  outbox    pack id                -> sealed packs to replicate (priority byte); gone with the pack
+  outbox    pack id                -> sealed packs to replicate: b"" normal, b"\x01" priority (sent
+                                      first); local packs never; gone with the pack
   tombstones pack id               -> generation when a replicable pack was deleted: partners are
                                       told to release it once they hold a newer root (see peering)
   snapshots snapshot bookkeeping   -> sealed: metadata chunks, their packs, signed roots (see snapshot)
+  ignored   ino                    -> nothing: regular files a .backupignore keeps local (see lanes)
+
+A pack's flag byte: bit 0 sealed, bit 1 local lane, bit 2 priority lane (none: normal lane).
 
 Every value that could reveal a name, a size, a time or content is sealed with the store's
 record key and bound (associated data) to its table and key, so records cannot be swapped.
 What the drive still shows in the clear: how many inodes, directory membership by inode
-number, and where extents start (approximate file sizes) — see README "Security model".
+number, where extents start (approximate file sizes), which inode numbers are kept local
+(`ignored`) and which packs are local or priority — see README "Security model".
 
 One write transaction is kept open and shared by all operations (reads see uncommitted
 writes). `commit()` is a durable checkpoint (LMDB fsyncs); `save()` makes the changes since
@@ -45,7 +50,10 @@ _CHUNK = struct.Struct("<QQIII")
 _PACK = struct.Struct("<IQQB")
 _NAME_HASH_LEN = 6  # ids (hash << 8 | position) must fit a signed 64-bit readdir offset
 TABLES = ("meta", "inodes", "dirents", "extents", "chunks", "packs", "packchunks", "symlinks", "xattrs", "orphans",
-          "outbox", "snapshots", "tombstones")
+          "outbox", "snapshots", "tombstones", "ignored")
+LANE_NORMAL, LANE_LOCAL, LANE_PRIORITY = 0, 1, 2  # a pack's lane: its flag bit is 1 << lane (see lanes)
+PACK_SEALED = 1
+OUTBOX_NORMAL, OUTBOX_PRIORITY = b"", b"\x01"
 ROOT_INO = 1
 MAP_SIZE = 1 << 40  # address space only; the file grows as needed
 
@@ -110,6 +118,26 @@ class PackRecord:
     live_bytes: int
     size: int
     sealed: bool
+    lane: int = LANE_NORMAL
+
+    @property
+    def local(self) -> bool:
+        return self.lane == LANE_LOCAL
+
+    @property
+    def priority(self) -> bool:
+        return self.lane == LANE_PRIORITY
+
+    def pack(self) -> bytes:
+        flags = (PACK_SEALED if self.sealed else 0) | ((1 << self.lane) if self.lane else 0)
+        return _PACK.pack(self.live_chunks, self.live_bytes, self.size, flags)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> "PackRecord":
+        live, live_bytes, size, flags = _PACK.unpack(raw)
+        lane = (LANE_LOCAL if flags & (1 << LANE_LOCAL)
+                else LANE_PRIORITY if flags & (1 << LANE_PRIORITY) else LANE_NORMAL)
+        return cls(live, live_bytes, size, bool(flags & PACK_SEALED), lane)
 
 
 class Index:
@@ -123,7 +151,12 @@ class Index:
                              readonly=readonly, metasync=False, sync=True, readahead=False,
                              mode=0o600, max_readers=32, lock=True)
         if readonly:
-            self._db = {name: self.env.open_db(name.encode(), create=False) for name in TABLES}
+            self._db = {}
+            for name in TABLES:
+                try:
+                    self._db[name] = self.env.open_db(name.encode(), create=False)
+                except lmdb.NotFoundError:  # a table newer than the store: read as empty
+                    self._db[name] = None
         else:
             with self.env.begin(write=True) as txn:
                 self._db = {name: self.env.open_db(name.encode(), txn=txn) for name in TABLES}
@@ -275,6 +308,13 @@ class Index:
         value = self.counter(name) + 1
         self._put_plain("meta", name.encode(), u64(value))
         return value
+
+    def put_counter(self, name: str, value: int) -> None:
+        self._put_plain("meta", name.encode(), u64(value))
+
+    def delete_counter(self, name: str) -> None:
+        if self.txn.get(name.encode(), db=self._db["meta"]) is not None:
+            self._delete("meta", name.encode())
 
     def allocate_ino(self) -> int:
         ino = self._bump("last_ino")
@@ -481,13 +521,22 @@ class Index:
 
     def get_pack(self, pack_id: int) -> PackRecord | None:
         raw = self.txn.get(u64(pack_id), db=self._db["packs"])
-        if raw is None:
-            return None
-        live, live_bytes, size, sealed = _PACK.unpack(raw)
-        return PackRecord(live, live_bytes, size, bool(sealed))
+        return None if raw is None else PackRecord.unpack(raw)
 
     def put_pack(self, pack_id: int, rec: PackRecord) -> None:
-        self._put_plain("packs", u64(pack_id), _PACK.pack(rec.live_chunks, rec.live_bytes, rec.size, rec.sealed))
+        self._put_plain("packs", u64(pack_id), rec.pack())
+
+    def is_local_pack(self, pack_id: int) -> bool:
+        """Whether the pack is in the local lane (kept on this drive, never replicated)."""
+        raw = self.txn.get(u64(pack_id), db=self._db["packs"])
+        return raw is not None and bool(raw[_PACK.size - 1] & (1 << LANE_LOCAL))
+
+    def seal_pack(self, pack_id: int, rec: PackRecord) -> None:
+        """Mark a pack sealed (immutable) and queue it for replication unless it is local."""
+        rec.sealed = True
+        self.put_pack(pack_id, rec)
+        if rec.lane != LANE_LOCAL:
+            self.queue_outbox(pack_id, priority=rec.lane == LANE_PRIORITY)
 
     def delete_pack(self, pack_id: int) -> None:
         self._delete("packs", u64(pack_id))
@@ -499,11 +548,29 @@ class Index:
 
     def all_packs(self):
         for key, raw in self._scan_prefix("packs", b""):
-            live, live_bytes, size, sealed = _PACK.unpack(raw)
-            yield _U64.unpack(key)[0], PackRecord(live, live_bytes, size, bool(sealed))
+            yield _U64.unpack(key)[0], PackRecord.unpack(raw)
 
-    def queue_outbox(self, pack_id: int) -> None:
-        self._put_plain("outbox", u64(pack_id), b"")
+    def queue_outbox(self, pack_id: int, priority: bool = False) -> None:
+        """Queue a sealed pack for the replicator: b"\x01" (priority, sent first) or b""."""
+        self._put_plain("outbox", u64(pack_id), OUTBOX_PRIORITY if priority else OUTBOX_NORMAL)
+
+    # ----- files kept local (.backupignore; see lanes) ---------------------------------------
+    def is_ignored(self, ino: int) -> bool:
+        db = self._db["ignored"]
+        return db is not None and self.txn.get(u64(ino), db=db) is not None
+
+    def set_ignored(self, ino: int, ignored: bool) -> None:
+        if ignored == self.is_ignored(ino) or self.readonly:
+            return
+        if ignored:
+            self._put_plain("ignored", u64(ino), b"")
+        else:
+            self._delete("ignored", u64(ino))
+
+    def ignored_inodes(self) -> list[int]:
+        if self._db["ignored"] is None:
+            return []
+        return [_U64.unpack(k)[0] for k, _ in self._scan_prefix("ignored", b"")]
 
     # ----- orphans (unlinked but still open) ------------------------------------------------
     def add_orphan(self, ino: int) -> None:
@@ -541,6 +608,8 @@ class Index:
         txn = self.env.begin(write=False)
 
         def records(table: str):
+            if self._db[table] is None:
+                return
             for key, value in txn.cursor(db=self._db[table]):
                 yield bytes(key), bytes(value)
 
@@ -550,5 +619,5 @@ class Index:
             txn.abort()
 
 
-__all__ = ["Attr", "ChunkRecord", "Extent", "Index", "IntegrityError", "PackRecord", "ROOT_INO", "TABLES", "record_aad",
-           "u64"]
+__all__ = ["Attr", "ChunkRecord", "Extent", "Index", "IntegrityError", "LANE_LOCAL", "LANE_NORMAL", "LANE_PRIORITY",
+           "OUTBOX_NORMAL", "OUTBOX_PRIORITY", "PackRecord", "ROOT_INO", "TABLES", "record_aad", "u64"]

@@ -2,7 +2,10 @@
 
 A pack is `STORE/packs/XX/NNNNNNNNNNNN.pack`: sealed chunk entries one after another, no
 header, no plaintext. Many small files share a pack; each entry is padded (Padmé) before
-sealing, so neither the drive nor a partner sees exact chunk or file sizes. A pack is
+sealing, so neither the drive nor a partner sees exact chunk or file sizes. Each lane
+(normal, priority, local: see `lanes`) fills packs of its own, one open pack per lane; the
+lane is in the pack's index record, and sealing queues normal and priority packs in the
+outbox, never local ones. A pack is
 written by one writer at a time at offsets handed out by `reserve` (on the event loop),
 with the bytes themselves written from worker threads. Packs are never modified once
 written; a pack whose chunks are all dead is deleted whole after the commit that freed it.
@@ -18,45 +21,56 @@ from collections import OrderedDict
 
 from .errors import IntegrityError
 from .fsutil import fsync_dir, make_private_dir
-from .index import Index, PackRecord
+from .index import LANE_LOCAL, LANE_NORMAL, Index, PackRecord
 
 PACK_TARGET = 16 << 20
 _MAX_READ_FDS = 64
+
+
+class _OpenPack:
+    __slots__ = ("id", "fd", "size")
+
+    def __init__(self, pack_id: int, fd: int):
+        self.id, self.fd, self.size = pack_id, fd, 0
 
 
 class PackStore:
     def __init__(self, store_dir: str, target_size: int = PACK_TARGET):
         self.dir = os.path.join(store_dir, "packs")
         self.target_size = target_size
-        self._open_id: int | None = None
-        self._open_fd: int | None = None
-        self._open_size = 0
+        self._open: dict[int, _OpenPack] = {}  # lane -> the pack being filled in that lane
+        self._open_ids: frozenset[int] = frozenset()
         self._lock = threading.Lock()
         self._unsynced: dict[int, int] = {}  # pack id -> write fd with data not yet fdatasync'ed
         self._dirs_to_sync: set[str] = set()
         self._read_fds: OrderedDict[int, int] = OrderedDict()
         self._writers: dict[int, int] = {}  # pack id -> reservations not yet finished
         self._dirty: set[int] = set()  # packs written since their last fdatasync
+        self.local_ids: set[int] = set()  # local-lane packs started here (DataStore adds the older ones)
 
     def path(self, pack_id: int) -> str:
         return os.path.join(self.dir, f"{pack_id & 0xFF:02x}", f"{pack_id:012x}.pack")
 
     # ----- writing (reserve on the event loop, write in a thread) ---------------------------
-    def reserve(self, index: Index, nbytes: int) -> tuple[int, int]:
-        """Hand out `nbytes` at the end of the open pack, starting a new pack when it is full."""
-        if self._open_id is None or (self._open_size and self._open_size + nbytes > self.target_size):
-            self.seal_open(index)
-            self._start_pack(index)
-        offset = self._open_size
-        self._open_size += nbytes
-        with self._lock:
-            self._writers[self._open_id] = self._writers.get(self._open_id, 0) + 1
-        rec = index.get_pack(self._open_id)
-        rec.size = self._open_size
-        index.put_pack(self._open_id, rec)
-        return self._open_id, offset
+    def reserve(self, index: Index, nbytes: int, lane: int = LANE_NORMAL) -> tuple[int, int]:
+        """Hand out `nbytes` at the end of the lane's open pack, starting a new pack when it is full.
 
-    def _start_pack(self, index: Index) -> None:
+        Each lane (normal, priority, local: see `lanes`) fills packs of its own.
+        """
+        cur = self._open.get(lane)
+        if cur is None or (cur.size and cur.size + nbytes > self.target_size):
+            self._seal_lane(index, lane)
+            cur = self._start_pack(index, lane)
+        offset = cur.size
+        cur.size += nbytes
+        with self._lock:
+            self._writers[cur.id] = self._writers.get(cur.id, 0) + 1
+        rec = index.get_pack(cur.id)
+        rec.size = cur.size
+        index.put_pack(cur.id, rec)
+        return cur.id, offset
+
+    def _start_pack(self, index: Index, lane: int) -> _OpenPack:
         while True:
             pack_id = index.allocate_pack_id()
             path = self.path(pack_id)
@@ -70,22 +84,31 @@ class PackStore:
             except FileExistsError:  # left by a crash before its id was committed: skip it
                 continue
         self._dirs_to_sync.add(parent)
-        self._open_id, self._open_fd, self._open_size = pack_id, fd, 0
+        cur = self._open[lane] = _OpenPack(pack_id, fd)
+        if lane == LANE_LOCAL:
+            self.local_ids.add(pack_id)
         with self._lock:
             self._unsynced[pack_id] = fd
-        index.put_pack(pack_id, PackRecord(0, 0, 0, False))
+            self._open_ids = frozenset(p.id for p in self._open.values())
+        index.put_pack(pack_id, PackRecord(0, 0, 0, False, lane))
+        return cur
 
     def seal_open(self, index: Index) -> None:
-        """Close the open pack for writing; it becomes immutable and goes to the outbox."""
-        if self._open_id is None:
+        """Close the open packs of every lane for writing; they become immutable, and those
+        that replicate go to the outbox (priority ones marked so)."""
+        for lane in list(self._open):
+            self._seal_lane(index, lane)
+
+    def _seal_lane(self, index: Index, lane: int) -> None:
+        cur = self._open.pop(lane, None)
+        if cur is None:
             return
-        rec = index.get_pack(self._open_id)
+        rec = index.get_pack(cur.id)
         if rec is not None:
-            rec.sealed = True
-            index.put_pack(self._open_id, rec)
-            index.queue_outbox(self._open_id)
-        self._open_id = None
-        self._open_fd = None  # closed after its next fdatasync
+            index.seal_pack(cur.id, rec)
+        with self._lock:
+            self._open_ids = frozenset(p.id for p in self._open.values())
+        # its fd is closed after its next fdatasync
 
     def write(self, pack_id: int, offset: int, data: bytes) -> None:
         """Write reserved bytes (blocking; call from a worker thread)."""
@@ -127,14 +150,14 @@ class PackStore:
             fsync_dir(d)
         with self._lock:
             for pack_id, fd in pending:
-                if pack_id != self._open_id and pack_id not in self._writers and pack_id not in self._dirty:
+                if pack_id not in self._open_ids and pack_id not in self._writers and pack_id not in self._dirty:
                     self._unsynced.pop(pack_id, None)
                     os.close(fd)
 
     def busy(self, pack_id: int) -> bool:
         """Whether bytes may still be written into the pack (open, or a writer not finished)."""
         with self._lock:
-            return pack_id == self._open_id or pack_id in self._writers
+            return pack_id in self._open_ids or pack_id in self._writers
 
     @property
     def has_unsynced(self) -> bool:
@@ -193,4 +216,5 @@ class PackStore:
                 os.close(fd)
             self._read_fds.clear()
             self._unsynced.clear()
-        self._open_id = self._open_fd = None
+        self._open.clear()
+        self._open_ids = frozenset()

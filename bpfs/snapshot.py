@@ -15,6 +15,16 @@ This module owns:
     (reference counted), and their signed roots;
   - rebuilding a fresh store's index from a root and its metadata chunks (`rebuild_index`).
 
+What stays local stays out (see `lanes`): files a `.backupignore` keeps local (the index's
+`ignored` table) are left out entirely — their inode, directory entries, extents, xattrs —
+and so are local packs with their `chunks`/`packchunks` records; the manifest never lists a
+local pack. Before exporting, every chunk in a local pack that a replicable file uses is
+moved into a normal pack (`lanes.prepare_export`). Records that change because of this are
+re-sealed deterministically (`Sealer.reseal`): a directory entry bucket without its ignored
+names, a chunk's reference count without the ignored files' references (a chunk only
+ignored files use is left out, and its pack's live counts shrink; a pack left with no
+chunk is left out). A rebuilt store simply lacks the ignored files; directories stay.
+
 Why metadata chunks live in packs of their own, counted in the `snapshots` table and not in
 `chunks`: `chunks` reference counts are the number of extents using a chunk (verify checks
 exactly that), and compaction and pack deletion only touch chunks listed in `packchunks`.
@@ -68,7 +78,8 @@ from .crypto import CHUNK_ID_SIZE, NONCE_SIZE, SEAL_OVERHEAD, Sealer, padme, sea
 from .errors import BpfsError, IntegrityError
 from .fsutil import fsync_dir, make_private_dir
 from .identity import peer_id_bytes, verify_signature
-from .index import _NAME_HASH_LEN, _PACK, MAP_SIZE, ROOT_INO, TABLES, Index, record_aad, u64
+from .index import _CHUNK, _NAME_HASH_LEN, _PACK, MAP_SIZE, ROOT_INO, TABLES, Index, PackRecord, record_aad, u64
+from .lanes import ExportFilter, prepare_export
 from .keyfile import StoreKeys, read_public
 from .packs import PackStore
 from .store import StoreLock, create_store, key_path, require_store
@@ -345,14 +356,63 @@ class _RangeBuilder:
         self.ranges.append((pack_id, 1))
 
 
-def _stream(records, skip_packs: set[int], needed: _RangeBuilder, counts: list[int]):
-    """Yield the record stream of a read view, piece by piece; `counts[0]` gets the records."""
+_BY_INODE = frozenset({"inodes", "extents", "xattrs", "symlinks", "orphans"})  # keys start with the ino
+
+
+def _filtered(table: str, key: bytes, value: bytes, flt: ExportFilter, sealer) -> bytes | None:
+    """The value of a record as the snapshot holds it, or None to leave the record out."""
+    if table in _BY_INODE:
+        return None if int.from_bytes(key[:8], "big") in flt.ignored else value
+    if table == "dirents":
+        if not flt.ignored:
+            return value
+        aad = record_aad(table, key)
+        entries = Index._decode_bucket(sealer.open(value, aad))
+        kept = [e for e in entries if e[1] not in flt.ignored]
+        if len(kept) == len(entries):
+            return value
+        return sealer.reseal(Index._encode_bucket(kept), aad, value) if kept else None
+    if table == "chunks":
+        if key in flt.skip_chunks:
+            return None
+        refs = flt.refs.get(key)
+        if refs is None:
+            return value
+        aad = record_aad(table, key)
+        fields = _CHUNK.unpack(sealer.open(value, aad))
+        return sealer.reseal(_CHUNK.pack(*fields[:4], refs), aad, value)
+    if table == "packs":
+        pack_id = int.from_bytes(key, "big")
+        if pack_id in flt.skip_packs:
+            return None
+        loss = flt.pack_loss.get(pack_id)
+        if loss is None:
+            return value
+        rec = PackRecord.unpack(value)
+        rec.live_chunks -= loss[0]
+        rec.live_bytes -= loss[1]
+        return rec.pack()
+    if table == "packchunks":
+        if int.from_bytes(key[:8], "big") in flt.skip_packs or key[8:] in flt.skip_chunks:
+            return None
+    return value
+
+
+def _stream(records, skip_packs: set[int], needed: _RangeBuilder, counts: list[int],
+            flt: ExportFilter | None = None, sealer=None):
+    """Yield the record stream of a read view, piece by piece; `counts[0]` gets the records.
+    `flt` (with the records sealer) leaves out what stays local."""
     yield STREAM_MAGIC
     n = 0
+    filtering = flt is not None and flt.active
     for t, table in enumerate(SNAPSHOT_TABLES):
         for key, value in records(table):
             if table == "packs" and int.from_bytes(key, "big") in skip_packs:
                 continue  # a pack of metadata chunks: not needed to rebuild
+            if filtering:
+                value = _filtered(table, key, value, flt, sealer)
+                if value is None:
+                    continue
             if table == "packchunks":
                 pack_id = int.from_bytes(key[:8], "big")
                 if pack_id in skip_packs:
@@ -577,9 +637,15 @@ def export_snapshot(index: Index, keys: StoreKeys, packs: PackStore, *, keep: in
     """
     if keep < 1:
         raise ValueError("keep at least one snapshot")
+    try:
+        flt, emptied = prepare_export(index, packs)  # what stays local; no local pack is needed
+    except IntegrityError as e:
+        raise SnapshotError(f"a chunk that a replicated file uses cannot leave its local pack: {e}") from None
     if packs.has_unsynced:
         packs.sync()  # a checkpoint never points at pack bytes that are not on stable storage
     index.commit()
+    for pack_id in emptied:
+        packs.delete(pack_id)
     packs.seal_open(index)  # metadata chunks go to packs of their own
     skip = metadata_packs(index)
     retained = retained_generations(index)
@@ -599,7 +665,7 @@ def export_snapshot(index: Index, keys: StoreKeys, packs: PackStore, *, keep: in
                                         f"snapshot's {retained[-1]}")
                 if generation < 1:
                     raise SnapshotError("the index has never been committed")
-                for plain in _cut(_stream(records, skip, needed, counts), chunker):
+                for plain in _cut(_stream(records, skip, needed, counts, flt, keys.records), chunker):
                     digest.update(plain)
                     stream_length += len(plain)
                     cid = keys.chunk_id(plain)
@@ -636,7 +702,8 @@ def export_snapshot(index: Index, keys: StoreKeys, packs: PackStore, *, keep: in
         packs.delete(pack_id)
     manifest.stats = {"chunks": len(listed), "new_chunks": len(placed), "new_bytes": new_bytes,
                       "reused_chunks": sum(1 for c in listed if c.chunk_id not in placed),
-                      "stream_bytes": stream_length, "records": counts[0], "released_packs": len(dead)}
+                      "stream_bytes": stream_length, "records": counts[0], "released_packs": len(dead),
+                      "left_out_files": len(flt.ignored), "left_out_packs": len(flt.skip_packs)}
     return manifest
 
 

@@ -145,10 +145,8 @@ class OpenStore:
             destroy_inode(ino)
             report["orphans"] += 1
         for pack_id, rec in list(index.all_packs()):
-            if not rec.sealed:
-                rec.sealed = True
-                index.put_pack(pack_id, rec)
-                index.queue_outbox(pack_id)
+            if not rec.sealed:  # was open: seal it in its lane (local packs never go to the outbox)
+                index.seal_pack(pack_id, rec)
                 report["sealed_packs"] += 1
             if rec.live_chunks <= 0:
                 index.delete_pack(pack_id)

@@ -3,7 +3,9 @@
 Checks that every name points at an inode, link counts match names, every inode is
 reachable, every extent points at a chunk inside its bounds, reference counts match,
 every chunk lies inside an existing pack, and (with read_data) that every chunk
-authenticates and hashes to its id. Damage is reported by the paths it affects.
+authenticates and hashes to its id. Damage is reported by the paths it affects. Also notes
+(harmless) local-file markers of inodes that no longer exist, and chunks in local packs that
+replicated files use (they move to replicated packs at the next snapshot; see `lanes`).
 """
 
 from __future__ import annotations
@@ -159,7 +161,21 @@ class _Checker:
                               "packs": len(pack_sizes)}
         if self.read_data:
             self.report.counts["bytes authenticated"] = checked_bytes
+        self._check_lanes(attrs, chunks, users)
         return self.report
+
+    def _check_lanes(self, attrs, chunks, users) -> None:
+        ignored = set(self.index.ignored_inodes())
+        if ignored - set(attrs):
+            self.report.notes.append(f"{len(ignored - set(attrs))} local-file marker(s) of missing inodes (harmless)")
+        local = {pack_id for pack_id, rec in self.index.all_packs() if rec.local}
+        if local:
+            shared = sum(1 for cid, rec in chunks.items() if rec.pack in local and users.get(cid, set()) - ignored)
+            if shared:
+                self.report.notes.append(f"{shared} chunk(s) in local packs are used by replicated files "
+                                         "(they move to replicated packs at the next snapshot)")
+        if ignored:
+            self.report.counts["local files"] = len(ignored & set(attrs))
 
     def close(self):
         self.index.close()

@@ -6,6 +6,7 @@ import base64
 import errno
 import json
 import os
+import stat
 import random
 from pathlib import Path
 
@@ -215,10 +216,13 @@ def _leaks(store: Path, markers: dict[str, bytes]) -> list[str]:
     for dirpath, _, filenames in os.walk(store):
         for name in filenames:
             p = os.path.join(dirpath, name)
-            blob = Path(p).read_bytes()
             for what, marker in markers.items():
                 if os.fsencode(name).find(marker) >= 0:
                     found.append(f"{what} in the file name {p}")
+            if not stat.S_ISREG(os.lstat(p).st_mode):
+                continue  # the daemon's control socket: names checked, nothing to read
+            blob = Path(p).read_bytes()
+            for what, marker in markers.items():
                 for form in _encodings(marker):
                     if blob.find(form) >= 0:
                         found.append(f"{what} ({form[:20]!r}...) inside {os.path.relpath(p, store)}")

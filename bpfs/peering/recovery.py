@@ -295,11 +295,8 @@ def _queue_for_replication(store, keys, pack_ids) -> None:
     try:
         for pid in pack_ids:
             rec = index.get_pack(pid)
-            if rec is not None:
-                if not rec.sealed:
-                    rec.sealed = True
-                    index.put_pack(pid, rec)
-                index.queue_outbox(pid)
+            if rec is not None and not rec.local:
+                index.seal_pack(pid, rec)  # sealed, and in the outbox with its priority
         index.commit()
     finally:
         index.close()
