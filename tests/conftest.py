@@ -245,7 +245,9 @@ def process_report(pid: int) -> str:
     return "\n".join(out)
 
 
-def kill_pid(pid: int, timeout: float = 10) -> None:
+def kill_pid(pid: int, timeout: float = 60) -> None:
+    """SIGKILL and wait until the process is gone. A thread inside fdatasync on a busy disk is
+    in uninterruptible sleep and dies only when the call returns: seconds under CI's I/O load."""
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
