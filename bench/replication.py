@@ -656,22 +656,6 @@ def summarize(out: dict) -> dict:
     return summary
 
 
-def _num(x: float) -> str:
-    if x >= 100:
-        return f"{x:.0f}"
-    if x >= 10:
-        return f"{x:.1f}"
-    return f"{x:.2f}"
-
-
-def _cell(s: dict | None, unit: str) -> str:
-    if not s:
-        return "n/a"
-    if s["n"] == 1:
-        return f"{_num(s['median'])}{unit}"
-    return f"{_num(s['median'])}{unit} ({_num(s['min'])}-{_num(s['max'])})"
-
-
 def report_lines(rep: dict) -> list[str]:
     """The printed section: one row per column, then the ratios against the aims."""
     summary = rep.get("summary") or summarize(rep)
@@ -692,13 +676,13 @@ def report_lines(rep: dict) -> list[str]:
             label = label.format(dg=f", {dg['datagram']} B datagrams, {dg['cc']}" if dg else "")
         cpu = "n/a"
         if per.get("cpu"):
-            cpu = (f"{_num(per['cpu']['median'])} = {_num(per['cpu_a']['median'])} + "
-                   f"{_num(per['cpu_b']['median'])}")
+            cpu = (f"{stats.num(per['cpu']['median'])} = {stats.num(per['cpu_a']['median'])} + "
+                   f"{stats.num(per['cpu_b']['median'])}")
         elif per.get("cpu_a"):
-            cpu = f"{_num(per['cpu_a']['median'])} + n/a"
-        idle = f"{_num(per['idle_mbps']['median'])} MB/s" if per.get("idle_mbps") else "n/a"
+            cpu = f"{stats.num(per['cpu_a']['median'])} + n/a"
+        idle = f"{stats.num(per['idle_mbps']['median'])} MB/s" if per.get("idle_mbps") else "n/a"
         others = f"{per['others_cores']['median']:.2f} cores" if per.get("others_cores") else "n/a"
-        rows.append([label, _cell(per.get("mbps"), " MB/s"), _cell(per.get("seconds"), " s"), cpu, idle, others])
+        rows.append([label, stats.cell(per.get("mbps"), "MB/s"), stats.cell(per.get("seconds"), "s"), cpu, idle, others])
     if len(rows) == 1:
         return ["no replication results"]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

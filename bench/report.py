@@ -11,22 +11,6 @@ from bench.dedup import TARGET_PERCENT
 from bench.runner import UNITS
 
 
-def _num(x: float) -> str:
-    if x >= 100:
-        return f"{x:.0f}"
-    if x >= 10:
-        return f"{x:.1f}"
-    return f"{x:.2f}"
-
-
-def _cell(s: dict | None, unit: str) -> str:
-    if not s:
-        return "n/a"
-    if s["n"] == 1:
-        return f"{_num(s['median'])} {unit}"
-    return f"{_num(s['median'])} {unit} ({_num(s['min'])}-{_num(s['max'])})"
-
-
 def _ratio(x: float | None) -> str:
     if x is None:
         return "n/a"
@@ -40,7 +24,7 @@ def timed_table(summary: dict, labels: dict[str, str], columns: list[str]) -> li
         if w not in summary:
             continue
         per = summary[w]
-        cells = [_cell(per.get(t), UNITS[w]) for t in columns]
+        cells = [stats.cell(per.get(t), UNITS[w]) for t in columns]
         ratios = []
         if "bpfs" in columns:
             for other in ("raw", "gocryptfs"):

@@ -28,3 +28,21 @@ def ratio(a: dict | None, b: dict | None) -> float | None:
     if not a or not b or not b["median"]:
         return None
     return a["median"] / b["median"]
+
+
+def num(x: float) -> str:
+    """A figure with about three significant digits."""
+    if x >= 100:
+        return f"{x:.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def cell(s: dict | None, unit: str) -> str:
+    """A table cell: the median with its unit, and the min-max range when there were several runs."""
+    if not s:
+        return "n/a"
+    if s["n"] == 1:
+        return f"{num(s['median'])} {unit}"
+    return f"{num(s['median'])} {unit} ({num(s['min'])}-{num(s['max'])})"
