@@ -14,7 +14,7 @@ import sys
 import click
 
 from . import __version__, keyfile
-from .errors import BpfsError
+from .errors import BpfsError, first_error
 from .passphrase import read_passphrase
 from .config import DEFAULT_LISTEN, format_address, load_config, parse_address
 from .store import create_store, default_store_path, key_path, require_store
@@ -209,8 +209,6 @@ def main(argv=None):
         click.echo(f"bpfs: {e}", err=True)
         sys.exit(e.exit_code)
     except BaseExceptionGroup as eg:  # from inside a trio nursery: report the error it carries
-        from .peering.replicator import first_error
-
         err = first_error(eg)
         if isinstance(err, (BpfsError, OSError)) and not isinstance(err, BaseExceptionGroup):
             click.echo(f"bpfs: {err}", err=True)

@@ -22,7 +22,7 @@ import time
 import pyfuse3
 import trio
 
-from .errors import BpfsError
+from .errors import BpfsError, first_error
 from .filedata import DataStore
 from .fs import BpfsOperations
 from .store import (OpenStore, clear_daemon_info, is_locked, read_daemon_info, require_store,
@@ -144,40 +144,13 @@ def _partner_service(store: OpenStore, data: DataStore, listen: str | None):
                           listen=listen)
 
 
-async def _run_partners(service, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """The partner service; once started, a failure of it is logged and never ends the mount."""
-    started = []
-
-    def report(value=None):
-        started.append(True)
-        task_status.started(value)
-
-    class _Status:
-        started = staticmethod(report)
-
-    try:
-        await service.run(task_status=_Status)
-    except Exception:
-        if not started:
-            raise
-        log.exception("the partner service failed: partners are not served until the next start")
-
-
 async def _start_partners(nursery, store: OpenStore, data: DataStore, listen: str | None, explicit: bool):
     """Start the partner service and the control socket; returns the service."""
     from .peering import control
+    from .peering.service import start_service
 
-    service = _partner_service(store, data, listen)
-    try:
-        await nursery.start(_run_partners, service)
-    except OSError as e:
-        if explicit or listen is None:
-            raise BpfsError(f"cannot listen for partners on {listen}: {e.strerror or e} "
-                            "(choose another with --listen HOST:PORT, or --listen none)") from None
-        log.warning("cannot listen on %s (%s): using a free port instead", listen, e.strerror or e)
-        host = listen.rsplit(":", 1)[0]
-        service = _partner_service(store, data, f"{host}:0")
-        await nursery.start(_run_partners, service)
+    service = await start_service(nursery, lambda address: _partner_service(store, data, address), listen,
+                                  explicit=explicit, surviving=True)
     path = await nursery.start(control.serve, service, control.socket_path(store.dir))
     return service, path
 
@@ -259,12 +232,14 @@ def run_daemon(store_dir: str, keys, mountpoint: str | None, options: set[str], 
     try:
         trio.run(_serve, store, mountpoint, options, ready, listen, explicit_listen)
         clean = True
-    except BpfsError as e:
-        log.error("%s", e)
-        ready(str(e))
     except Exception as e:
-        log.exception("daemon failed")
-        ready(f"{'mount' if mountpoint else 'serve'} failed: {e}")
+        err = first_error(e)  # the error inside, when raised in a nursery
+        if isinstance(err, BpfsError):
+            log.error("%s", err)
+            ready(str(err))
+        else:
+            log.exception("daemon failed")
+            ready(f"{'mount' if mountpoint else 'serve'} failed: {err}")
     finally:
         try:
             store.close(release_lock=False)

@@ -32,3 +32,24 @@ class StoreBusy(BpfsError):
 
 class IntegrityError(Exception):
     """Authenticated data did not verify: corrupted, truncated, swapped or forged."""
+
+
+def first_error(eg: BaseException) -> BaseException:
+    """The first real failure inside a (trio nursery's) exception group, not a cancellation:
+    the error to report as one line. Any other exception is itself."""
+    import trio
+
+    leaves = []
+
+    def walk(e):
+        if isinstance(e, BaseExceptionGroup):
+            for sub in e.exceptions:
+                walk(sub)
+        else:
+            leaves.append(e)
+
+    walk(eg)
+    for e in leaves:
+        if not isinstance(e, trio.Cancelled):
+            return e
+    return eg

@@ -20,7 +20,12 @@ def peer_id_bytes(public_key: bytes) -> bytes:
 
 
 def peer_id(public_key: bytes) -> str:
-    return checked.encode(peer_id_bytes(public_key), _LABEL)
+    return format_peer_id(peer_id_bytes(public_key))
+
+
+def format_peer_id(raw: bytes) -> str:
+    """The text form (with check characters) of a 20-byte peer id."""
+    return checked.encode(raw, _LABEL)
 
 
 def parse_peer_id(text: str) -> bytes:

@@ -720,7 +720,7 @@ def test_blobs_that_do_not_match_their_id_are_detected(stores, tmp_path):
     from bpfs.net.quic import open_endpoint
     from bpfs.net.rpc import RemoteError, request
     from bpfs.peering import protocol as P
-    from bpfs.peering.holder import object_digest
+    from bpfs.peering.protocol import object_digest
 
     a = stores.owner("A")
     b, c = stores.server("B"), stores.server("C")

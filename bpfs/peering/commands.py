@@ -43,7 +43,7 @@ def _in_process(store: str, passphrase_file: str | None, fn):
     from ..filedata import DataStore
     from ..fs import BpfsOperations
     from ..store import OpenStore
-    from .service import PartnerService, StoreSource
+    from .service import PartnerService, StoreSource, start_service
 
     keys = keyfile.unlock(key_path(store), read_passphrase(passphrase_file))
     config = load_config(store)
@@ -58,7 +58,9 @@ def _in_process(store: str, passphrase_file: str | None, fn):
             result = None
             async with trio.open_nursery() as nursery:
                 data.nursery = nursery
-                service = await _start(nursery, store, keys, config, source)
+                service = await start_service(
+                    nursery, lambda address: PartnerService(store, keys, config, source, listen=address),
+                    config.listen, explicit=False)
                 try:
                     result = await fn(service)
                 finally:
@@ -69,22 +71,6 @@ def _in_process(store: str, passphrase_file: str | None, fn):
             opened.close()
 
     return trio.run(main)
-
-
-async def _start(nursery, store, keys, config, source):
-    from .service import PartnerService
-
-    for listen in (config.listen, "0.0.0.0:0"):
-        service = PartnerService(store, keys, config, source, listen=listen)
-        try:
-            await nursery.start(service.run)
-            return service
-        except OSError:
-            continue
-        except BaseExceptionGroup as eg:  # trio may wrap the bind error
-            if not eg.subgroup(OSError):
-                raise
-    raise BpfsError("cannot open a UDP socket for partners")
 
 
 def _ledger_only(store: str):
@@ -319,12 +305,14 @@ def _pack_sizes(store: str, with_root: bool = False):
     """pack id -> size of the replicable packs, read from the index without keys (plain tables)."""
     import lmdb
 
+    from ..index import PackRecord
+
     path = os.path.join(store, "index")
     env = lmdb.open(path, readonly=True, lock=False, max_dbs=32, subdir=True)
     try:
         with env.begin() as txn:
             outbox = {bytes(k) for k, _ in txn.cursor(db=env.open_db(b"outbox", txn=txn, create=False))}
-            sizes = {int.from_bytes(k, "big"): int.from_bytes(v[12:20], "little")
+            sizes = {int.from_bytes(k, "big"): PackRecord.unpack(v).size
                      for k, v in txn.cursor(db=env.open_db(b"packs", txn=txn, create=False)) if bytes(k) in outbox}
             latest = 0
             if with_root:

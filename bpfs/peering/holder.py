@@ -15,7 +15,6 @@ checked and the file fdatasync'ed and renamed, so a complete object survives a p
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import time
@@ -25,12 +24,12 @@ import trio
 
 from ..config import Config, format_size
 from ..fsutil import fsync_dir, make_private_dir
-from ..identity import Identity, peer_id, verify_signature
+from ..identity import Identity, format_peer_id, parse_peer_id, peer_id_bytes, verify_signature
 from ..net.quic import Code
 from ..net.rpc import Dispatcher, Reject
 from ..snapshot import SnapshotError, verify_root
 from . import protocol as P
-from .ledger import ACTIVE, ENDED, HostedRecord, Invite, Ledger, Partner, raw_id_of
+from .ledger import ENDED, HostedRecord, Invite, Ledger, Partner
 
 log = logging.getLogger("bpfs.peering.holder")
 
@@ -78,9 +77,7 @@ class Holder:
 
     # ----- paths and bookkeeping ------------------------------------------------------------
     def _owner_dir(self, owner_raw: bytes) -> str:
-        from ..checked import encode
-
-        return os.path.join(self.dir, encode(owner_raw, b"bpfs.peer-id"))
+        return os.path.join(self.dir, format_peer_id(owner_raw))
 
     def path(self, owner_raw: bytes, kind: int, obj_id: int) -> str:
         if kind == P.PACK:
@@ -88,7 +85,7 @@ class Holder:
         return os.path.join(self._owner_dir(owner_raw), "roots", f"{obj_id:016x}.root")
 
     def held_for(self, peer: str) -> int:
-        return self.used.get(raw_id_of_peer(peer), 0)
+        return self.used.get(parse_peer_id(peer), 0)
 
     def _lock(self, key) -> trio.Lock:
         lock = self._locks.get(key)
@@ -298,7 +295,7 @@ class Holder:
     # ----- releasing --------------------------------------------------------------------------------
     async def _release(self, conn, msg: P.Release):
         p = self._partner(conn)
-        signed = P.release_message(raw_id_of(self.identity.public_key), msg.ids)
+        signed = P.release_message(peer_id_bytes(self.identity.public_key), msg.ids)
         if not verify_signature(bytes.fromhex(p.public_key), signed, msg.signature):
             raise Reject("release request not signed by you", P.Refusal.BAD_REQUEST)
         now, n = self._clock(), 0
@@ -340,12 +337,6 @@ class _OutOfOrder(Exception):
     pass
 
 
-def raw_id_of_peer(peer: str) -> bytes:
-    from ..identity import parse_peer_id
-
-    return parse_peer_id(peer)
-
-
 def _write_piece(part: str, offset: int, data: bytes) -> int:
     """Append the new part of a piece; return the bytes now held. Pieces already held are no-ops."""
     make_private_dir(os.path.dirname(part))
@@ -366,7 +357,7 @@ def _write_piece(part: str, offset: int, data: bytes) -> int:
 
 
 def _digest_and_sync(part: str) -> bytes:
-    h = hashlib.blake2b(digest_size=P.DIGEST_SIZE)
+    h = P.digest_hasher()
     fd = os.open(part, os.O_RDONLY)
     try:
         while True:
@@ -385,8 +376,3 @@ def _read_all(path: str) -> bytes:
         return f.read(P.MAX_OBJECT + 1)
 
 
-def object_digest(data) -> bytes:
-    return hashlib.blake2b(data, digest_size=P.DIGEST_SIZE).digest()
-
-
-__all__ = ["Holder", "object_digest", "peer_id"]

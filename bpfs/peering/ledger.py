@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 import lmdb
 
 from ..fsutil import make_private_dir
-from ..identity import parse_peer_id, peer_id_bytes
+from ..identity import parse_peer_id
 
 _TABLES = ("peers", "invites", "sent", "hosted")
 _OBJ = struct.Struct(">BQ")
@@ -202,7 +202,3 @@ class Ledger:
                 rows.append((key[:20], kind, obj_id, HostedRecord(total, bool(complete), released)))
                 ok = cur.next()
         return rows
-
-
-def raw_id_of(public_key: bytes) -> bytes:
-    return peer_id_bytes(public_key)

@@ -27,6 +27,7 @@ Messages (request -> reply); every request but PairRequest needs an active partn
 
 from __future__ import annotations
 
+import hashlib
 import struct
 
 from ..net.codec import Bool, Bytes, List, Optional, Registry, Text, UInt, field
@@ -172,6 +173,17 @@ class GetRoot:
 class RootInfo:
     generation: int = field(UInt())  # 0: no root held
     size: int = field(_SIZE)
+
+
+def digest_hasher():
+    """The hash of a whole object, sent with its last piece: BLAKE2b-256."""
+    return hashlib.blake2b(digest_size=DIGEST_SIZE)
+
+
+def object_digest(data) -> bytes:
+    h = digest_hasher()
+    h.update(data)
+    return h.digest()
 
 
 _RELEASE_DOMAIN = b"bpfs release v1\0"

@@ -25,9 +25,8 @@ import time
 import trio
 
 from ..config import format_address, format_size, parse_address
-from ..errors import BpfsError, IntegrityError
+from ..errors import BpfsError, IntegrityError, first_error
 from ..fsutil import fsync_dir, make_private_dir, write_private_file
-from ..identity import peer_id
 from ..keyfile import StoreKeys, read_public
 from ..net.quic import TransportConfig, TransportError, open_endpoint
 from ..net.rpc import RemoteError, request
@@ -35,7 +34,6 @@ from ..passphrase import read_passphrase
 from ..store import key_path
 from . import protocol as P
 from .protocol import PARTNER_IDLE_TIMEOUT
-from .replicator import first_error
 
 STATE_FILE = "recovery.json"
 PARALLEL = 4
@@ -315,6 +313,3 @@ def _adopt_partner(store, keys, conn, usage, address, state) -> None:
         ledger.mark_sent(conn.peer_id, P.PACK, state["packs"])
     finally:
         ledger.close()
-
-
-__all__ = ["recover", "peer_id"]

@@ -24,15 +24,14 @@ Policy:
 from __future__ import annotations
 
 import collections
-import hashlib
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 
 import trio
 
 from ..config import Config, in_window
+from ..errors import first_error
 from ..net.quic import TransportError
 from ..net.rpc import RemoteError, request
 from . import protocol as P
@@ -288,7 +287,7 @@ class Replicator:
     async def _upload(self, conn, partner: Partner, prog: Progress, kind: int, obj_id: int, obj,
                       held: int = 0) -> None:
         total = obj.size
-        digest = hashlib.blake2b(digest_size=P.DIGEST_SIZE)
+        digest = P.digest_hasher()
         if held >= total:
             held = max(0, total - P.PIECE)  # resend the last piece, with the digest, to finish
         if held:
@@ -378,24 +377,6 @@ class Replicator:
         return out
 
 
-def first_error(eg: BaseExceptionGroup) -> BaseException:
-    """The first real failure inside a nursery's exception group (not a cancellation)."""
-    leaves = []
-
-    def walk(e):
-        if isinstance(e, BaseExceptionGroup):
-            for sub in e.exceptions:
-                walk(sub)
-        else:
-            leaves.append(e)
-
-    walk(eg)
-    for e in leaves:
-        if not isinstance(e, trio.Cancelled):
-            return e
-    return eg
-
-
 class _BytesObject:
     def __init__(self, blob: bytes):
         self.blob = blob
@@ -420,4 +401,3 @@ def _minute_now() -> int:
     return t.tm_hour * 60 + t.tm_min
 
 
-__all__ = ["ByteLimiter", "Progress", "Replicator", "SyncTimeout", "os"]

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import trio
 
-from ..config import Config, format_address, format_size, parse_address
-from ..errors import BpfsError
-from ..index import u64
+from ..config import Config, format_address, parse_address
+from ..errors import BpfsError, first_error
+from ..index import OUTBOX_PRIORITY, PackRecord
 from ..net.quic import TransportConfig, TransportError, open_endpoint
 from ..net.rpc import RemoteError, request
 from .. import snapshot as snap
@@ -31,7 +31,7 @@ from .protocol import PARTNER_IDLE_TIMEOUT
 from .holder import Holder
 from .ledger import ENDED, Ledger, Partner
 from .links import Links
-from .replicator import Replicator, SyncTimeout, first_error
+from .replicator import Replicator, SyncTimeout
 
 log = logging.getLogger("bpfs.peering")
 
@@ -86,11 +86,12 @@ class StoreSource:
         if txn_id != self._cache_txn:
             out = {}
             with self.index.read_view() as records:
-                outbox = {int.from_bytes(k, "big"): (1 if v[:1] == b"\x01" else 0) for k, v in records("outbox")}
+                outbox = {int.from_bytes(k, "big"): (1 if v == OUTBOX_PRIORITY else 0)
+                          for k, v in records("outbox")}
                 for key, raw in records("packs"):
                     pid = int.from_bytes(key, "big")
                     if pid in outbox:
-                        out[pid] = (outbox[pid], int.from_bytes(raw[12:20], "little"))
+                        out[pid] = (outbox[pid], PackRecord.unpack(raw).size)
             self._cache, self._cache_txn = out, txn_id
         return {pid: v for pid, v in self._cache.items() if not self.packs.busy(pid)}
 
@@ -201,6 +202,15 @@ class PartnerService:
         finally:
             self.ledger.close()
 
+    async def run_surviving(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """`run` for a daemon: once started, a failure is logged and never ends the mount."""
+        try:
+            await self.run(task_status=task_status)
+        except Exception:
+            if not self.ready.is_set():  # failed to start (the port is taken?): the caller decides
+                raise
+            log.exception("the partner service failed: partners are not served until the next start")
+
     async def _accept_loop(self) -> None:
         async for conn in self.endpoint:
             self._nursery.start_soon(self._serve_connection, conn)
@@ -209,7 +219,7 @@ class PartnerService:
         try:
             await self._serve_connection_unguarded(conn)
         except Exception as e:  # one connection's failure must not end the others (or the mount)
-            err = first_error(e) if isinstance(e, BaseExceptionGroup) else e
+            err = first_error(e)
             if isinstance(err, TransportError):
                 log.debug("connection %r ended: %s", conn, err)
             else:
@@ -360,6 +370,28 @@ class PartnerService:
 RESTART_PAUSE = 5.0
 
 
+async def start_service(nursery, make_service, listen: str | None, *, explicit: bool,
+                        surviving: bool = False) -> PartnerService:
+    """Start `make_service(listen)` in `nursery` and return it. If its UDP port is taken and the
+    user did not choose the address, fall back to a free port on the same host (and log it); an
+    address the user chose fails with a one-line error."""
+    attempts = [listen] if explicit or listen is None else [listen, f"{listen.rsplit(':', 1)[0]}:0"]
+    for i, address in enumerate(attempts):
+        service = make_service(address)
+        try:
+            await nursery.start(service.run_surviving if surviving else service.run)
+            return service
+        except BaseException as e:
+            err = first_error(e)
+            if not isinstance(err, OSError):
+                raise
+            if i + 1 == len(attempts):
+                raise PeeringError(f"cannot listen for partners on {address}: {err.strerror or err} "
+                                   "(choose another with --listen HOST:PORT, or --listen none)") from None
+            log.warning("cannot listen on %s (%s): using a free port instead", address, err.strerror or err)
+    raise AssertionError("unreachable")
+
+
 async def _guarded(what: str, fn) -> None:
     """Run a background task forever: a bug in it is logged and the task restarted, and never
     takes the daemon (or its mount) down."""
@@ -395,6 +427,3 @@ def _local_addresses(v6: bool) -> list[str]:
         pass
     loop = "::1" if v6 else "127.0.0.1"
     return [a for a in out if a != loop and not a.startswith("127.")] + [loop]
-
-
-__all__ = ["PartnerService", "PeeringError", "StoreSource", "format_size", "u64"]
