@@ -13,7 +13,7 @@ import pytest
 
 from conftest import (PASSPHRASE, PYTHON, REPO, Mount, bpfs_env, force_unmount, fuse_mounted, init_store,
                       is_mounted, one_line_error, pid_alive, pids_mentioning, read_daemon_json,
-                      run_bpfs, sha256_file, store_snapshot, wait_until)
+                      run_bpfs, store_snapshot, wait_until)
 
 
 def assert_store_permissions(store):

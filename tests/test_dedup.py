@@ -6,7 +6,6 @@ everything is flushed.  Full-size versions (1 GiB / 256 MiB) live in bench/.
 
 from __future__ import annotations
 
-import os
 import random
 import subprocess
 from pathlib import Path

@@ -8,7 +8,6 @@ import hashlib
 import mmap
 import os
 import random
-import shutil
 import sqlite3
 import stat
 import subprocess
