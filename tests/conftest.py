@@ -182,6 +182,36 @@ def pid_alive(pid: int) -> bool:
     return False
 
 
+def thread_states(pid: int) -> str:
+    """Each live thread's state, kernel wait channel and (root) kernel stack: why a process
+    has not died yet."""
+    out = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return "gone"
+    for tid in tids:
+        base = f"/proc/{pid}/task/{tid}"
+        try:
+            with open(f"{base}/stat") as f:
+                stat_line = f.read()
+            state = stat_line.rsplit(")", 1)[1].split()[0]
+            name = stat_line[stat_line.index("(") + 1:stat_line.rindex(")")]
+            with open(f"{base}/wchan") as f:
+                wchan = f.read().strip()
+        except (OSError, ValueError, IndexError):
+            continue
+        if state in ("Z", "X", "x"):
+            continue
+        try:
+            with open(f"{base}/stack") as f:
+                stack = " <- ".join(line.split()[-1] for line in f.read().splitlines()[:6])
+        except OSError:
+            stack = "?"
+        out.append(f"tid {tid} ({name}) state {state} wchan {wchan}: {stack}")
+    return "; ".join(out) or "no live threads"
+
+
 def read_daemon_json(store) -> dict:
     with open(os.path.join(store, "daemon.json")) as f:
         return json.load(f)
@@ -430,7 +460,7 @@ class Mount:
         """
         pid = self.daemon_pid()
         kill_pid(pid)
-        assert not pid_alive(pid), f"daemon {pid} survived SIGKILL"
+        assert not pid_alive(pid), f"daemon {pid} survived SIGKILL: {thread_states(pid)}"
         if unmount:
             force_unmount(self.mnt)
             assert not is_mounted(self.mnt)

@@ -24,7 +24,7 @@ import pytest
 import trio
 
 from conftest import (PYTHON, REPO, Mount, bpfs_env, dir_apparent_size, kill_pid, one_line_error,
-                      pack_files, pid_alive, pids_mentioning, read_daemon_json, run_bpfs, sha256_file,
+                      pack_files, pid_alive, pids_mentioning, thread_states, read_daemon_json, run_bpfs, sha256_file,
                       snapshot_tree, wait_until, make_tree)
 from netlab import NetLab, ProxyProcess, UdpProxy, free_udp_port, netlab_missing
 
@@ -158,7 +158,7 @@ class Server(Store):
     def kill9(self) -> int:
         pid = self.daemon_pid()
         kill_pid(pid)
-        assert not pid_alive(pid)
+        assert not pid_alive(pid), f"daemon {pid} survived SIGKILL: {thread_states(pid)}"
         return pid
 
     def cleanup(self):
