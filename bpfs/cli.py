@@ -16,7 +16,7 @@ import click
 from . import __version__, keyfile
 from .errors import BpfsError, first_error
 from .passphrase import read_passphrase
-from .config import DEFAULT_LISTEN, format_address, load_config, parse_address
+from .config import DEFAULT_LISTEN, format_address, load_config, parse_address, parse_brokers
 from .store import create_store, default_store_path, key_path, require_store
 
 STORE_HELP = "store folder (default: $BPFS_STORE, else ~/.local/share/bpfs/store)"
@@ -69,7 +69,7 @@ def _parse_options(values: tuple[str, ...]) -> dict[str, str | None]:
     return out
 
 
-MOUNT_OPTIONS = {"listen", "allow_other", "allow_root", "ro", "rw", "debug", "keyfile", "default_permissions", "noatime",
+MOUNT_OPTIONS = {"listen", "broker", "allow_other", "allow_root", "ro", "rw", "debug", "keyfile", "default_permissions", "noatime",
                  "relatime", "nosuid", "nodev", "noexec", "suid", "dev", "exec"}
 
 
@@ -77,11 +77,13 @@ MOUNT_OPTIONS = {"listen", "allow_other", "allow_root", "ro", "rw", "debug", "ke
 @click.argument("args", nargs=-1, metavar="[STORE] MOUNTPOINT")
 @click.option("-f", "--foreground", is_flag=True, help="stay in the foreground (logs to stderr)")
 @click.option("-o", "options", multiple=True, metavar="OPTIONS",
-              help="comma-separated: keyfile=PATH, allow_other, ro, debug")
+              help="comma-separated: keyfile=PATH, listen=HOST:PORT, broker=HOST[:PORT], allow_other, ro, debug")
 @click.option("--passphrase-file", type=click.Path(dir_okay=False), help="read the passphrase from this file")
 @click.option("--listen", default=None, metavar="HOST:PORT",
               help=f"UDP address to serve partners on (default from bpfs.toml, else {DEFAULT_LISTEN}; 'none': do not listen)")
-def mount(args, foreground, options, passphrase_file, listen):
+@click.option("--broker", "brokers", multiple=True, metavar="HOST[:PORT]",
+              help="rendezvous broker(s), tried in order (default from bpfs.toml; 'none': no broker)")
+def mount(args, foreground, options, passphrase_file, listen, brokers):
     """Mount STORE at MOUNTPOINT; returns once the mount is usable."""
     from .daemon import mount as do_mount
 
@@ -93,6 +95,8 @@ def mount(args, foreground, options, passphrase_file, listen):
         raise click.UsageError("expected [STORE] MOUNTPOINT")
     opts = _parse_options(options)
     listen = listen or opts.pop("listen", None)
+    _use_brokers(brokers or ([opts.pop("broker")] if opts.get("broker") else []))
+    opts.pop("broker", None)
     unknown = sorted(set(opts) - MOUNT_OPTIONS)
     if unknown:
         raise BpfsError(f"unknown mount option: {unknown[0]}", exit_code=2)
@@ -135,6 +139,13 @@ def verify(store, read_data, passphrase_file, as_json):
     sys.exit(0 if report.ok else 1)
 
 
+def _use_brokers(brokers) -> None:
+    """--broker: checked here, then handed to the daemon (and its config loading) as BPFS_BROKER."""
+    if brokers:
+        parse_brokers(brokers)
+        os.environ["BPFS_BROKER"] = ",".join(b.strip() for b in brokers)
+
+
 def _listen_address(store: str, listen: str | None) -> tuple[str | None, bool]:
     """(address or None for not listening, whether the user chose it explicitly)."""
     if listen is None:
@@ -153,10 +164,13 @@ def _listen_address(store: str, listen: str | None) -> tuple[str | None, bool]:
 @click.option("-f", "--foreground", is_flag=True, help="stay in the foreground (logs to stderr)")
 @click.option("--passphrase-file", type=click.Path(dir_okay=False), help="read the passphrase from this file")
 @click.option("--debug", is_flag=True, help="log debug messages")
-def serve(store, listen, foreground, passphrase_file, debug):
+@click.option("--broker", "brokers", multiple=True, metavar="HOST[:PORT]",
+              help="rendezvous broker(s), tried in order (default from bpfs.toml; 'none': no broker)")
+def serve(store, listen, foreground, passphrase_file, debug, brokers):
     """Serve partners and replicate STORE without mounting it (a storage box)."""
     from .daemon import serve as do_serve
 
+    _use_brokers(brokers)
     store = require_store(_store_arg(store))
     keys = keyfile.unlock(key_path(store), read_passphrase(passphrase_file))
     listen_at, explicit = _listen_address(store, listen)

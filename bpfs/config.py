@@ -10,6 +10,9 @@
     [partners]
     listen = "0.0.0.0:7450"      # UDP address the daemon serves partners on; "none" = do not listen
     grace_days = 30              # data a partner asked us to delete is kept this long
+    brokers = ["broker.bpfs.net"]  # rendezvous brokers, tried in order ("HOST[:PORT][/PEER_ID]");
+                                 # [] = none. The environment variable BPFS_BROKER (comma-separated,
+                                 # or "none") and `--broker` override this.
 
 Sizes are bytes or a number with K, M, G, T (binary: 1G = 1 GiB), optionally followed by
 "iB" or "B". Owns parsing and validating these; an invalid file is a clear one-line error.
@@ -26,6 +29,8 @@ from dataclasses import dataclass, field
 from .errors import BpfsError
 
 DEFAULT_PORT = 7450
+DEFAULT_BROKER_PORT = 7451  # the same as broker.protocol's
+DEFAULT_BROKERS = ("broker.bpfs.net",)
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
 DEFAULT_PRIORITY = (
     "id_rsa*", "id_ed25519*", "id_ecdsa*", "id_dsa*", "*.key", "*.pem", "*.p12", "*.pfx", "*.kdbx", "*.kdb",
@@ -110,6 +115,52 @@ def in_window(window: tuple[int, int] | None, minute_of_day: int) -> bool:
     return minute_of_day >= start or minute_of_day < end  # crosses midnight
 
 
+_BROKER = re.compile(r"^(?:quic://)?(\[[0-9a-fA-F:.]+\]|[^/:\[\]\s]+)(?::(\d{1,5}))?(?:/([0-9A-Za-z-]+))?/?$")
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str  # a name or an IP literal
+    port: int = DEFAULT_BROKER_PORT
+    peer_id: str | None = None  # the broker's identity, pinned if given
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}" + (f"/{self.peer_id}" if self.peer_id else "")
+
+
+def parse_broker(text: str) -> BrokerAddress:
+    """"broker.example.org", "quic://198.51.100.1:7451", "[2001:db8::1]:7451/PEER-ID"."""
+    from .identity import parse_peer_id
+
+    m = _BROKER.match(str(text).strip())
+    if not m:
+        raise ConfigError(f"not a broker address: {text!r} (expected HOST[:PORT], e.g. broker.example.org:"
+                          f"{DEFAULT_BROKER_PORT})")
+    host, port, pin = m.group(1).strip("[]"), int(m.group(2) or DEFAULT_BROKER_PORT), m.group(3)
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"port out of range in broker address {text!r}")
+    if pin is not None:
+        try:
+            parse_peer_id(pin)
+        except Exception:
+            raise ConfigError(f"not a peer id in broker address {text!r}") from None
+    return BrokerAddress(host, port, pin)
+
+
+def parse_brokers(values) -> list[BrokerAddress]:
+    """Broker addresses, in order; "none" (alone) means no broker."""
+    values = [str(v).strip() for v in values if v and str(v).strip()]
+    if len(values) == 1 and values[0].lower() == "none":
+        return []
+    return [parse_broker(v) for v in values]
+
+
+def brokers_from_env(default: list[BrokerAddress]) -> list[BrokerAddress]:
+    env = os.environ.get("BPFS_BROKER")
+    return default if env is None else parse_brokers(env.split(","))
+
+
 @dataclass
 class Config:
     replicas: int = 2
@@ -119,6 +170,7 @@ class Config:
     priority: list[str] = field(default_factory=lambda: list(DEFAULT_PRIORITY))
     listen: str | None = DEFAULT_LISTEN
     grace_days: float = 30.0
+    brokers: list[BrokerAddress] = field(default_factory=lambda: [parse_broker(b) for b in DEFAULT_BROKERS])
 
     @property
     def grace_seconds(self) -> float:
@@ -132,6 +184,7 @@ def load_config(store_dir: str) -> Config:
         with open(path, "rb") as f:
             doc = tomllib.load(f)
     except FileNotFoundError:
+        cfg.brokers = brokers_from_env(cfg.brokers)
         return cfg
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: {e}") from None
@@ -158,6 +211,14 @@ def load_config(store_dir: str) -> Config:
             cfg.grace_days = float(partners["grace_days"])
             if cfg.grace_days < 0:
                 raise ConfigError(f"{path}: grace_days must be >= 0")
+        if "brokers" in partners:
+            if not isinstance(partners["brokers"], list):
+                raise ConfigError(f"{path}: brokers must be a list of addresses (or [] for none)")
+            try:
+                cfg.brokers = parse_brokers(partners["brokers"])
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{path}: {e}") from None
+    cfg.brokers = brokers_from_env(cfg.brokers)
     return cfg

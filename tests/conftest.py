@@ -31,6 +31,10 @@ PASSPHRASE = "bpfs test passphrase: correct horse battery staple"
 FUSE_AVAILABLE = os.path.exists("/dev/fuse")
 FUSE_SKIP_REASON = "/dev/fuse is missing: FUSE mounts are impossible on this machine"
 
+# Stores made by tests talk to no broker unless a test names one (--broker / BPFS_BROKER): the
+# default public broker is not reachable here, and most tests pair directly.
+os.environ.setdefault("BPFS_BROKER", "none")
+
 # Default per-test timeout (seconds) unless a test sets its own.
 DEFAULT_TIMEOUT = 300
 

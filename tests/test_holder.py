@@ -111,10 +111,10 @@ def test_strangers_get_nothing_but_pairing(tmp_path):
             with pytest.raises(RemoteError, match="not paired"):
                 await call(conn, P.PutPiece(P.PACK, 1, 10, 0, b"x" * 10, digest(b"x" * 10)))
             with pytest.raises(RemoteError, match="not invited") as exc:
-                await call(conn, P.PairRequest(offer=5 * MiB, ask=9 * MiB, listen_port=7450))
+                await call(conn, P.PairRequest(offer=5 * MiB, ask=9 * MiB, listen_port=7450, pair_key=bytes(32)))
             assert conn.identity.peer_id in exc.value.message  # says exactly what to run on the other side
             holder.invite(conn.identity.peer_id, offer=8 * MiB, ask=2 * MiB, valid_for=60)
-            reply = await call(conn, P.PairRequest(offer=5 * MiB, ask=9 * MiB, listen_port=7450))
+            reply = await call(conn, P.PairRequest(offer=5 * MiB, ask=9 * MiB, listen_port=7450, pair_key=bytes(32)))
             assert (reply.keep_for_you, reply.keep_for_me) == (8 * MiB, 2 * MiB)  # the smaller of each pair
             p = holder.ledger.partner(conn.identity.peer_id)
             assert p.we_keep == 8 * MiB and p.address == "127.0.0.1:7450"
@@ -130,7 +130,7 @@ def test_expired_invitation_is_refused(tmp_path):
             holder.invite(conn.identity.peer_id, offer=MiB, ask=MiB, valid_for=60)
             holder.clock.now += 61
             with pytest.raises(RemoteError, match="not invited"):
-                await call(conn, P.PairRequest(offer=MiB, ask=MiB, listen_port=0))
+                await call(conn, P.PairRequest(offer=MiB, ask=MiB, listen_port=0, pair_key=bytes(32)))
 
     run(body, tmp_path)
 

@@ -622,7 +622,7 @@ async def _paired_conn(endpoint, holder: Store, address: str):
     from bpfs.peering import protocol as P
 
     conn = await endpoint.connect(_host_port(address), expected_peer=holder.peer_id)
-    reply = await request(conn, P.PairRequest(64 * MiB, 64 * MiB, 0), registry=P.PARTNER)
+    reply = await request(conn, P.PairRequest(64 * MiB, 64 * MiB, 0, os.urandom(32)), registry=P.PARTNER)
     assert reply.keep_for_you > 0
     return conn
 

@@ -941,3 +941,65 @@ def test_two_processes():
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+# =========================================================================== datagrams beside QUIC
+
+def test_connection_through_a_relay_path_is_authenticated_end_to_end():
+    """`RelayPath`: a QUIC connection whose datagrams travel inside relay frames through a third
+    socket. The relay here is a plain UDP forwarder that swaps session ids, as a broker's does; it
+    sees only relay frames of QUIC packets, and both ends still authenticate each other."""
+    from bpfs.net.relay import RelayPath, parse_relay_frame, relay_frame, punch_probe
+
+    async def main():
+        relay_sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        await relay_sock.bind(("127.0.0.1", 0))
+        relay_addr = relay_sock.getsockname()
+        sa, sb = os.urandom(16), os.urandom(16)
+        where: dict[bytes, tuple] = {}
+        seen = bytearray()
+        forwarded = [0]
+
+        async def relay():
+            while True:
+                data, addr = await relay_sock.recvfrom(65536)
+                frame = parse_relay_frame(data)
+                if frame is None:
+                    continue
+                session, payload = frame
+                seen.extend(payload)
+                where[session] = addr
+                other = sb if session == sa else sa
+                if other in where:
+                    forwarded[0] += 1
+                    await relay_sock.sendto(relay_frame(other, payload), where[other])
+
+        async with pair() as (srv, cli), trio.open_nursery() as nursery:
+            nursery.start_soon(relay)
+            await echo_server(srv, nursery)
+            srv.add_relay_session(RelayPath(relay_addr[0], relay_addr[1], sb))
+            cli.add_relay_session(RelayPath(relay_addr[0], relay_addr[1], sa))
+            # the server side must be known to the relay before the first packet can reach it
+            srv.send_datagram(relay_frame(sb, punch_probe()), relay_addr)
+            await trio.sleep(0.1)
+            conn = await cli.connect(RelayPath(relay_addr[0], relay_addr[1], sa), expected_peer=srv.identity.peer_id)
+            assert isinstance(conn.remote_address, RelayPath)
+            data = os.urandom(2 << 20)
+            assert await echo_digest(conn, data) == hashlib.sha256(data).digest()
+            server_conn = srv.connections[0]
+            assert server_conn.peer_id == cli.identity.peer_id
+            assert isinstance(server_conn.remote_address, RelayPath) and server_conn.remote_address.session == sb
+            assert forwarded[0] > 100
+            assert data[1000:1064] not in bytes(seen)  # the relay saw ciphertext only
+            # frames for a session the endpoint does not accept, and punch probes, are dropped
+            before = srv.dropped_datagrams
+            srv_addr = srv.local_address
+            cli.send_datagram(relay_frame(os.urandom(16), b"\xc0" + os.urandom(1300)), srv_addr)
+            cli.send_datagram(punch_probe(), srv_addr)
+            with trio.fail_after(5):
+                while srv.dropped_datagrams < before + 2:
+                    await trio.sleep(0.01)
+            assert not conn.closed
+            nursery.cancel_scope.cancel()
+
+    run(main)

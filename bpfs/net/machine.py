@@ -134,7 +134,7 @@ class BpfsQuic(QuicConnection):
         cfg = owner._cfg
         for limit, value in ((self._local_max_streams_bidi, cfg.max_streams), (self._local_max_streams_uni, 0)):
             limit.value = limit.sent = value
-        self._loss._pacer = _Pacer(max_datagram_size=cfg.max_datagram_size)
+        self._loss._pacer = _Pacer(max_datagram_size=self._max_datagram_size)
 
     def _write_connection_limits(self, builder, space) -> None:
         owner = self._owner
@@ -168,16 +168,16 @@ class BpfsQuic(QuicConnection):
 
 
 
-def make_quic(owner, *, is_client: bool, odcid: bytes | None) -> BpfsQuic:
+def make_quic(owner, *, is_client: bool, odcid: bytes | None, max_datagram_size: int | None = None) -> BpfsQuic:
     """The QUIC machine of `owner` (a `quic.Connection`), configured from `owner._cfg`
-    with the pre-authentication windows."""
+    with the pre-authentication windows (and a smaller datagram size if given)."""
     cfg = owner._cfg
     qcfg = QuicConfiguration(
         is_client=is_client,
         alpn_protocols=[ALPN],
         connection_id_length=CID_LENGTH,
         idle_timeout=cfg.idle_timeout,
-        max_datagram_size=cfg.max_datagram_size,
+        max_datagram_size=max_datagram_size or cfg.max_datagram_size,
         max_data=cfg.preauth_window,
         max_stream_data=cfg.preauth_window,
         congestion_control_algorithm=cfg.congestion_control,

@@ -62,11 +62,12 @@ from . import machine
 from .errors import (AuthenticationError, Code, ConnectionClosed, LimitExceeded, PeerRefused, StreamClosed,
                      StreamReset, TransportError)
 from .machine import CID_LENGTH
+from .relay import RELAY_OVERHEAD, RelayPath, is_quic, parse_relay_frame, relay_frame
 from .stream import Stream
 
 __all__ = [
     "AuthenticationError", "Code", "Connection", "ConnectionClosed", "Endpoint", "LimitExceeded",
-    "PeerRefused", "Stream", "StreamClosed", "StreamReset", "TransportConfig", "TransportError",
+    "PeerRefused", "RelayPath", "Stream", "StreamClosed", "StreamReset", "TransportConfig", "TransportError",
     "open_endpoint",
 ]
 
@@ -141,7 +142,9 @@ class Connection:
         self.channel_binding: bytes | None = None
         self.peer_public_key: bytes | None = None
         self.peer_id: str | None = None
-        self._quic = machine.make_quic(self, is_client=is_client, odcid=odcid)
+        # A relayed datagram carries the relay frame's header too: keep it within the same size.
+        size = cfg.max_datagram_size - (RELAY_OVERHEAD if isinstance(address, RelayPath) else 0)
+        self._quic = machine.make_quic(self, is_client=is_client, odcid=odcid, max_datagram_size=size)
 
     def __repr__(self) -> str:
         who = self.peer_id or "unauthenticated"
@@ -436,7 +439,8 @@ class Endpoint:
     """One UDP socket: dials and (if `listen`) accepts authenticated QUIC connections."""
 
     def __init__(self, sock: socket.socket, authenticator, config: TransportConfig, nursery: trio.Nursery, *,
-                 listen: bool, accept_peer: Callable[[str], bool] | None):
+                 listen: bool, accept_peer: Callable[[str], bool] | None,
+                 on_datagram: Callable[[bytes, tuple], None] | None = None):
         self._sock = sock
         self._authenticator = authenticator
         self._cfg = config
@@ -451,6 +455,8 @@ class Endpoint:
         self._backlog: collections.deque = collections.deque()
         self._backlog_wake = trio.Event()
         self.dropped_datagrams = 0
+        self._on_datagram = on_datagram
+        self._relay_sessions: dict[bytes, tuple[str, int]] = {}
         self.local_address = sock.getsockname()[:2]
         self.socket_buffers = (sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF),
                                sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
@@ -472,7 +478,8 @@ class Endpoint:
             from ..identity import peer_id
 
             accept = lambda key: peer_id(key) == expected_peer  # noqa: E731
-        address = (str(ipaddress.ip_address(address[0])), int(address[1]))  # no DNS here
+        if not isinstance(address, RelayPath):
+            address = (str(ipaddress.ip_address(address[0])), int(address[1]))  # no DNS here
         conn = Connection(self, is_client=True, address=address, accept=accept)
         self._connections.add(conn)
         conn._quic.connect(address, now=trio.current_time())
@@ -508,9 +515,36 @@ class Endpoint:
         for conn in list(self._connections):
             conn.close(error_code, reason)
 
-    # ---- datagrams
+    # ---- datagrams beside QUIC (see `relay`)
+
+    def send_datagram(self, data: bytes, addr) -> None:
+        """Send one raw datagram from this endpoint's socket (a punch probe, a relayed frame)."""
+        self._sendto(data, addr)
+
+    def add_relay_session(self, path: RelayPath) -> None:
+        """Accept relay frames for `path.session` from `path`'s relay: their payloads are this
+        endpoint's QUIC datagrams from (and answers go back to) the address `path`."""
+        self._relay_sessions[path.session] = path.relay
+
+    def remove_relay_session(self, session: bytes) -> None:
+        self._relay_sessions.pop(session, None)
+
+    def _side_datagram(self, data: bytes, addr) -> Connection | None:
+        frame = parse_relay_frame(data)
+        if frame is not None:
+            session, payload = frame
+            relay = self._relay_sessions.get(session)
+            if relay is not None and relay == tuple(addr[:2]) and is_quic(payload):
+                return self._route(payload, RelayPath(relay[0], relay[1], session))
+        if self._on_datagram is not None:
+            self._on_datagram(data, addr)
+        else:
+            self.dropped_datagrams += 1  # punch probes, stray or stale relay frames
+        return None
 
     def _sendto(self, data: bytes, addr) -> None:
+        if isinstance(addr, RelayPath):
+            data, addr = relay_frame(addr.session, data), addr.relay
         if self._backlog:
             if len(self._backlog) < _MAX_SEND_BACKLOG:
                 self._backlog.append((data, addr))
@@ -552,7 +586,7 @@ class Endpoint:
                     break
                 except OSError:  # e.g. ECONNREFUSED from an earlier ICMP error
                     continue
-                conn = self._route(data, addr)
+                conn = self._route(data, addr) if is_quic(data) else self._side_datagram(data, addr)
                 if conn is not None:
                     touched[conn] = None
             for conn in touched:
@@ -667,11 +701,14 @@ def _make_socket(host: str, port: int, buffer_size: int) -> socket.socket:
 @asynccontextmanager
 async def open_endpoint(authenticator, host: str = "127.0.0.1", port: int = 0, *,
                         config: TransportConfig | None = None, listen: bool = True,
-                        accept_peer: Callable[[str], bool] | None = None):
+                        accept_peer: Callable[[str], bool] | None = None,
+                        on_datagram: Callable[[bytes, tuple], None] | None = None):
     """An `Endpoint` on a new UDP socket, running until the block exits (then every
     connection is closed). `authenticator` is an `Identity` (Ed25519 authentication,
     see `auth`) or an object with `authenticate(conn, stream, accept)`.
-    `accept_peer(peer_id) -> bool` filters incoming connections."""
+    `accept_peer(peer_id) -> bool` filters incoming connections. `on_datagram(data, addr)` gets
+    the datagrams that are not QUIC (first byte without the fixed bit) and not a relay frame of a
+    session this endpoint accepts (`add_relay_session`); without it they are dropped."""
     from .auth import Ed25519Authenticator
 
     if not hasattr(authenticator, "authenticate"):
@@ -680,7 +717,8 @@ async def open_endpoint(authenticator, host: str = "127.0.0.1", port: int = 0, *
     sock = _make_socket(host, port, config.socket_buffer)
     try:
         async with trio.open_nursery() as nursery:
-            ep = Endpoint(sock, authenticator, config, nursery, listen=listen, accept_peer=accept_peer)
+            ep = Endpoint(sock, authenticator, config, nursery, listen=listen, accept_peer=accept_peer,
+                          on_datagram=on_datagram)
             nursery.start_soon(ep._receive_loop)
             nursery.start_soon(ep._send_loop)
             try:

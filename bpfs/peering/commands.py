@@ -1,4 +1,4 @@
-"""The partner commands of the CLI: pair, peers, unpair, status, sync, recover.
+"""The partner commands of the CLI: pair (by code or direct), peers, unpair, status, sync, recover.
 
 Each one asks the store's running daemon through its control socket when there is one (the
 daemon owns the UDP port); otherwise it does the work in this process: `peers`, `status` and
@@ -34,7 +34,7 @@ def _daemon(store: str) -> str | None:
     return path
 
 
-def _in_process(store: str, passphrase_file: str | None, fn):
+def _in_process(store: str, passphrase_file: str | None, fn, brokers=None):
     """Run `await fn(service)` with a partner service of this process on the unlocked store."""
     import trio
 
@@ -59,7 +59,8 @@ def _in_process(store: str, passphrase_file: str | None, fn):
             async with trio.open_nursery() as nursery:
                 data.nursery = nursery
                 service = await start_service(
-                    nursery, lambda address: PartnerService(store, keys, config, source, listen=address),
+                    nursery, lambda address: PartnerService(store, keys, config, source, listen=address,
+                                                            brokers=brokers),
                     config.listen, explicit=False)
                 try:
                     result = await fn(service)
@@ -71,6 +72,87 @@ def _in_process(store: str, passphrase_file: str | None, fn):
             opened.close()
 
     return trio.run(main)
+
+
+def _store_and_code(args) -> tuple[str | None, str | None]:
+    """`pair`'s positional arguments: [STORE] [CODE] (a code starts with its number and a dash)."""
+    import re
+
+    looks_like_code = re.compile(r"^\s*\d+-[A-Za-z]")
+    if len(args) > 2:
+        raise click.UsageError("too many arguments: expected [STORE] [CODE]")
+    if len(args) == 2:
+        return args[0], args[1]
+    if len(args) == 1:
+        return (None, args[0]) if looks_like_code.match(args[0]) else (args[0], None)
+    return None, None
+
+
+def _describe_offer(info: dict) -> str:
+    return (f"Partner {info['peer_id']}\n"
+            f"  offers to keep up to {format_size(info['their_offer'])} of our data and asks us to keep up to "
+            f"{format_size(info['their_ask'])} of its data.\n"
+            f"  Agreed if you accept: we keep up to {format_size(info['we_keep'])} of its data, it keeps up to "
+            f"{format_size(info['they_keep'])} of ours.")
+
+
+def _pair_by_code(store, sock, code, offer, ask, words, yes, as_json, passphrase_file, brokers) -> dict:
+    """Both halves of pairing by code (see rendezvous.codepair), asking the user in between."""
+    if not yes and not sys.stdin.isatty():
+        raise BpfsError("pairing by code asks you to confirm the partner: run it in a terminal, or pass --yes",
+                        exit_code=2)
+
+    def show_code(res: dict) -> None:
+        minutes = max(1, round((res["expires"] - time.time()) / 60))
+        if as_json:
+            click.echo(json.dumps({"code": res["code"], "expires": res["expires"]}))
+        else:
+            click.echo(f"code: {res['code']}")
+            click.echo(f"On the partner's machine run:  bpfs pair {res['code']}   (valid {minutes} minutes, "
+                       "once; waiting...)", err=True)
+        sys.stdout.flush()
+
+    def confirm(info: dict) -> bool:
+        click.echo(_describe_offer(info), err=True)
+        if yes:
+            return True
+        return click.confirm("Pair with this partner?", default=False, err=True)
+
+    if sock:
+        session = None
+        try:
+            if code:
+                info = control.call(sock, "code_join", code=code, offer=offer, ask=ask)
+            else:
+                res = control.call(sock, "code_open", offer=offer, ask=ask, words=words)
+                session = res["session"]
+                show_code(res)
+                info = control.call(sock, "code_wait", session=session)
+            session = info["session"]
+            accepted = confirm(info)
+            result = control.call(sock, "code_decide", session=session, accept=accepted)
+            session = None
+            return result
+        finally:
+            if session is not None:  # interrupted: free the code now rather than at its expiry
+                try:
+                    control.call(sock, "code_cancel", session=session)
+                except BpfsError:
+                    pass
+
+    async def run(service):
+        import trio
+
+        if code:
+            info = await service.op_code_join(code, offer, ask)
+        else:
+            res = await service.op_code_open(offer, ask, words)
+            show_code(res)
+            info = await service.op_code_wait(res["session"])
+        accepted = await trio.to_thread.run_sync(confirm, info)
+        return await service.op_code_decide(info["session"], accepted)
+
+    return _in_process(store, passphrase_file, run, brokers=brokers)
 
 
 def _ledger_only(store: str):
@@ -90,22 +172,48 @@ def register(cli, store_arg, emit) -> None:
                                   help="read the passphrase from this file (when no daemon runs)")
 
     @cli.command()
-    @click.argument("store", required=False)
+    @click.argument("args", nargs=-1, metavar="[STORE] [CODE]")
     @click.option("--accept", "accept", metavar="PEER_ID", help="allow PEER_ID to pair with this store")
     @click.option("--direct", "direct", metavar="HOST:PORT", help="pair with the store listening there")
     @click.option("--expect", metavar="PEER_ID", help="the peer id the store at HOST:PORT must have")
     @click.option("--offer", default="10G", show_default=True, help="how much of the partner's data we keep")
     @click.option("--ask", default="10G", show_default=True, help="how much of ours we ask the partner to keep")
-    @click.option("--yes", is_flag=True, help="accept the partner's peer id without asking")
+    @click.option("--broker", "brokers", multiple=True, metavar="HOST[:PORT]",
+                  help="broker(s) to pair through, tried in order (default: the store's; see bpfs.toml)")
+    @click.option("--words", type=click.IntRange(2, 4), default=2, show_default=True,
+                  help="words in a new code (each adds 8 bits against guessing)")
+    @click.option("--yes", is_flag=True, help="accept the partner's identity and offer without asking")
     @click.option("--json", "as_json", is_flag=True)
     @passphrase_opt
-    def pair(store, accept, direct, expect, offer, ask, yes, as_json, passphrase_file):
-        """Pair with a partner: --accept PEER_ID on one side, then --direct HOST:PORT on the other."""
+    def pair(args, accept, direct, expect, offer, ask, brokers, words, yes, as_json, passphrase_file):
+        """Pair with a partner.
+
+        \b
+        By code, through a broker (no addresses, no open ports needed):
+          bpfs pair [STORE]          prints a code, waits for the partner
+          bpfs pair [STORE] CODE     on the partner's machine, with that code
+        Directly: --accept PEER_ID on one side, then --direct HOST:PORT on the other."""
+        store, code = _store_and_code(args)
         store = require_store(store_arg(store))
         offer_n, ask_n = parse_size(offer), parse_size(ask)
-        if bool(accept) == bool(direct):
-            raise click.UsageError("give exactly one of --accept PEER_ID or --direct HOST:PORT")
+        if accept and direct or (code and (accept or direct)):
+            raise click.UsageError("give one of CODE, --accept PEER_ID or --direct HOST:PORT")
+        if brokers and (accept or direct):
+            raise click.UsageError("--broker is for pairing by code")
         sock = _daemon(store)
+        if not accept and not direct:
+            from ..config import parse_brokers
+
+            broker_list = parse_brokers(brokers) if brokers else None
+            if sock and broker_list is not None:
+                raise BpfsError("the store's daemon is running with its own brokers: --broker works only "
+                                "without a daemon (or set brokers in bpfs.toml and restart it)", exit_code=2)
+            res = _pair_by_code(store, sock, code, offer_n, ask_n, words, yes, as_json, passphrase_file,
+                                broker_list)
+            emit(as_json, res, f"Paired with {res['peer_id']} ({res.get('path') or 'not connected yet'}): we keep "
+                               f"up to {format_size(res['we_keep'])} of its data, it keeps up to "
+                               f"{format_size(res['they_keep'])} of ours.")
+            return
         if accept:
             if sock:
                 res = control.call(sock, "invite", peer=accept, offer=offer_n, ask=ask_n)
@@ -211,7 +319,8 @@ def register(cli, store_arg, emit) -> None:
             frac = p["replicated_bytes"] / total if total else 1.0
             bar = "#" * int(frac * 30) + "-" * (30 - int(frac * 30))
             eta = f", about {p['eta']} s left" if p.get("eta") else ""
-            click.echo(f"{p['peer_id']}  [{bar}] {frac * 100:5.1f}%  {p['state']}\n"
+            path = f" ({p['path']})" if p.get("path") else ""
+            click.echo(f"{p['peer_id']}  [{bar}] {frac * 100:5.1f}%  {p['state']}{path}\n"
                        f"    {p['replicated_packs']} packs ({format_size(p['replicated_bytes'])}) replicated, "
                        f"{p['pending_packs']} ({format_size(p['pending_bytes'])}) pending, "
                        f"{format_size(p['rate'])}/s{eta}; root generation {p['root_generation']}"

@@ -25,7 +25,7 @@ import trio
 from ..config import Config, format_size
 from ..fsutil import fsync_dir, make_private_dir
 from ..identity import Identity, format_peer_id, parse_peer_id, peer_id_bytes, verify_signature
-from ..net.quic import Code
+from ..net.quic import Code, RelayPath
 from ..net.rpc import Dispatcher, Reject
 from ..snapshot import SnapshotError, verify_root
 from . import protocol as P
@@ -118,13 +118,15 @@ class Holder:
     # ----- pairing ------------------------------------------------------------------------------
     async def _pair(self, conn, msg: P.PairRequest):
         now = self._clock()
-        address = f"{conn.remote_address[0]}:{msg.listen_port}" if msg.listen_port else None
-        if ":" in conn.remote_address[0] and msg.listen_port:
+        relayed = isinstance(conn.remote_address, RelayPath)  # its address is the relay's, not its own
+        address = f"{conn.remote_address[0]}:{msg.listen_port}" if msg.listen_port and not relayed else None
+        if ":" in conn.remote_address[0] and address:
             address = f"[{conn.remote_address[0]}]:{msg.listen_port}"
         existing = self.ledger.partner(conn.peer_id)
         if existing is not None and existing.active:
             existing.address = address or existing.address
             existing.last_seen = now
+            existing.pair_key = bytes(msg.pair_key).hex()
             self.ledger.put_partner(existing)
             return P.PairReply(existing.we_keep, existing.they_keep, self._listen_port())
         invite = self.ledger.take_invite(conn.peer_id, now)
@@ -134,7 +136,10 @@ class Holder:
         we_keep, they_keep = min(msg.ask, invite.offer), min(msg.offer, invite.ask)
         if we_keep == 0 and they_keep == 0:
             raise Reject("nothing to agree: both quotas would be zero", P.Refusal.BAD_REQUEST)
-        partner = Partner(conn.peer_id, conn.peer_public_key.hex(), address, we_keep, they_keep, last_seen=now)
+        if invite.pair_key and invite.pair_key != bytes(msg.pair_key).hex():
+            raise Reject("the pairing request does not carry the key the code exchange agreed", P.Refusal.BAD_REQUEST)
+        partner = Partner(conn.peer_id, conn.peer_public_key.hex(), address, we_keep, they_keep, last_seen=now,
+                          pair_key=bytes(msg.pair_key).hex())
         if existing is not None:  # an ended partnership renewed: keep what it still holds
             partner.root_generation = existing.root_generation
         self.ledger.put_partner(partner)
@@ -153,8 +158,8 @@ class Holder:
             self._on_unpaired(p)
         return P.Done(1)
 
-    def invite(self, peer: str, offer: int, ask: int, valid_for: float) -> Invite:
-        inv = Invite(peer, offer, ask, self._clock() + valid_for)
+    def invite(self, peer: str, offer: int, ask: int, valid_for: float, pair_key: bytes | None = None) -> Invite:
+        inv = Invite(peer, offer, ask, self._clock() + valid_for, pair_key.hex() if pair_key else None)
         self.ledger.put_invite(inv)
         return inv
 

@@ -45,6 +45,7 @@ class Partner:
     last_seen: float | None = None
     root_generation: int = 0  # our root generation this partner confirmed holding
     observed: str | None = None  # where its last connection to us came from (its port, or a NAT's)
+    pair_key: str | None = None  # hex: the secret we share for finding each other through a broker
 
     @property
     def addresses(self) -> list[str]:
@@ -65,6 +66,7 @@ class Invite:
     offer: int
     ask: int
     expires: float
+    pair_key: str | None = None  # hex, set by a pairing by code (both sides derived it)
 
 
 @dataclass

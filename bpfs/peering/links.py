@@ -33,9 +33,26 @@ class Unreachable(TransportError):
         self.retry_at = retry_at
 
 
+async def dial_in_turn(endpoint, peer: str, addresses: list[str]) -> Connection:
+    """The plain way to reach a partner: its addresses, one after the other."""
+    if not addresses:
+        raise TransportError("it has no address we know: waiting for it to connect")
+    error: BaseException | None = None
+    for address in addresses:
+        try:
+            with trio.fail_after(DIAL_TIMEOUT):
+                return await endpoint.connect(parse_address(address), expected_peer=peer)
+        except (TransportError, trio.TooSlowError, OSError) as e:
+            error = e
+    raise TransportError(f"{error or type(error).__name__}")
+
+
 class Links:
-    def __init__(self, endpoint, nursery: trio.Nursery, serve_connection, *, rng: random.Random | None = None):
+    def __init__(self, endpoint, nursery: trio.Nursery, serve_connection, *, rng: random.Random | None = None,
+                 dial=None):
         self.endpoint = endpoint
+        # dial(peer, addresses) -> Connection, or a TransportError saying why not
+        self._dial = dial or (lambda peer, addresses: dial_in_turn(endpoint, peer, addresses))
         self._nursery = nursery
         self._serve = serve_connection
         self._conns: dict[str, Connection] = {}
@@ -86,18 +103,13 @@ class Links:
             retry_at = self._retry_at.get(peer, 0.0)
             if now < retry_at:
                 raise Unreachable(f"{peer} unreachable; next attempt in {retry_at - now:.0f} s", retry_at)
-            if not addresses:
-                raise Unreachable(f"{peer} has no address: waiting for it to connect", now + BACKOFF_MAX)
-            conn, error = None, None
-            for address in addresses:
-                try:
-                    with trio.fail_after(DIAL_TIMEOUT):
-                        conn = await self.endpoint.connect(parse_address(address), expected_peer=peer)
-                    break
-                except (TransportError, trio.TooSlowError, OSError) as e:
-                    error = e
+            conn = error = None
+            try:
+                conn = await self._dial(peer, addresses)
+            except (TransportError, trio.TooSlowError, OSError) as e:
+                error = e
             if conn is None:
-                e, address = error, " or ".join(addresses)
+                e, address = error, " or ".join(addresses) or "any address"
                 delay = min(BACKOFF_MAX, self._delay.get(peer, BACKOFF_FIRST / 2) * 2)
                 self._delay[peer] = delay
                 wait = delay * (0.5 + self._rng.random())

@@ -14,7 +14,7 @@ complete. A piece the holder already has is acknowledged again (a retry after a 
 piece beyond what it has is out of order and closes the connection.
 
 Messages (request -> reply); every request but PairRequest needs an active partnership:
-  PairRequest(offer, ask, listen_port)   -> PairReply(keep_for_you, keep_for_me, listen_port)
+  PairRequest(offer, ask, listen_port, pair_key) -> PairReply(keep_for_you, keep_for_me, listen_port)
   Unpair(reason)                          -> Done
   Usage()                                 -> UsageReply: what the holder keeps for the asker
   Have(kind, ids)                         -> HaveReply(sizes, complete): bytes held of each
@@ -70,6 +70,8 @@ class PairRequest:
     offer: int = field(UInt(MAX_QUOTA))  # the requester keeps up to this much of the responder's data
     ask: int = field(UInt(MAX_QUOTA))  # and asks the responder to keep up to this much of its own
     listen_port: int = field(UInt(0xFFFF))  # where the requester accepts connections (0: it does not)
+    # the partners' shared secret for finding each other through a broker (`broker.protocol`)
+    pair_key: bytes = field(Bytes(32, min_len=32))
 
 
 @PARTNER.message(0x11)

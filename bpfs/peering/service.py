@@ -23,7 +23,7 @@ import trio
 from ..config import Config, format_address, parse_address
 from ..errors import BpfsError, first_error
 from ..index import OUTBOX_PRIORITY, PackRecord
-from ..net.quic import TransportConfig, TransportError, open_endpoint
+from ..net.quic import RelayPath, TransportConfig, TransportError, open_endpoint
 from ..net.rpc import RemoteError, request
 from .. import snapshot as snap
 from . import protocol as P
@@ -32,10 +32,15 @@ from .holder import Holder
 from .ledger import ENDED, Ledger, Partner
 from .links import Links
 from .replicator import Replicator, SyncTimeout
+from ..rendezvous.brokers import BrokerClient
+from ..rendezvous.codepair import CodePairing
+from ..rendezvous.dialer import Dialer, NoRoute, token_for
+from broker.protocol import lookup_token, verifier
 
 log = logging.getLogger("bpfs.peering")
 
 INVITE_VALID = 7 * 86400.0
+CODE_INVITE_VALID = 20 * 60.0  # an invitation made by a pairing by code: the code's life and then some
 PAIR_TIMEOUT = 20.0
 
 
@@ -146,13 +151,17 @@ class StoreSource:
 
 class PartnerService:
     def __init__(self, store_dir: str, keys, config: Config, source: StoreSource | None, *,
-                 listen: str | None, transport: TransportConfig | None = None):
+                 listen: str | None, transport: TransportConfig | None = None, brokers=None):
         self.store_dir = store_dir
         self.keys = keys
         self.identity = keys.identity
         self.config = config
         self.source = source
         self.listen = listen
+        self.brokers = config.brokers if brokers is None else brokers
+        self.broker: BrokerClient | None = None
+        self.dialer: Dialer | None = None
+        self.codes: CodePairing | None = None
         self.transport = transport or TransportConfig(max_data=32 << 20, max_stream_data=8 << 20,
                                                       socket_buffer=8 << 20, idle_timeout=PARTNER_IDLE_TIMEOUT)
         self.ledger = Ledger(store_dir)
@@ -161,8 +170,9 @@ class PartnerService:
         self.replicator: Replicator | None = None
         self._nursery = None
         self.holder = Holder(store_dir, self.identity, self.ledger, config, listen_port=self._listen_port,
-                             on_paired=self._changed, on_unpaired=self._changed)
+                             on_paired=self._partners_changed, on_unpaired=self._partners_changed)
         self.ready = trio.Event()
+        self._paired_event = trio.Event()
 
     def _listen_port(self) -> int:
         return self.endpoint.local_address[1] if self.endpoint is not None and self.listen else 0
@@ -170,6 +180,28 @@ class PartnerService:
     def _changed(self, partner: Partner | None = None) -> None:
         if self.replicator is not None:
             self.replicator.wake()
+
+    def _partners_changed(self, partner: Partner | None = None) -> None:
+        self._changed()
+        if self.broker is not None:
+            self.broker.changed()  # who may look us up changed: announce again
+        self._paired_event.set()
+        self._paired_event = trio.Event()
+
+    def _pair_keys(self) -> list[bytes]:
+        """The pair keys of partners (and pending pairings by code) that may look us up."""
+        keys = [p.pair_key for p in self.ledger.partners() if p.active and p.pair_key]
+        now = time.time()
+        keys += [inv.pair_key for inv in self.ledger.invites() if inv.pair_key and inv.expires > now]
+        return [bytes.fromhex(k) for k in dict.fromkeys(keys)]
+
+    def _verifiers(self) -> list[bytes]:
+        return [verifier(lookup_token(k, self.identity.public_key)) for k in self._pair_keys()]
+
+    async def _dial_partner(self, peer: str, addresses: list[str]):
+        p = self.ledger.partner(peer)
+        token = token_for(p.pair_key, p.public_key) if p is not None else None
+        return await self.dialer.reach(peer, addresses, token)
 
     @property
     def addresses(self) -> list[str]:
@@ -189,7 +221,15 @@ class PartnerService:
                 self.endpoint = ep
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
-                    self.links = Links(ep, nursery, self._serve_connection)
+                    self.broker = BrokerClient(self.identity, ep, self.brokers, addresses=lambda: self.addresses,
+                                               verifiers=self._verifiers, standing=lambda: bool(self._pair_keys()))
+                    self.dialer = Dialer(ep, self.broker)
+                    self.codes = CodePairing(self.broker, self.identity, invite=self._code_invite,
+                                             uninvite=self._code_uninvite, pair_with=self._code_pair_with,
+                                             wait_paired=self._wait_paired)
+                    nursery.start_soon(_guarded, "talking to brokers", self.broker.run)
+                    nursery.start_soon(_guarded, "pairing by code", self.codes.run)
+                    self.links = Links(ep, nursery, self._serve_connection, dial=self._dial_partner)
                     nursery.start_soon(_guarded, "accepting connections", self._accept_loop)
                     nursery.start_soon(_guarded, "sweeping hosted data", self.holder.run_sweeper)
                     if self.source is not None:
@@ -229,7 +269,7 @@ class PartnerService:
     async def _serve_connection_unguarded(self, conn) -> None:
         p = self.ledger.partner(conn.peer_id)
         if p is not None and p.active:
-            if not conn.is_client:
+            if not conn.is_client and not isinstance(conn.remote_address, RelayPath):
                 p.observed = format_address(conn.remote_address)
                 p.last_seen = time.time()
                 self.ledger.put_partner(p)
@@ -251,7 +291,10 @@ class PartnerService:
 
     # ----- operations (the CLI's, through control or in-process) --------------------------------------
     def op_id(self) -> dict:
-        return {"peer_id": self.identity.peer_id, "addresses": self.addresses}
+        b = self.broker
+        return {"peer_id": self.identity.peer_id, "addresses": self.addresses,
+                "broker": str(b.broker) if b is not None and b.conn is not None else None,
+                "observed": b.observed if b is not None and b.conn is not None else None}
 
     def op_invite(self, peer: str, offer: int, ask: int) -> dict:
         _check_peer_id(peer)
@@ -282,9 +325,15 @@ class PartnerService:
         if expect == self.identity.peer_id:
             raise PeeringError("that is this store's own peer id", exit_code=2)
         conn = await self._dial(address, expect)
+        host, port = parse_address(address)
+        return await self._pair_over(conn, expect, offer, ask, os.urandom(32), format_address((host, port)))
+
+    async def _pair_over(self, conn, expect: str, offer: int, ask: int, pair_key: bytes,
+                         address: str | None) -> dict:
+        """Send the pairing request on `conn` (authenticated as `expect`) and record the partnership."""
         try:
-            reply = await request(conn, P.PairRequest(offer, ask, self._listen_port()), registry=P.PARTNER,
-                                  timeout=PAIR_TIMEOUT)
+            reply = await request(conn, P.PairRequest(offer, ask, self._listen_port(), pair_key),
+                                  registry=P.PARTNER, timeout=PAIR_TIMEOUT)
         except RemoteError as e:
             await conn.aclose()
             raise PeeringError(f"{expect} refused to pair: {e.message}") from None
@@ -292,22 +341,72 @@ class PartnerService:
             await conn.aclose()
             raise PeeringError(f"pairing with {expect} failed: {e or type(e).__name__}") from None
         old = self.ledger.partner(expect)
-        host, port = parse_address(address)
         # The address the user gave is the one we dial (it may be a port forward); the port the
         # partner says it listens on is the fallback, for when that address stops working.
-        announced = format_address((host, reply.listen_port)) if reply.listen_port else None
-        partner = Partner(expect, conn.peer_public_key.hex(), format_address((host, port)),
+        announced = None
+        if address is not None and reply.listen_port:
+            announced = format_address((parse_address(address)[0], reply.listen_port))
+        partner = Partner(expect, conn.peer_public_key.hex(), address,
                           we_keep=reply.keep_for_me, they_keep=reply.keep_for_you, last_seen=time.time(),
-                          observed=announced if announced != format_address((host, port)) else None)
+                          observed=announced if announced != address else None, pair_key=pair_key.hex())
         if old is not None:
             partner.root_generation = old.root_generation if old.active else 0
             partner.paired_at = old.paired_at if old.active else partner.paired_at
         self.ledger.put_partner(partner)
         self._nursery.start_soon(self.holder.dispatcher.serve_connection, conn)
         self.links.adopt(conn)
-        self._changed()
+        self._partners_changed()
         return {"peer_id": expect, "address": partner.address, "we_keep": partner.we_keep,
-                "they_keep": partner.they_keep}
+                "they_keep": partner.they_keep, "path": _path(conn)}
+
+    # ----- pairing by code (see rendezvous.codepair) -----------------------------------------------
+    def _code_invite(self, peer: str, offer: int, ask: int, pair_key: bytes) -> None:
+        self.holder.invite(peer, offer, ask, CODE_INVITE_VALID, pair_key)
+        self._partners_changed()
+
+    def _code_uninvite(self, peer: str) -> None:
+        self.ledger.take_invite(peer, time.time())
+        self._partners_changed()
+
+    async def _code_pair_with(self, peer: str, offer: int, ask: int, pair_key: bytes, public_key: bytes) -> dict:
+        try:
+            conn = await self.dialer.reach(peer, [], lookup_token(pair_key, public_key))
+        except NoRoute as e:
+            raise PeeringError(f"could not reach {peer}: {e}") from None
+        address = None if isinstance(conn.remote_address, RelayPath) else format_address(conn.remote_address)
+        return await self._pair_over(conn, peer, offer, ask, pair_key, address)
+
+    async def _wait_paired(self, peer: str, timeout: float) -> dict:
+        with trio.move_on_after(timeout):
+            while True:
+                p = self.ledger.partner(peer)
+                if p is not None and p.active and p.pair_key:
+                    conn = self.links.connection(peer)
+                    if conn is None:  # the joiner's connection, made before it was a partner
+                        conn = next((c for c in self.endpoint.connections if c.peer_id == peer and not c.closed),
+                                    None)
+                        if conn is not None:
+                            self.links.adopt(conn)
+                    return {"peer_id": peer, "address": p.address, "we_keep": p.we_keep, "they_keep": p.they_keep,
+                            "path": _path(conn)}
+                await self._paired_event.wait()
+        raise PeeringError(f"{peer} agreed but did not reach this store within {timeout:.0f} s (is one of "
+                           "you offline, or is UDP blocked?)")
+
+    async def op_code_open(self, offer: int, ask: int, words: int = 2) -> dict:
+        return await self.codes.open(offer, ask, words)
+
+    async def op_code_wait(self, session: str) -> dict:
+        return await self.codes.wait(session)
+
+    async def op_code_join(self, code: str, offer: int, ask: int) -> dict:
+        return await self.codes.join(code, offer, ask)
+
+    async def op_code_decide(self, session: str, accept: bool) -> dict:
+        return await self.codes.decide(session, bool(accept))
+
+    async def op_code_cancel(self, session: str) -> dict:
+        return await self.codes.cancel(session)
 
     async def op_unpair(self, peer: str) -> dict:
         p = self.ledger.partner(peer)
@@ -334,8 +433,9 @@ class PartnerService:
             status = {s["peer_id"]: s for s in self.replicator.status()}
         out = []
         for p in sorted(self.ledger.partners(), key=lambda p: p.paired_at):
+            conn = self.links.connection(p.peer_id) if self.links is not None else None
             state = "ended" if not p.active else (
-                "connected" if self.links is not None and self.links.connected(p.peer_id) else "offline")
+                "offline" if conn is None else "connected" + (" via relay" if _path(conn) == "via relay" else ""))
             out.append({"peer_id": p.peer_id, "address": p.address, "state": state, "we_keep": p.we_keep,
                         "they_keep": p.they_keep, "held_for_them": self.holder.held_for(p.peer_id),
                         "held_by_them": status.get(p.peer_id, {}).get("replicated_bytes", 0),
@@ -346,8 +446,12 @@ class PartnerService:
 
     def op_status(self) -> dict:
         root = self.source.latest_root() if self.source is not None else None
+        rows = self.replicator.status() if self.replicator is not None else []
+        for row in rows:
+            row["path"] = _path(self.links.connection(row["peer_id"]))
+        b = self.broker
         return {"peer_id": self.identity.peer_id, "latest_generation": root.generation if root else 0,
-                "partners": self.replicator.status() if self.replicator is not None else []}
+                "partners": rows, "broker": str(b.broker) if b is not None and b.conn is not None else None}
 
     async def op_sync(self, timeout: float | None) -> dict:
         if self.replicator is None:
@@ -427,3 +531,10 @@ def _local_addresses(v6: bool) -> list[str]:
         pass
     loop = "::1" if v6 else "127.0.0.1"
     return [a for a in out if a != loop and not a.startswith("127.")] + [loop]
+
+
+def _path(conn) -> str | None:
+    """How a partner's connection runs: "direct", "via relay", or None (not connected)."""
+    if conn is None:
+        return None
+    return "via relay" if isinstance(conn.remote_address, RelayPath) else "direct"

@@ -1,0 +1,289 @@
+"""Brokers, from a store's side: which ones, and the one connection the store keeps to a broker.
+
+Owns resolving broker addresses (`config.parse_broker`), holding a connection to the first broker that answers (tried in
+the configured order; after a failure the list is tried again from the top, with backoff), the
+signed announcement of this store's addresses (renewed before it expires and whenever they or the
+partner list change), what the broker pushes (punch requests, relay offers and closures), and the
+requests a store makes of a broker (lookup, relay, mailbox).
+
+The connection runs on the store's own QUIC endpoint (its partner port): the NAT mapping the
+broker observes is the one partners must use, and relay frames leave from the same socket.
+
+A store holds a broker connection only while it has a reason: partners it may need to be found
+by, or a pairing by code in progress. A fresh store with no partners talks to no broker.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import time
+
+import trio
+
+from broker import protocol as B
+from ..config import BrokerAddress, ConfigError, format_address, parse_address
+from ..net.codec import Ping
+from ..net.quic import Connection, RelayPath, TransportError
+from ..net.relay import punch_probe
+from ..net.rpc import Dispatcher, RemoteError, request
+
+log = logging.getLogger("bpfs.rendezvous")
+
+ANNOUNCE_TTL = 600  # seconds; renewed at half-life
+KEEPALIVE = 15.0  # seconds between pings: keeps the NAT mapping to the broker open
+CONNECT_TIMEOUT = 10.0
+REQUEST_TIMEOUT = 15.0
+BACKOFF_FIRST, BACKOFF_MAX = 2.0, 300.0
+PUNCH_SCHEDULE = (0.0, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # seconds after a Punch
+
+
+class BrokerUnavailable(TransportError):
+    """No broker connection now (none configured, none reachable)."""
+
+
+async def resolve(broker: BrokerAddress, family: int) -> tuple[str, int]:
+    infos = await trio.socket.getaddrinfo(broker.host, broker.port, family=family, type=socket.SOCK_DGRAM)
+    if not infos:
+        raise OSError(f"no {'IPv6' if family == socket.AF_INET6 else 'IPv4'} address for {broker.host}")
+    return infos[0][4][0], infos[0][4][1]
+
+
+class BrokerClient:
+    """The store's link to its brokers. `run()` in the service's nursery."""
+
+    def __init__(self, identity, endpoint, brokers: list[BrokerAddress], *, addresses, verifiers, standing,
+                 rng: random.Random | None = None):
+        self.identity = identity
+        self.endpoint = endpoint
+        self.brokers = list(brokers)
+        self._addresses = addresses  # () -> list[str]: where this store listens
+        self._verifiers = verifiers  # () -> list[bytes]: one per partner that may look us up
+        self._standing = standing  # () -> bool: partners may look for us (hold a connection)
+        self._holds = 0  # pairings in progress
+        self._rng = rng or random.Random()
+        self.conn: Connection | None = None
+        self.broker: BrokerAddress | None = None
+        self.broker_address: tuple[str, int] | None = None
+        self.observed: str | None = None  # our address as the broker sees it
+        self.last_error: str | None = None
+        self._seq = 0
+        self._kick = trio.Event()
+        self._connected = trio.Event()
+        self._announced = trio.Event()
+        self._relay_closed: dict[bytes, str] = {}
+        self.dispatcher = Dispatcher(B.BROKER, rate=50.0, burst=100.0)
+        self.dispatcher.handler(B.Punch)(self._on_punch)
+        self.dispatcher.handler(B.RelayOffer)(self._on_relay_offer)
+        self.dispatcher.handler(B.RelayClosed)(self._on_relay_closed)
+        self._nursery = None
+
+    # ----- wanting a connection ---------------------------------------------------------------------
+    @property
+    def configured(self) -> bool:
+        return bool(self.brokers)
+
+    def _wanted(self) -> bool:
+        return bool(self.brokers) and (self._holds > 0 or bool(self._standing()))
+
+    def changed(self) -> None:
+        """Our addresses or partners changed: announce again (and connect if now wanted)."""
+        self._announced = trio.Event()
+        self._kick.set()
+
+    def hold(self):
+        """A context manager: hold a broker connection while it is open (a pairing in progress)."""
+        client = self
+
+        class _Hold:
+            def __enter__(self):
+                client._holds += 1
+                client._kick.set()
+
+            def __exit__(self, *exc):
+                client._holds -= 1
+
+        return _Hold()
+
+    async def connection(self, timeout: float = CONNECT_TIMEOUT) -> Connection:
+        """The broker connection, waiting up to `timeout` for one; BrokerUnavailable if none."""
+        if not self.brokers:
+            raise BrokerUnavailable("no broker configured (set brokers in bpfs.toml or pass --broker)")
+        self._kick.set()
+        with trio.move_on_after(timeout):
+            while self.conn is None or self.conn.closed:
+                await self._connected.wait()
+            return self.conn
+        raise BrokerUnavailable(f"no broker reachable ({self.last_error or 'still connecting'}; tried "
+                                f"{', '.join(str(b) for b in self.brokers)})")
+
+    async def announced(self, timeout: float = CONNECT_TIMEOUT) -> None:
+        """Wait until the broker holds our current announcement."""
+        await self.connection(timeout)
+        with trio.fail_after(timeout):
+            await self._announced.wait()
+
+    # ----- running ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            delay = BACKOFF_FIRST / 2
+            while True:
+                while not self._wanted():
+                    self._kick = trio.Event()
+                    await self._kick.wait()
+                held = False
+                for broker in self.brokers:
+                    try:
+                        conn, address = await self._connect(broker)
+                    except (OSError, TransportError, trio.TooSlowError) as e:
+                        self.last_error = f"{broker}: {e or type(e).__name__}"
+                        log.info("broker %s not reachable: %s", broker, e or type(e).__name__)
+                        continue
+                    held = True
+                    delay = BACKOFF_FIRST / 2
+                    await self._hold_connection(broker, address, conn)
+                    break
+                if not held or not self._wanted():
+                    delay = min(BACKOFF_MAX, delay * 2)
+                    with trio.move_on_after(delay * (0.5 + self._rng.random())):
+                        self._kick = trio.Event()
+                        await self._kick.wait()
+
+    async def _connect(self, broker: BrokerAddress):
+        family = socket.AF_INET6 if ":" in self.endpoint.local_address[0] else socket.AF_INET
+        with trio.fail_after(CONNECT_TIMEOUT):
+            address = await resolve(broker, family)
+            conn = await self.endpoint.connect(address, expected_peer=broker.peer_id)
+        return conn, address
+
+    async def _hold_connection(self, broker: BrokerAddress, address, conn: Connection) -> None:
+        self.conn, self.broker, self.broker_address = conn, broker, address
+        self._connected.set()
+        self._connected = trio.Event()
+        log.info("connected to broker %s (%s)", broker, conn.peer_id)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.dispatcher.serve_connection, conn)
+                nursery.start_soon(self._announce_loop, conn, nursery.cancel_scope)
+                await conn.wait_closed()
+                nursery.cancel_scope.cancel()
+        finally:
+            info = conn.close_info
+            self.last_error = f"{broker}: {info.reason if info else 'closed'}"
+            log.info("broker connection to %s ended: %s", broker, info.reason if info else "closed")
+            self.conn = None
+            conn.close()
+
+    async def _announce_loop(self, conn: Connection, scope) -> None:
+        while True:
+            if not self._wanted():
+                conn.close(reason="no longer needed")
+                return
+            expires_in = ANNOUNCE_TTL
+            try:
+                reply = await self._announce(conn)
+                self.observed = reply.observed
+                expires_in = max(30, reply.expires - int(time.time()))
+                self._announced.set()
+            except RemoteError as e:
+                log.warning("broker %s refused our announcement: %s", self.broker, e.message)
+                self.last_error = f"{self.broker}: {e.message}"
+                expires_in = 120
+            except (TransportError, trio.TooSlowError) as e:
+                log.info("announcing to %s failed: %s", self.broker, e or type(e).__name__)
+                conn.close(reason="announcement failed")
+                return
+            renew_at = trio.current_time() + expires_in / 2
+            while trio.current_time() < renew_at:
+                self._kick = trio.Event()
+                with trio.move_on_after(min(KEEPALIVE, renew_at - trio.current_time())):
+                    await self._kick.wait()
+                if self._kick.is_set():
+                    break  # something changed: announce again now
+                try:
+                    await request(conn, Ping(self._rng.getrandbits(32)), registry=B.BROKER, timeout=REQUEST_TIMEOUT)
+                except RemoteError:
+                    pass  # any answer proves the path (and keeps the NAT mapping) alive
+                except (TransportError, trio.TooSlowError):
+                    conn.close(reason="keepalive failed")
+                    return
+
+    async def _announce(self, conn: Connection):
+        self._seq = max(self._seq + 1, time.time_ns() // 1000)  # grows across restarts too
+        record = B.AnnounceRecord(
+            public_key=self.identity.public_key, broker_id=conn.peer_public_key, seq=self._seq,
+            expires=int(time.time()) + ANNOUNCE_TTL, addresses=list(self._addresses())[:B.MAX_ADDRESSES],
+            verifiers=list(self._verifiers())[:B.MAX_VERIFIERS])
+        signature = self.identity.sign(B.announce_message(record))
+        return await request(conn, B.Announce(record, signature), registry=B.BROKER, timeout=REQUEST_TIMEOUT)
+
+    # ----- requests --------------------------------------------------------------------------
+    async def call(self, msg, *, timeout: float = REQUEST_TIMEOUT):
+        conn = await self.connection()
+        return await request(conn, msg, registry=B.BROKER, timeout=timeout)
+
+    async def lookup(self, token: bytes) -> B.Found:
+        return await self.call(B.Lookup(token, list(self._addresses())[:B.MAX_ADDRESSES]))
+
+    async def open_relay(self, token: bytes) -> RelayPath:
+        conn = await self.connection()
+        reply = await request(conn, B.RelayOpen(token), registry=B.BROKER, timeout=REQUEST_TIMEOUT)
+        path = RelayPath(self.broker_address[0], self.broker_address[1], bytes(reply.session))
+        self._accept_relay(path, reply.expires)
+        return path
+
+    def relay_closed(self, path) -> str | None:
+        """Why the broker ended this relay session, if it did."""
+        return self._relay_closed.get(path.session) if isinstance(path, RelayPath) else None
+
+    # ----- what the broker pushes ------------------------------------------------------------------
+    async def _on_punch(self, conn, msg: B.Punch):
+        targets = []
+        for text in [msg.observed, *msg.addresses]:
+            try:
+                addr = parse_address(text)
+            except ConfigError:
+                continue
+            if addr not in targets and addr[1] != 0:
+                targets.append(addr)
+        if targets and self._nursery is not None:
+            self._nursery.start_soon(self._punch, targets[:1 + B.MAX_ADDRESSES])
+        return B.Ok()
+
+    async def _punch(self, targets) -> None:
+        log.debug("punching towards %s", ", ".join(format_address(t) for t in targets))
+        started = trio.current_time()
+        for at in PUNCH_SCHEDULE:
+            await trio.sleep_until(started + at)
+            for addr in targets:
+                self.endpoint.send_datagram(punch_probe(), addr)
+
+    def _accept_relay(self, path: RelayPath, expires: int) -> None:
+        self.endpoint.add_relay_session(path)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._expire_relay, path.session, expires)
+
+    async def _expire_relay(self, session: bytes, expires: int) -> None:
+        await trio.sleep(max(0.0, expires - time.time()))
+        self.endpoint.remove_relay_session(session)
+
+    async def _on_relay_offer(self, conn, msg: B.RelayOffer):
+        if self.broker_address is None:
+            raise TransportError("no broker")
+        self._accept_relay(RelayPath(self.broker_address[0], self.broker_address[1], bytes(msg.session)),
+                           msg.expires)
+        return B.Ok()
+
+    async def _on_relay_closed(self, conn, msg: B.RelayClosed):
+        session = bytes(msg.session)
+        self._relay_closed[session] = msg.reason
+        while len(self._relay_closed) > 64:
+            self._relay_closed.pop(next(iter(self._relay_closed)))
+        self.endpoint.remove_relay_session(session)
+        for c in self.endpoint.connections:
+            if isinstance(c.remote_address, RelayPath) and c.remote_address.session == session:
+                log.warning("relay to %s closed by the broker: %s", c.peer_id, msg.reason)
+                c.close(reason="relay closed")
+        return B.Ok()

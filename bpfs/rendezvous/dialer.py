@@ -1,0 +1,127 @@
+"""Reaching a partner: direct addresses, then the broker (hole punching), then the broker's relay.
+
+Owns the order and the racing of connection attempts. Every attempt is an ordinary
+authenticated QUIC connection that must prove the partner's Ed25519 identity (`expected_peer`),
+whatever path it takes: a wrong address, a NAT or a relay can delay us, never fool us.
+
+1. Known addresses (what the partner told us, where it last came from) and, when a broker is
+   configured and we share a pair key with the partner, what the broker says (its announced
+   addresses and the address the broker sees it at). Asking the broker also makes it tell the
+   partner to punch towards us. All of these are dialled at once; the first to authenticate wins
+   and the others are abandoned.
+2. If none answers within the punch window and a broker is there, a relay session through it
+   (`broker.protocol`, `bpfs.net.relay`), dialled like any address.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from broker import protocol as B
+from ..config import ConfigError, format_address, parse_address
+from ..net.quic import Connection, RelayPath, TransportError
+from ..net.rpc import RemoteError
+from .brokers import BrokerClient, BrokerUnavailable
+
+log = logging.getLogger("bpfs.rendezvous.dialer")
+
+DIRECT_TIMEOUT = 15.0  # without a broker to fall back on
+PUNCH_WINDOW = 7.0  # direct attempts (with punching) before we try the relay
+RELAY_TIMEOUT = 15.0
+
+
+class NoRoute(TransportError):
+    pass
+
+
+async def dial_first(endpoint, addresses: list, expected_peer: str, timeout: float) -> Connection:
+    """Dial every address at once; the first authenticated connection (others are closed)."""
+    if not addresses:
+        raise NoRoute("no address to dial")
+    winner: list[Connection] = []
+    errors: list[str] = []
+
+    async def attempt(addr, scope):
+        try:
+            conn = await endpoint.connect(addr, expected_peer=expected_peer)
+        except (TransportError, OSError) as e:
+            errors.append(f"{_show(addr)}: {e or type(e).__name__}")
+            return
+        if winner:
+            conn.close(reason="another path won")
+            return
+        winner.append(conn)
+        scope.cancel()
+
+    with trio.move_on_after(timeout):
+        async with trio.open_nursery() as nursery:
+            for addr in addresses:
+                nursery.start_soon(attempt, addr, nursery.cancel_scope)
+    if winner:
+        return winner[0]
+    raise NoRoute("; ".join(errors) or f"no answer within {timeout:.0f} s")
+
+
+def _show(addr) -> str:
+    return str(addr) if isinstance(addr, RelayPath) else format_address(addr)
+
+
+def _parse(texts) -> list:
+    out = []
+    for text in texts:
+        try:
+            addr = parse_address(text)
+        except ConfigError:
+            continue
+        if addr[1] and addr not in out:
+            out.append(addr)
+    return out
+
+
+class Dialer:
+    def __init__(self, endpoint, broker: BrokerClient | None):
+        self.endpoint = endpoint
+        self.broker = broker
+
+    async def reach(self, peer: str, addresses: list[str], token: bytes | None) -> Connection:
+        """A connection to `peer`. `token` is our lookup token for it (None: no broker help)."""
+        direct = _parse(addresses)
+        use_broker = token is not None and self.broker is not None and self.broker.configured
+        found_note = ""
+        if use_broker:
+            try:
+                found = await self.broker.lookup(token)
+                direct += [a for a in _parse([found.observed, *found.addresses]) if a not in direct]
+                found_note = "" if found.online else " (not connected to the broker)"
+            except RemoteError as e:
+                found_note = f" (broker: {e.message})"
+            except (BrokerUnavailable, TransportError, trio.TooSlowError) as e:
+                log.debug("broker lookup for %s failed: %s", peer, e)
+                use_broker = False
+        try:
+            return await dial_first(self.endpoint, direct, peer, PUNCH_WINDOW if use_broker else DIRECT_TIMEOUT)
+        except NoRoute as e:
+            direct_error = str(e)
+        if not use_broker:
+            raise NoRoute(f"{direct_error}{found_note}")
+        try:
+            path = await self.broker.open_relay(token)
+        except RemoteError as e:
+            raise NoRoute(f"{direct_error}{found_note}; relay refused: {e.message}") from None
+        except (BrokerUnavailable, TransportError, trio.TooSlowError) as e:
+            raise NoRoute(f"{direct_error}{found_note}; relay failed: {e or type(e).__name__}") from None
+        log.info("no direct path to %s: trying the relay at %s", peer, self.broker.broker)
+        try:
+            conn = await dial_first(self.endpoint, [path], peer, RELAY_TIMEOUT)
+        except NoRoute as e:
+            self.endpoint.remove_relay_session(path.session)
+            raise NoRoute(f"{direct_error}; through the relay: {e}") from None
+        return conn
+
+
+def token_for(pair_key_hex: str | None, public_key_hex: str) -> bytes | None:
+    if not pair_key_hex:
+        return None
+    return B.lookup_token(bytes.fromhex(pair_key_hex), bytes.fromhex(public_key_hex))
