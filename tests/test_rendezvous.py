@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO, Mount, bpfs_env, kill_pid, one_line_error, run_bpfs, wait_until
+from conftest import PYTHON, REPO, Mount, kill_pid, one_line_error, wait_until
 from netlab import free_udp_port
 from test_partners import MARKER, Store
 
@@ -277,3 +277,51 @@ def test_a_broker_that_swaps_the_key_exchange_is_detected_and_nothing_is_paired(
         stop(a)
         stop(b)
         evil.stop()
+
+
+# The broker answers every lookup with the address of another store (an impostor it controls)
+# and refuses to relay: the joiner must not pair with the impostor.
+LIAR_PREAMBLE = """
+import os
+import broker.server as _server
+import broker.protocol as _P
+from bpfs.net.rpc import Reject
+
+async def _lying_lookup(self, conn, info, msg):
+    impostor = os.environ["IMPOSTOR"]
+    return _P.Found([impostor], impostor, True)
+
+async def _no_relay(self, conn, info, msg):
+    raise Reject("relay refused", _P.Refusal.RELAY_REFUSED)
+
+_server.Broker._lookup = _lying_lookup
+_server.Broker._relay_open = _no_relay
+"""
+
+
+def test_a_broker_that_points_to_an_impostor_cannot_make_us_pair_with_it(tmp_path):
+    a = Store(tmp_path / "a")
+    b = Store(tmp_path / "b")
+    c = Store(tmp_path / "c")  # the impostor
+    c.bpfs("serve", "--listen", "127.0.0.1:0")
+    os.environ["IMPOSTOR"] = c.address()
+    try:
+        liar = BrokerProcess(tmp_path, preamble=LIAR_PREAMBLE).start()
+    finally:
+        del os.environ["IMPOSTOR"]
+    serve(a, liar.address)
+    serve(b, liar.address)
+    try:
+        proc, code = start_code(a)
+        cp = b.bpfs("pair", code, "--yes", check=False, timeout=120)
+        rc, _, err = finish(proc, timeout=180)
+        assert cp.returncode == 1, cp.stderr
+        last = cp.stderr.strip().splitlines()[-1]  # after the partner's offer, shown for confirmation
+        assert last.startswith("bpfs: could not reach") and "could not authenticate" in last and \
+            "relay refused" in last, cp.stderr
+        assert rc == 1 and f"{b.peer_id} could not pair: could not reach" in err, err  # the joiner said why
+        assert not peer_ids(a) and not peer_ids(b) and not peer_ids(c)
+    finally:
+        for s in (a, b, c):
+            stop(s)
+        liar.stop()

@@ -26,6 +26,7 @@ import time
 import trio
 
 from broker import protocol as B
+from ..errors import BpfsError
 from ..identity import peer_id
 from ..net.quic import TransportError
 from ..net.rpc import RemoteError
@@ -175,8 +176,40 @@ class CodePairing:
                 self._uninvite(peer)
             raise PairingError(f"{peer} declined the pairing ({theirs.reason})")
         if s.role == CREATOR:
-            return await self._wait_paired(peer, PAIRED_TIMEOUT)
-        return await self._pair_with(peer, s.offer, s.ask, ex.pair_key, bytes(other.public_key))
+            return await self._until_paired(s, peer)
+        try:
+            return await self._pair_with(peer, s.offer, s.ask, ex.pair_key, bytes(other.public_key))
+        except BpfsError as e:  # tell the creator, who is waiting for us, why not
+            with trio.move_on_after(5):
+                await self._put(s, ex.seal(Decision(False, str(e)[:200])))
+            raise
+
+    async def _until_paired(self, s: Session, peer: str) -> dict:
+        """Creator: the partnership once the joiner's request arrived, or the joiner's reason why not."""
+        outcome: list = []
+
+        async def paired(scope):
+            try:
+                outcome.append(await self._wait_paired(peer, PAIRED_TIMEOUT))
+            except BpfsError as e:
+                outcome.append(e)
+            scope.cancel()
+
+        async def failed(scope):
+            try:
+                note = s.exchange.open(await self._get(s), Decision)
+                outcome.append(PairingError(f"{peer} could not pair: {note.reason}"))
+            except BpfsError as e:
+                outcome.append(e)
+            scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(paired, nursery.cancel_scope)
+            nursery.start_soon(failed, nursery.cancel_scope)
+        if isinstance(outcome[0], BpfsError):
+            self._uninvite(peer)
+            raise outcome[0]
+        return outcome[0]
 
     # ----- mailbox plumbing ---------------------------------------------------------------------
     def _new(self, role: bytes, offer: int, ask: int) -> Session:

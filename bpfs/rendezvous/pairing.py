@@ -19,6 +19,7 @@ Messages, in mailbox order on each side:
   0  the SPAKE2 message (33 bytes, clear)
   1  sealed Intro(public key, offer, ask): who I am and the quotas I propose
   2  sealed Decision(accept, reason): my user's answer
+  3  (joiner only, when it could not reach the creator) sealed Decision(False, why)
 Sealing is XChaCha20-Poly1305 with a random 24-byte nonce, the side's seal key and the
 transcript as associated data. The identities carried in Intro are then proven on the direct (or
 relayed) QUIC connection, which authenticates both Ed25519 keys (`bpfs.net.auth`): a public key
