@@ -80,3 +80,36 @@ def test_no_limit_does_not_wait():
         return trio.current_time() - start
 
     assert trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0)) == 0
+
+
+def test_brokers(tmp_path, monkeypatch):
+    from bpfs.config import DEFAULT_BROKER_PORT, BrokerAddress, parse_broker, parse_brokers
+    from broker.protocol import DEFAULT_BROKER_PORT as WIRE_DEFAULT
+
+    assert DEFAULT_BROKER_PORT == WIRE_DEFAULT == 7451
+    assert parse_broker("broker.example.org") == BrokerAddress("broker.example.org", 7451)
+    assert parse_broker("quic://198.51.100.1:9000") == BrokerAddress("198.51.100.1", 9000)
+    assert parse_broker("[2001:db8::1]:7") == BrokerAddress("2001:db8::1", 7)
+    from bpfs.identity import Identity
+    pin = Identity(bytes(32)).peer_id
+    assert parse_broker(f"b.example.org:1/{pin}").peer_id == pin
+    assert str(parse_broker(f"b.example.org:1/{pin}")) == f"b.example.org:1/{pin}"
+    assert parse_brokers(["none"]) == [] and parse_brokers([" NONE "]) == []
+    for bad in ("", "a b", "host:99999", "host:1/not-a-peer-id", "quic://"):
+        with pytest.raises(ConfigError):
+            parse_broker(bad)
+    # the default, the file, then BPFS_BROKER
+    monkeypatch.delenv("BPFS_BROKER", raising=False)
+    assert [str(b) for b in load_config(str(tmp_path)).brokers] == ["broker.bpfs.net:7451"]
+    (tmp_path / "bpfs.toml").write_text('[partners]\nbrokers = ["10.0.0.1", "b2.example.org:99"]\n')
+    assert [str(b) for b in load_config(str(tmp_path)).brokers] == ["10.0.0.1:7451", "b2.example.org:99"]
+    monkeypatch.setenv("BPFS_BROKER", "none")
+    assert load_config(str(tmp_path)).brokers == []
+    monkeypatch.setenv("BPFS_BROKER", "1.2.3.4:5,6.7.8.9")
+    assert [str(b) for b in load_config(str(tmp_path)).brokers] == ["1.2.3.4:5", "6.7.8.9:7451"]
+    monkeypatch.delenv("BPFS_BROKER")
+    for bad in ('brokers = "10.0.0.1"', 'brokers = ["bad host"]'):
+        (tmp_path / "bpfs.toml").write_text(f"[partners]\n{bad}\n")
+        with pytest.raises(ConfigError) as e:
+            load_config(str(tmp_path))
+        assert "bpfs.toml" in str(e.value) and e.value.exit_code == 2

@@ -76,6 +76,7 @@ log = logging.getLogger("bpfs.net")
 _MIN_INITIAL_SIZE = 1200  # RFC 9000 section 14.1: client Initial datagrams are padded to this
 _RECV_BATCH = 64  # datagrams read per wake-up before processing
 _MAX_SEND_BACKLOG = 4096  # datagrams queued while the kernel send buffer is full
+_MAX_RELAY_SESSIONS = 256  # relay sessions an endpoint accepts frames for (the oldest go first)
 
 
 @dataclass(frozen=True)
@@ -524,7 +525,10 @@ class Endpoint:
     def add_relay_session(self, path: RelayPath) -> None:
         """Accept relay frames for `path.session` from `path`'s relay: their payloads are this
         endpoint's QUIC datagrams from (and answers go back to) the address `path`."""
+        self._relay_sessions.pop(path.session, None)
         self._relay_sessions[path.session] = path.relay
+        while len(self._relay_sessions) > _MAX_RELAY_SESSIONS:
+            self._relay_sessions.pop(next(iter(self._relay_sessions)))
 
     def remove_relay_session(self, session: bytes) -> None:
         self._relay_sessions.pop(session, None)

@@ -37,6 +37,7 @@ CONNECT_TIMEOUT = 10.0
 REQUEST_TIMEOUT = 15.0
 BACKOFF_FIRST, BACKOFF_MAX = 2.0, 300.0
 PUNCH_SCHEDULE = (0.0, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # seconds after a Punch
+MAX_PUNCHING = 8  # punch requests served at once (more are ignored: a broker cannot make us flood)
 
 
 class BrokerUnavailable(TransportError):
@@ -78,6 +79,7 @@ class BrokerClient:
         self.dispatcher.handler(B.RelayOffer)(self._on_relay_offer)
         self.dispatcher.handler(B.RelayClosed)(self._on_relay_closed)
         self._nursery = None
+        self._punching = 0
 
     # ----- wanting a connection ---------------------------------------------------------------------
     @property
@@ -248,17 +250,21 @@ class BrokerClient:
                 continue
             if addr not in targets and addr[1] != 0:
                 targets.append(addr)
-        if targets and self._nursery is not None:
+        if targets and self._nursery is not None and self._punching < MAX_PUNCHING:
+            self._punching += 1
             self._nursery.start_soon(self._punch, targets[:1 + B.MAX_ADDRESSES])
         return B.Ok()
 
     async def _punch(self, targets) -> None:
         log.debug("punching towards %s", ", ".join(format_address(t) for t in targets))
         started = trio.current_time()
-        for at in PUNCH_SCHEDULE:
-            await trio.sleep_until(started + at)
-            for addr in targets:
-                self.endpoint.send_datagram(punch_probe(), addr)
+        try:
+            for at in PUNCH_SCHEDULE:
+                await trio.sleep_until(started + at)
+                for addr in targets:
+                    self.endpoint.send_datagram(punch_probe(), addr)
+        finally:
+            self._punching -= 1
 
     def _accept_relay(self, path: RelayPath, expires: int) -> None:
         self.endpoint.add_relay_session(path)
