@@ -590,6 +590,8 @@ class Endpoint:
                     break
                 except OSError:  # e.g. ECONNREFUSED from an earlier ICMP error
                     continue
+                if len(addr) > 2:  # IPv6: (host, port, flowinfo, scope_id); paths are (host, port)
+                    addr = addr[:2]
                 conn = self._route(data, addr) if is_quic(data) else self._side_datagram(data, addr)
                 if conn is not None:
                     touched[conn] = None
