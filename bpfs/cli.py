@@ -192,7 +192,7 @@ def stop(store, timeout):
 @cli.command("id")
 @click.argument("store", required=False)
 @click.option("--store", "store_opt", default=None, help=STORE_HELP)
-@click.option("--json", "as_json", is_flag=True, help="print {peer_id, addresses} as JSON")
+@click.option("--json", "as_json", is_flag=True, help="print {peer_id, addresses[, broker, observed]} as JSON")
 def show_id(store, store_opt, as_json):
     """Print this store's peer id (and, with a daemon running, the addresses it listens on)."""
     from .store import is_locked, read_daemon_info
@@ -201,8 +201,19 @@ def show_id(store, store_opt, as_json):
     doc = keyfile.read_public(key_path(store))
     info = (read_daemon_info(store) or {}) if is_locked(store) else {}
     addresses = info.get("addresses") or []
+    out = {"peer_id": doc["peer_id"], "addresses": addresses}
+    if info.get("control"):  # the running daemon knows its broker and how the broker sees it
+        from .peering import control
+
+        try:
+            live = control.call(info["control"], "id")
+            out.update(broker=live.get("broker"), observed=live.get("observed"))
+        except BpfsError:
+            pass
     text = doc["peer_id"] + "".join(f"\n  listening on {a}" for a in addresses)
-    _emit(as_json, {"peer_id": doc["peer_id"], "addresses": addresses}, text)
+    if out.get("broker"):
+        text += f"\n  broker {out['broker']}" + (f" sees us at {out['observed']}" if out.get("observed") else "")
+    _emit(as_json, out, text)
 
 
 from .peering.commands import register as _register_peering  # noqa: E402

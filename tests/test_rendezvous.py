@@ -165,12 +165,16 @@ def test_partners_find_each_other_after_their_addresses_change(tmp_path, broker)
         # Both move to new ports: the addresses each recorded are now wrong.
         stop(a)
         stop(b)
-        a.bpfs("serve", "--listen", f"127.0.0.1:{free_udp_port()}", "--broker", broker.address)
+        # A's first broker does not answer: the next one on its list is used
+        a.bpfs("serve", "--listen", f"127.0.0.1:{free_udp_port()}", "--broker", f"127.0.0.1:{free_udp_port()}",
+               "--broker", broker.address)
         b.bpfs("serve", "--listen", f"127.0.0.1:{free_udp_port()}", "--broker", broker.address)
         old = a.peer(b.peer_id)["address"]
         assert wait_until(lambda: a.peer(b.peer_id)["state"].startswith("connected")
                           or b.peer(a.peer_id)["state"].startswith("connected"), timeout=90), \
             f"{old}\n{a.log_tail()}\n{b.log_tail()}"
+        assert wait_until(lambda: a.id_json().get("broker") == f"{broker.address}/{broker.peer_id}"
+                          or a.id_json().get("broker") == broker.address, timeout=30), a.id_json()
     finally:
         stop(a)
         stop(b)
