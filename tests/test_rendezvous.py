@@ -12,6 +12,7 @@ import os
 import subprocess
 import textwrap
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,19 @@ def stop(store: Store) -> None:
     store.bpfs("stop", check=False, timeout=120)
 
 
+@contextmanager
+def serving(tmp: Path, broker_address: str, *names: str):
+    """New stores, each served by `bpfs serve` pointed at the broker; stopped afterwards."""
+    stores = [Store(tmp / name) for name in names]
+    try:
+        for s in stores:
+            serve(s, broker_address)
+        yield stores
+    finally:
+        for s in stores:
+            stop(s)
+
+
 def start_code(store: Store, *extra, env=None) -> tuple[subprocess.Popen, str]:
     """`bpfs pair STORE --yes --json`: the process (still waiting) and the code it printed."""
     proc = subprocess.Popen([PYTHON, "-m", "bpfs", "pair", str(store.path), "--yes", "--json", *extra], cwd=REPO,
@@ -154,11 +168,7 @@ def test_pair_by_code_then_replicate_through_a_partner_found_by_the_broker(tmp_p
 
 
 def test_partners_find_each_other_after_their_addresses_change(tmp_path, broker):
-    a = Store(tmp_path / "a")
-    b = Store(tmp_path / "b")
-    serve(a, broker.address)
-    serve(b, broker.address)
-    try:
+    with serving(tmp_path, broker.address, "a", "b") as (a, b):
         proc, code = start_code(a)
         b.bpfs("pair", code, "--yes", timeout=120)
         assert finish(proc)[0] == 0
@@ -175,17 +185,10 @@ def test_partners_find_each_other_after_their_addresses_change(tmp_path, broker)
             f"{old}\n{a.log_tail()}\n{b.log_tail()}"
         assert wait_until(lambda: a.id_json().get("broker") == f"{broker.address}/{broker.peer_id}"
                           or a.id_json().get("broker") == broker.address, timeout=30), a.id_json()
-    finally:
-        stop(a)
-        stop(b)
 
 
 def test_wrong_code_fails_cleanly_on_both_sides_and_burns_the_code(tmp_path, broker):
-    a = Store(tmp_path / "a")
-    b = Store(tmp_path / "b")
-    serve(a, broker.address)
-    serve(b, broker.address)
-    try:
+    with serving(tmp_path, broker.address, "a", "b") as (a, b):
         proc, code = start_code(a)
         number, w1, w2 = code.split("-")
         wrong = f"{number}-{w1}-{'acid' if w2 != 'acid' else 'acorn'}"
@@ -202,17 +205,10 @@ def test_wrong_code_fails_cleanly_on_both_sides_and_burns_the_code(tmp_path, bro
         # not a code at all: usage error, nothing sent
         cp = b.bpfs("pair", "12-notaword-x", "--yes", check=False)
         assert cp.returncode == 2
-    finally:
-        stop(a)
-        stop(b)
 
 
 def test_pairing_in_progress_survives_a_broker_restart(tmp_path, broker):
-    a = Store(tmp_path / "a")
-    b = Store(tmp_path / "b")
-    serve(a, broker.address)
-    serve(b, broker.address)
-    try:
+    with serving(tmp_path, broker.address, "a", "b") as (a, b):
         proc, code = start_code(a)
         time.sleep(0.5)
         broker.kill()  # kill -9: only what is in its LMDB survives
@@ -221,9 +217,6 @@ def test_pairing_in_progress_survives_a_broker_restart(tmp_path, broker):
         rc, created, err = finish(proc, timeout=180)
         assert cp.returncode == 0 and rc == 0, (cp.stderr, err, broker.log_tail())
         assert peer_ids(a) == {b.peer_id} and peer_ids(b) == {a.peer_id}
-    finally:
-        stop(a)
-        stop(b)
 
 
 def test_pair_by_code_without_a_daemon_and_without_a_broker(tmp_path, broker):
@@ -266,20 +259,15 @@ _state.BrokerState.mailbox_put = _swapping_put
 
 def test_a_broker_that_swaps_the_key_exchange_is_detected_and_nothing_is_paired(tmp_path):
     evil = BrokerProcess(tmp_path, preamble=MITM_PREAMBLE).start()
-    a = Store(tmp_path / "a")
-    b = Store(tmp_path / "b")
-    serve(a, evil.address)
-    serve(b, evil.address)
     try:
-        proc, code = start_code(a)
-        cp = b.bpfs("pair", code, "--yes", check=False, timeout=120)
-        rc, _, err = finish(proc)
-        assert cp.returncode == 1 and rc == 1, (cp.stderr, err, evil.log_tail())
-        assert "did not match" in one_line_error(cp) and "did not match" in err
-        assert not peer_ids(a) and not peer_ids(b)
+        with serving(tmp_path, evil.address, "a", "b") as (a, b):
+            proc, code = start_code(a)
+            cp = b.bpfs("pair", code, "--yes", check=False, timeout=120)
+            rc, _, err = finish(proc)
+            assert cp.returncode == 1 and rc == 1, (cp.stderr, err, evil.log_tail())
+            assert "did not match" in one_line_error(cp) and "did not match" in err
+            assert not peer_ids(a) and not peer_ids(b)
     finally:
-        stop(a)
-        stop(b)
         evil.stop()
 
 
