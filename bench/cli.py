@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import config, datagen, dedup, proc, replication, report, runner, targets
+from bench import config, datagen, dedup, proc, rendezvous, replication, report, runner, targets
 from bench.cleanup import Cleanup, force_unmount
 
 DEFAULT_WORKDIR = "/var/tmp/bpfs-bench"
@@ -28,12 +28,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench",
         description="Benchmark bpfs against the raw disk and gocryptfs (timed workloads), "
-                    "restic (deduplication), and the raw aioquic ceiling and rsync over ssh "
-                    "(replication to a partner on loopback, and recovery). Needs root for "
-                    "dropping the page cache and for the private sshd.")
+                    "restic (deduplication), the raw aioquic ceiling and rsync over ssh "
+                    "(replication to a partner on loopback, and recovery), and pairing by code, "
+                    "lookups and the relay through a broker (next to direct pairing, pings and a "
+                    "direct connection). Needs root for dropping the page cache and for the private sshd.")
     p.add_argument("--quick", action="store_true",
                    help="smaller sizes (256 MiB file, 2,000 files, 1,500-file tarball, 256 MiB "
-                        "replicated) for a fast check")
+                        "replicated, 64 MiB relayed) for a fast check")
     p.add_argument("--only", metavar="NAME[,NAME]",
                    help="workloads to run, from: " + ", ".join(config.ALL) + " (default: all)")
     p.add_argument("--targets", metavar="NAME[,NAME]", default=",".join(config.ALL_TARGETS),
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     timed = [w for w in config.TIMED if w in only]
     dedups = [w for w in config.DEDUP if w in only]
     network = [w for w in config.NETWORK if w in only]
+    broker = [w for w in config.RENDEZVOUS if w in only]
     columns = [t for t in args.targets if t in config.TARGETS]
     notes: list[str] = []
 
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     dedup_tools = [t for t in ("bpfs", "restic") if t in columns or t in args.targets and t == "restic"]
     if network and "bpfs" not in columns:
         network = []  # replication is a bpfs figure (the ceiling and rsync are its references)
+    if broker and "bpfs" not in columns:
+        broker = []  # so are the broker figures
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     notes += _notes(args.workdir, sizes)
@@ -146,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
                 results["replication"] = {}
                 replication.run_replication(tmp, sizes.repl_bytes, args.runs, cleanup, log,
                                             out=results["replication"])
+            if broker:
+                results["rendezvous"] = {}
+                rendezvous.run_rendezvous(tmp, rendezvous.sizes_of(sizes), args.runs, cleanup, log,
+                                          out=results["rendezvous"])
         except KeyboardInterrupt:
             interrupted = True
             log("interrupted: cleaning up")
@@ -207,6 +215,14 @@ def _collect(results: dict, dedup_tools: list[str]) -> None:
             results["errors"].append(dict(e, step=f"replication: {e['step']}"))
         results["problems"] += [f"replication: {p}" for p in rep.get("problems", [])]
         results["meta"]["notes"] += rep.get("notes", [])
+    rdv = results.get("rendezvous")
+    if rdv:
+        if "runs" in rdv and "summary" not in rdv:  # interrupted half-way
+            rdv["summary"] = rendezvous.summarize(rdv)
+        for e in rdv.get("errors", []):
+            results["errors"].append(dict(e, step=f"rendezvous: {e['step']}"))
+        results["problems"] += [f"rendezvous: {p}" for p in rdv.get("problems", [])]
+        results["meta"]["notes"] += rdv.get("notes", [])
 
 
 def _versions() -> dict:

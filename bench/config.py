@@ -13,7 +13,9 @@ TIMED = ("seq_write", "seq_read", "create", "stat", "unlink", "untar")
 DEDUP = ("dedup_copy", "dedup_insert")
 #: Replication to a partner over loopback and recovery from it (bpfs, the raw aioquic ceiling, rsync).
 NETWORK = ("replication",)
-ALL = TIMED + DEDUP + NETWORK
+#: Through a broker over loopback: pairing by code, request rates, the relay (bench/rendezvous.py).
+RENDEZVOUS = ("rendezvous",)
+ALL = TIMED + DEDUP + NETWORK + RENDEZVOUS
 
 #: Filesystems for the timed workloads, in column order.
 TARGETS = ("raw", "gocryptfs", "bpfs")
@@ -38,6 +40,9 @@ class Sizes:
     tree_bytes: int  # the tree copied in twice (dedup_copy)
     insert_bytes: int  # the file that gets one byte inserted at its start (dedup_insert)
     repl_bytes: int  # replicated to a partner, then recovered (replication)
+    relay_bytes: int  # sent through the broker's relay, and directly (rendezvous)
+    broker_requests: int  # pings, lookups, announcements on open connections, each (rendezvous)
+    broker_connects: int  # announcements each on a new connection (rendezvous)
 
 
 FULL = Sizes(
@@ -48,6 +53,9 @@ FULL = Sizes(
     tree_bytes=1 * GiB,
     insert_bytes=256 * MiB,
     repl_bytes=1 * GiB,
+    relay_bytes=256 * MiB,
+    broker_requests=20_000,
+    broker_connects=2_000,
 )
 
 QUICK = Sizes(
@@ -58,6 +66,9 @@ QUICK = Sizes(
     tree_bytes=256 * MiB,
     insert_bytes=64 * MiB,
     repl_bytes=256 * MiB,
+    relay_bytes=64 * MiB,
+    broker_requests=5_000,
+    broker_connects=500,
 )
 
 

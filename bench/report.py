@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench import replication, stats
+from bench import rendezvous, replication, stats
 from bench.config import TIMED, human_bytes
 from bench.dedup import TARGET_PERCENT
 from bench.runner import UNITS
@@ -117,6 +117,11 @@ def print_report(results: dict) -> None:
         print()
         print("replication to a partner and recovery, over loopback (medians with min-max)")
         for line in replication.report_lines(results["replication"]):
+            print(line)
+    if results.get("rendezvous", {}).get("runs"):
+        print()
+        print("rendezvous through a broker over loopback (medians with min-max)")
+        for line in rendezvous.report_lines(results["rendezvous"]):
             print(line)
     if results.get("errors"):
         print()

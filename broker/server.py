@@ -255,7 +255,7 @@ class Broker:
         observed = format_address(target.remote_address) if online else ann.observed
         if online and target is not conn:
             self._push(target, P.Punch(info.observed, list(msg.addresses)), "punch")
-        event("lookup", peer=conn.peer_id, online=online)
+        event("lookup", logging.DEBUG, peer=conn.peer_id, online=online)
         return P.Found(list(ann.record.addresses), observed, online)
 
     async def _relay_open(self, conn: Connection, info: _ConnInfo, msg: P.RelayOpen):

@@ -226,6 +226,7 @@ class BrokerState:
         self.now = now
         self._journal = journal
         self._records: dict[bytes, Announcement] = {}
+        self._full_scan_at = float("-inf")  # when announce() last swept expired records itself
         self._by_verifier: dict[bytes, bytes] = {}
         self._source_keys: dict[str, set[bytes]] = {}
         self._verifier_count = 0
@@ -296,8 +297,11 @@ class BrokerState:
             if owner is not None and owner != key and self._live(owner, now) is not None:
                 raise Refused(Refusal.LIMIT, "a partner verifier in this announcement is already listed by "
                               "another store; a verifier can find only one store")
-        if old is None and len(self._records) >= self.config.max_records:
-            self._expire_announcements(now)  # expired ones that no sweep removed yet do not count
+        if old is None and len(self._records) >= self.config.max_records and now - self._full_scan_at >= 1.0:
+            # expired ones that no sweep removed yet do not count; at most one scan a second, so a
+            # flood of new keys at the cap costs a refusal each, not a scan of every record each
+            self._full_scan_at = now
+            self._expire_announcements(now)
         if old is None and len(self._records) >= self.config.max_records:
             raise Refused(Refusal.LIMIT, f"this broker holds its maximum of {self.config.max_records} "
                           "announcements; retry in a few minutes or use another broker")
