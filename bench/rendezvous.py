@@ -393,10 +393,8 @@ class SimStore:
 
     def announce_msg(self, broker_public_key: bytes) -> P.Announce:
         self.seq += 1
-        record = P.AnnounceRecord(public_key=self.public_key, broker_id=broker_public_key, seq=self.seq,
-                                  expires=int(time.time()) + 600, addresses=list(self.addresses),
-                                  verifiers=[P.verifier(self.token)])
-        return P.Announce(record, self.identity.sign(P.announce_message(record)))
+        return P.signed_announcement(self.identity, broker_public_key, self.seq, time.time() + 600, self.addresses,
+                                     [P.verifier(self.token)])
 
 
 async def _call(conn, msg):
@@ -568,10 +566,8 @@ async def relay_run(broker: BrokerProcess, nbytes: int, run: int) -> dict:
 
         to_broker_a = await a.connect(broker.address, expected_peer=broker.peer_id)
         nursery.start_soon(offers.serve_connection, to_broker_a)
-        record = P.AnnounceRecord(public_key=ida.public_key, broker_id=to_broker_a.peer_public_key, seq=1,
-                                  expires=int(time.time()) + 600,
-                                  addresses=[f"127.0.0.1:{a.local_address[1]}"], verifiers=[P.verifier(token)])
-        await _call(to_broker_a, P.Announce(record, ida.sign(P.announce_message(record))))
+        await _call(to_broker_a, P.signed_announcement(ida, to_broker_a.peer_public_key, 1, time.time() + 600,
+                                                       [f"127.0.0.1:{a.local_address[1]}"], [P.verifier(token)]))
         to_broker_b = await b.connect(broker.address, expected_peer=broker.peer_id)
         opened = await _call(to_broker_b, P.RelayOpen(token))
         path = RelayPath(host, port, bytes(opened.session))

@@ -109,6 +109,15 @@ def announce_message(record: "AnnounceRecord") -> bytes:
     return ANNOUNCE_DOMAIN + BROKER.encode(record)
 
 
+def signed_announcement(identity, broker_public_key: bytes, seq: int, expires: float, addresses,
+                        verifiers) -> "Announce":
+    """`identity`'s announcement (signed by it: anything with `public_key` and `sign`) for the broker
+    whose public key is `broker_public_key`."""
+    record = AnnounceRecord(public_key=identity.public_key, broker_id=bytes(broker_public_key), seq=seq,
+                            expires=int(expires), addresses=list(addresses), verifiers=list(verifiers))
+    return Announce(record, identity.sign(announce_message(record)))
+
+
 # --------------------------------------------------------------------------- messages
 
 _ADDRESS = Text(MAX_ADDRESS_TEXT)

@@ -102,10 +102,8 @@ class Store:
 
     async def announce(self, tokens=(), addresses=("192.0.2.10:7450",), seq=None, ttl=600):
         self.seq = seq if seq is not None else self.seq + 1
-        record = P.AnnounceRecord(public_key=self.identity.public_key, broker_id=self.conn.peer_public_key,
-                                  seq=self.seq, expires=int(time.time()) + ttl, addresses=list(addresses),
-                                  verifiers=[P.verifier(t) for t in tokens])
-        return await self.call(P.Announce(record, self.identity.sign(P.announce_message(record))))
+        return await self.call(P.signed_announcement(self.identity, self.conn.peer_public_key, self.seq,
+                                                     time.time() + ttl, addresses, [P.verifier(t) for t in tokens]))
 
 
 @asynccontextmanager

@@ -191,10 +191,8 @@ class Store:
 
     def announce_msg(self, broker_public_key: bytes) -> P.Announce:
         self.seq += 1
-        record = P.AnnounceRecord(public_key=self.public_key, broker_id=broker_public_key, seq=self.seq,
-                                  expires=int(time.time()) + 600, addresses=list(self.addresses),
-                                  verifiers=[P.verifier(self.token)])
-        return P.Announce(record, self.identity.sign(P.announce_message(record)))
+        return P.signed_announcement(self.identity, broker_public_key, self.seq, time.time() + 600, self.addresses,
+                                     [P.verifier(self.token)])
 
 
 CLIENT_CONFIG = TransportConfig(socket_buffer=256 << 10)

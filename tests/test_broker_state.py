@@ -55,9 +55,8 @@ def new_identity() -> Identity:
 
 def signed(identity: Identity, seq: int, *, expires: float, verifiers=(), addresses=("192.0.2.1:7450",),
            broker_id: bytes | None = None):
-    record = P.AnnounceRecord(public_key=identity.public_key, broker_id=broker_id or BROKER.public_key, seq=seq,
-                              expires=int(expires), addresses=list(addresses), verifiers=list(verifiers))
-    return record, identity.sign(P.announce_message(record))
+    msg = P.signed_announcement(identity, broker_id or BROKER.public_key, seq, expires, addresses, verifiers)
+    return msg.record, msg.signature
 
 
 def token_for(target: Identity) -> bytes:

@@ -73,7 +73,6 @@ class BrokerClient:
         self._kick = trio.Event()
         self._connected = trio.Event()
         self._announced = trio.Event()
-        self._relay_closed: dict[bytes, str] = {}
         self.dispatcher = Dispatcher(B.BROKER, rate=50.0, burst=100.0)
         self.dispatcher.handler(B.Punch)(self._on_punch)
         self.dispatcher.handler(B.RelayOffer)(self._on_relay_offer)
@@ -214,12 +213,10 @@ class BrokerClient:
 
     async def _announce(self, conn: Connection):
         self._seq = max(self._seq + 1, time.time_ns() // 1000)  # grows across restarts too
-        record = B.AnnounceRecord(
-            public_key=self.identity.public_key, broker_id=conn.peer_public_key, seq=self._seq,
-            expires=int(time.time()) + ANNOUNCE_TTL, addresses=list(self._addresses())[:B.MAX_ADDRESSES],
-            verifiers=list(self._verifiers())[:B.MAX_VERIFIERS])
-        signature = self.identity.sign(B.announce_message(record))
-        return await request(conn, B.Announce(record, signature), registry=B.BROKER, timeout=REQUEST_TIMEOUT)
+        msg = B.signed_announcement(self.identity, conn.peer_public_key, self._seq, time.time() + ANNOUNCE_TTL,
+                                    list(self._addresses())[:B.MAX_ADDRESSES],
+                                    list(self._verifiers())[:B.MAX_VERIFIERS])
+        return await request(conn, msg, registry=B.BROKER, timeout=REQUEST_TIMEOUT)
 
     # ----- requests --------------------------------------------------------------------------
     async def call(self, msg, *, timeout: float = REQUEST_TIMEOUT):
@@ -235,10 +232,6 @@ class BrokerClient:
         path = RelayPath(self.broker_address[0], self.broker_address[1], bytes(reply.session))
         self._accept_relay(path, reply.expires)
         return path
-
-    def relay_closed(self, path) -> str | None:
-        """Why the broker ended this relay session, if it did."""
-        return self._relay_closed.get(path.session) if isinstance(path, RelayPath) else None
 
     # ----- what the broker pushes ------------------------------------------------------------------
     async def _on_punch(self, conn, msg: B.Punch):
@@ -284,9 +277,6 @@ class BrokerClient:
 
     async def _on_relay_closed(self, conn, msg: B.RelayClosed):
         session = bytes(msg.session)
-        self._relay_closed[session] = msg.reason
-        while len(self._relay_closed) > 64:
-            self._relay_closed.pop(next(iter(self._relay_closed)))
         self.endpoint.remove_relay_session(session)
         for c in self.endpoint.connections:
             if isinstance(c.remote_address, RelayPath) and c.remote_address.session == session:
