@@ -729,31 +729,7 @@ def report_lines(rep: dict) -> list[str]:
 
 
 def print_report(rep: dict, runs: int) -> None:
-    print()
-    print(f"bpfs replication and recovery ({runs} run{'s' if runs != 1 else ''}, medians with min-max; "
-          "MB = 10^6 bytes)")
-    print(f"load average (1 min) {rep.get('loadavg_start', [0])[0]:.2f} at start, "
-          f"{rep.get('loadavg_end', [0])[0]:.2f} at end, {os.cpu_count()} CPUs")
-    for note in rep.get("notes", []):
-        print(f"note: {note}")
-    print()
-    for line in report_lines(rep):
-        print(line)
-    if rep.get("errors"):
-        print()
-        print("errors:")
-        for e in rep["errors"]:
-            print(f"  {e['target']} run {e['run']} in {e['step']}: " + "\n    ".join(e["error"].splitlines()))
-            tail = (e.get("daemon_log") or "").strip().splitlines()
-            if tail:
-                print("    daemon logs, last lines:")
-                for line in tail[-12:]:
-                    print(f"      {line}")
-    if rep.get("problems"):
-        print()
-        print("problems noticed:")
-        for p in rep["problems"]:
-            print(f"  {p}")
+    stats.print_standalone("bpfs replication and recovery", rep, runs, report_lines(rep))
 
 
 # -- standalone -----------------------------------------------------------------------------------

@@ -123,22 +123,8 @@ def print_report(results: dict) -> None:
         print("rendezvous through a broker over loopback (medians with min-max)")
         for line in rendezvous.report_lines(results["rendezvous"]):
             print(line)
-    if results.get("errors"):
-        print()
-        print("errors:")
-        for e in results["errors"]:
-            msg = "\n    ".join(e["error"].splitlines())
-            print(f"  {e['target']} run {e['run']} in {e['step']}: {msg}")
-            log = (e.get("daemon_log") or "").strip().splitlines()
-            if log:
-                print("    daemon log, last lines:")
-                for line in log[-6:]:
-                    print(f"      {line}")
-    if results.get("problems"):
-        print()
-        print("problems noticed:")
-        for p in results["problems"]:
-            print(f"  {p}")
+    for line in stats.failure_lines(results, log_lines=6):
+        print(line)
 
 
 def save_json(results: dict, path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Summaries of repeated measurements: median, minimum, maximum; rates from timings."""
+"""Summaries of repeated measurements (median, minimum, maximum; rates from timings), their figures
+formatted for tables, and the printed parts every benchmark report shares."""
 
 from __future__ import annotations
 
@@ -46,3 +47,35 @@ def cell(s: dict | None, unit: str) -> str:
     if s["n"] == 1:
         return f"{num(s['median'])} {unit}"
     return f"{num(s['median'])} {unit} ({num(s['min'])}-{num(s['max'])})"
+
+
+def failure_lines(results: dict, log_lines: int = 12) -> list[str]:
+    """The errors (with the last lines of the daemon log) and problems of a report, as lines."""
+    out: list[str] = []
+    if results.get("errors"):
+        out += ["", "errors:"]
+        for e in results["errors"]:
+            msg = "\n    ".join(e["error"].splitlines())
+            out.append(f"  {e['target']} run {e['run']} in {e['step']}: {msg}")
+            log = (e.get("daemon_log") or "").strip().splitlines()
+            if log:
+                out.append("    daemon log, last lines:")
+                out += [f"      {line}" for line in log[-log_lines:]]
+    if results.get("problems"):
+        out += ["", "problems noticed:"] + [f"  {p}" for p in results["problems"]]
+    return out
+
+
+def print_standalone(title: str, rep: dict, runs: int, lines: list[str]) -> None:
+    """A benchmark run on its own: the title, the load, its notes, its lines, what went wrong."""
+    import os
+
+    print()
+    print(f"{title} ({runs} run{'s' if runs != 1 else ''}, medians with min-max; MB = 10^6 bytes)")
+    print(f"load average (1 min) {rep.get('loadavg_start', [0])[0]:.2f} at start, "
+          f"{rep.get('loadavg_end', [0])[0]:.2f} at end, {os.cpu_count()} CPUs")
+    for note in rep.get("notes", []):
+        print(f"note: {note}")
+    print()
+    for line in lines + failure_lines(rep):
+        print(line)
