@@ -118,39 +118,40 @@ def _pair_by_code(store, sock, code, offer, ask, words, yes, as_json, passphrase
             return True
         return click.confirm("Pair with this partner?", default=False, err=True)
 
-    if sock:
+    def flow(call) -> dict:
+        """The steps, whoever runs the service: `call(op, **args)` asks it and waits for the answer."""
         session = None
         try:
             if code:
-                info = control.call(sock, "code_join", code=code, offer=offer, ask=ask)
+                info = call("code_join", code=code, offer=offer, ask=ask)
             else:
-                res = control.call(sock, "code_open", offer=offer, ask=ask, words=words)
+                res = call("code_open", offer=offer, ask=ask, words=words)
                 session = res["session"]
                 show_code(res)
-                info = control.call(sock, "code_wait", session=session)
+                info = call("code_wait", session=session)
             session = info["session"]
-            accepted = confirm(info)
-            result = control.call(sock, "code_decide", session=session, accept=accepted)
+            result = call("code_decide", session=session, accept=confirm(info))
             session = None
             return result
         finally:
-            if session is not None:  # interrupted: free the code now rather than at its expiry
+            if session is not None:  # interrupted or failed: free the code now rather than at its expiry
                 try:
-                    control.call(sock, "code_cancel", session=session)
-                except BpfsError:
+                    call("code_cancel", session=session)
+                except Exception:  # best effort: the session expires with its code anyway
                     pass
 
+    if sock:
+        return flow(lambda op, **args: control.call(sock, op, **args))
+
     async def run(service):
+        import functools
+
         import trio
 
-        if code:
-            info = await service.op_code_join(code, offer, ask)
-        else:
-            res = await service.op_code_open(offer, ask, words)
-            show_code(res)
-            info = await service.op_code_wait(res["session"])
-        accepted = await trio.to_thread.run_sync(confirm, info)
-        return await service.op_code_decide(info["session"], accepted)
+        def call(op: str, **args):
+            return trio.from_thread.run(functools.partial(getattr(service, f"op_{op}"), **args))
+
+        return await trio.to_thread.run_sync(flow, call)  # the prompt must not block the service
 
     return _in_process(store, passphrase_file, run, brokers=brokers)
 
