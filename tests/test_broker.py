@@ -34,6 +34,7 @@ from broker import protocol as P
 from broker.config import BrokerConfig
 from broker.protocol import Refusal
 from broker.server import serve
+from broker_process import BrokerProcess
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -434,47 +435,16 @@ def test_relay_daily_cap_ends_the_session_and_refuses_new_ones(tmp_path):
 
 # --------------------------------------------------------------------------- the bpfs-broker program
 
-class BrokerProcess:
-    def __init__(self, state_dir: Path, listen: str = "127.0.0.1:0", extra=()):
-        self.state_dir = state_dir
-        self.ready = state_dir.parent / "ready.json"
-        self.log = state_dir.parent / "broker.log"
-        if self.ready.exists():
-            self.ready.unlink()
-        self.stderr = open(self.log, "ab")
-        self.proc = subprocess.Popen(
-            [*BROKER_CMD, "--listen", listen, "--state-dir", str(state_dir), "--ready-file", str(self.ready),
-             "--log-format", "json", *extra], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=self.stderr)
-        deadline = time.monotonic() + 30
-        while not self.ready.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop(signal.SIGKILL)
-                raise AssertionError(f"broker did not start: {self.log.read_text()}")
-            time.sleep(0.05)
-        doc = json.loads(self.ready.read_text())
-        self.peer_id = doc["peer_id"]
-        host, port = doc["address"].rsplit(":", 1)
-        self.address = (host, int(port))
-
-    def stop(self, sig=signal.SIGTERM) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(30)
-        finally:
-            self.stderr.close()
-
-
 def test_broker_program_restart_keeps_mailbox_and_announcement(tmp_path):
-    state_dir = tmp_path / "state"
-    first = BrokerProcess(state_dir)
+    broker = BrokerProcess(tmp_path, command=BROKER_CMD).start()
+    state_dir = broker.state
+    first_id, first_address = broker.peer_id, broker.address
     secrets_seen: list[bytes] = []
     kept: dict = {}
     try:
         async def before():
-            async with store(first.address, first.peer_id) as target, store(first.address, first.peer_id) as a, \
-                    store(first.address, first.peer_id) as b:
+            async with store(first_address, first_id) as target, store(first_address, first_id) as a, \
+                    store(first_address, first_id) as b:
                 token = pair_token(target)
                 await target.announce([token], addresses=["192.0.2.44:7450"])
                 opened = await a.call(P.MailboxOpen())
@@ -485,16 +455,16 @@ def test_broker_program_restart_keeps_mailbox_and_announcement(tmp_path):
                 secrets_seen.extend([token, opened.side, joined.side, P.verifier(token)])
 
         run(before)
-        assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+        assert broker.stop(signal.SIGKILL) == -signal.SIGKILL
     except BaseException:
-        first.stop(signal.SIGKILL)
+        broker.stop(signal.SIGKILL)
         raise
 
     assert stat.S_IMODE(os.stat(state_dir).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(state_dir / "identity.key").st_mode) == 0o600
-    second = BrokerProcess(state_dir, listen=f"127.0.0.1:{first.address[1]}")
+    second = broker.start()  # on the same state directory and port
     try:
-        assert second.peer_id == first.peer_id and second.address == first.address
+        assert second.peer_id == first_id and second.address == first_address
 
         async def after():
             async with store(second.address, second.peer_id) as a, store(second.address, second.peer_id) as b:
@@ -540,10 +510,9 @@ def test_broker_program_refuses_bad_input(tmp_path):
 
 
 def test_broker_program_refuses_a_state_dir_in_use(tmp_path):
-    state_dir = tmp_path / "state"
-    first = BrokerProcess(state_dir)
+    first = BrokerProcess(tmp_path, command=BROKER_CMD).start()
     try:
-        proc = subprocess.run([*BROKER_CMD, "--listen", "127.0.0.1:0", "--state-dir", str(state_dir)],
+        proc = subprocess.run([*BROKER_CMD, "--listen", "127.0.0.1:0", "--state-dir", str(first.state)],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 1 and "another broker is running" in proc.stderr
     finally:

@@ -15,13 +15,10 @@ open at a time. The lookups share LOOKUP_CONNECTIONS long-lived connections of o
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import trio
@@ -31,7 +28,7 @@ from bpfs.net.codec import ErrorCode
 from bpfs.net.quic import TransportConfig, open_endpoint
 from bpfs.net.rpc import RemoteError, request
 from broker import protocol as P
-from conftest import REPO, kill_pid, wait_until
+from broker_process import BrokerProcess
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -88,79 +85,12 @@ CAP_GROWTH_BOUND = 24 * MiB
 
 # =========================================================================== a broker process
 
-class Broker:
-    """`python -m broker --listen 127.0.0.1:0 --config FILE` with a fresh state directory."""
-
-    def __init__(self, tmp: Path, config: str):
-        self.tmp = tmp
-        tmp.mkdir(parents=True, exist_ok=True)
-        self.config = tmp / "broker.toml"
-        self.config.write_text(config)
-        self.log = tmp / "broker.log"
-        self.ready = tmp / "ready.json"
-        self.proc: subprocess.Popen | None = None
-        self.peer_id = ""
-        self.address: tuple[str, int] = ("", 0)
-
-    def start(self) -> "Broker":
-        self.proc = subprocess.Popen(
-            [PYTHON, "-m", "broker", "--listen", "127.0.0.1:0", "--state-dir", str(self.tmp / "state"),
-             "--config", str(self.config), "--ready-file", str(self.ready), "--log-format", "json"],
-            cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"),
-            start_new_session=True)
-        assert wait_until(lambda: self.ready.exists() or self.proc.poll() is not None, timeout=30), self.log_tail()
-        assert self.proc.poll() is None, f"the broker exited: {self.log_tail()}"
-        doc = json.loads(self.ready.read_text())
-        host, port = doc["address"].rsplit(":", 1)
-        self.peer_id, self.address = doc["peer_id"], (host, int(port))
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                kill_pid(self.proc.pid)
-                self.proc.wait(timeout=30)
-
-    def memory(self) -> dict[str, int]:
-        """{'VmRSS': bytes, 'VmHWM': bytes} of the broker process now."""
-        out = {}
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
-                    out[key] = int(value.split()[0]) * 1024
-        return out
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def events(self, name: str | None = None, level: str | None = None) -> list[dict]:
-        out = []
-        for line in self.log.read_text(errors="replace").splitlines():
-            try:
-                doc = json.loads(line)
-            except ValueError:
-                continue
-            if (name is None or doc.get("event") == name) and (level is None or doc.get("level") == level):
-                out.append(doc)
-        return out
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except FileNotFoundError:
-            return "(no broker log)"
-
-
 @pytest.fixture
 def make_broker(tmp_path):
-    made: list[Broker] = []
+    made: list[BrokerProcess] = []
 
-    def make(name: str, config: str) -> Broker:
-        b = Broker(tmp_path / name, config).start()
+    def make(name: str, config: str) -> BrokerProcess:
+        b = BrokerProcess(tmp_path / name, config=config).start()
         made.append(b)
         return b
 
@@ -198,7 +128,7 @@ class Store:
 CLIENT_CONFIG = TransportConfig(socket_buffer=256 << 10)
 
 
-async def announce(broker: Broker, store: Store) -> P.Announced:
+async def announce(broker: BrokerProcess, store: Store) -> P.Announced:
     """Announce `store` over a new connection authenticated as it; the reply (or RemoteError)."""
     async with open_endpoint(store.identity, "127.0.0.1", 0, config=CLIENT_CONFIG, listen=False) as ep:
         conn = await ep.connect(broker.address, expected_peer=broker.peer_id)

@@ -20,12 +20,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO, cleanup_mount, wait_until
+from conftest import PYTHON, REPO, cleanup_mount
 from netlab import nat_lab, natlab_missing
+from broker_process import BrokerProcess
 from test_partners import MARKER, Store
 
 pytestmark = [pytest.mark.timeout(420),
@@ -36,20 +36,8 @@ BROKER_PORT = 7451
 DATA = 6 * MiB
 
 
-def start_broker(lab, tmp: Path) -> subprocess.Popen:
-    ready = tmp / "broker-ready.json"
-    config = tmp / "broker.toml"
-    config.write_text('relay_rate = "64M"\nrelay_burst = "4M"\n')
-    proc = lab.broker_ns.popen([PYTHON, "-m", "broker", "--listen", f"0.0.0.0:{BROKER_PORT}", "--state-dir",
-                                tmp / "broker-state", "--ready-file", ready, "--config", config, "-v"],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=open(tmp / "broker.log", "wb"))
-    assert wait_until(lambda: ready.exists() or proc.poll() is not None, timeout=30), "broker did not start"
-    assert proc.poll() is None, (tmp / "broker.log").read_text()
-    return proc
-
-
-def logs(tmp: Path, *stores: Store) -> str:
-    out = [f"--- broker ---\n{(tmp / 'broker.log').read_text(errors='replace')[-4000:]}"]
+def logs(broker: BrokerProcess, *stores: Store) -> str:
+    out = [f"--- broker ---\n{broker.log_tail(60)}"]
     out += [s.log_tail(60) for s in stores]
     return "\n".join(out)
 
@@ -57,7 +45,8 @@ def logs(tmp: Path, *stores: Store) -> str:
 @pytest.mark.parametrize("mode, path", [("cone", "direct"), ("symmetric", "via relay"), ("firewall", "via relay")])
 def test_homes_behind_nat_pair_by_code_and_replicate(tmp_path, mode, path):
     with nat_lab(mode, mode) as lab:
-        broker = start_broker(lab, tmp_path)
+        broker = BrokerProcess(tmp_path, listen=f"0.0.0.0:{BROKER_PORT}", prefix=lab.broker_ns.prefix,
+                               config='relay_rate = "64M"\nrelay_burst = "4M"\n').start()
         broker_at = f"{lab.broker_ip}:{BROKER_PORT}"
         a, b = Store(tmp_path / "a"), Store(tmp_path / "b")
         mnt = tmp_path / "mnt"
@@ -72,23 +61,22 @@ def test_homes_behind_nat_pair_by_code_and_replicate(tmp_path, mode, path):
             joined = lab.home_b.bpfs("pair", b.path, code, "--yes", "--json", env=b.env, check=False, timeout=180)
             out, err = creator.communicate(timeout=180)
             assert joined.returncode == 0 and creator.returncode == 0, \
-                f"{joined.stderr}\n{err}\n{logs(tmp_path, a, b)}"
+                f"{joined.stderr}\n{err}\n{logs(broker, a, b)}"
             assert json.loads(joined.stdout)["peer_id"] == a.peer_id
 
             data = MARKER * (DATA // len(MARKER))
             (mnt / "secret.bin").write_bytes(data + os.urandom(MiB))
             cp = a.bpfs("sync", "--timeout", "240", check=False, timeout=300)
-            assert cp.returncode == 0, f"{cp.stderr}\n{logs(tmp_path, a, b)}"
+            assert cp.returncode == 0, f"{cp.stderr}\n{logs(broker, a, b)}"
             assert b.hosted(a.peer_id)["pack_bytes"] >= DATA
-            assert a.partner_status(b.peer_id)["path"] == path, logs(tmp_path, a, b)
+            assert a.partner_status(b.peer_id)["path"] == path, logs(broker, a, b)
             assert a.peer(b.peer_id)["state"] == ("connected via relay" if path == "via relay" else "connected")
         finally:
             capture.stop()
             cleanup_mount(mnt, a.path, env=a.env)
             for s in (a, b):
                 s.bpfs("stop", check=False, timeout=120)
-            broker.terminate()
-            broker.wait(timeout=30)
+            broker.stop()
         seen = capture.payload_bytes()
         assert seen, "the capture on the broker's interface saw nothing"
         assert MARKER not in seen  # the broker's wire carries ciphertext only

@@ -10,77 +10,21 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import textwrap
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from conftest import PYTHON, REPO, Mount, kill_pid, one_line_error, wait_until
+from conftest import PYTHON, REPO, Mount, one_line_error, wait_until
 from netlab import free_udp_port
+from broker_process import BrokerProcess
 from test_partners import MARKER, Store
 
 pytestmark = pytest.mark.timeout(300)
 
 
 # =========================================================================== a broker process
-
-class BrokerProcess:
-    """`python -m broker` on 127.0.0.1 with a state directory (kept across restarts)."""
-
-    def __init__(self, tmp: Path, *, port: int | None = None, config: str | None = None, preamble: str = ""):
-        self.tmp = tmp
-        self.state = tmp / "broker-state"
-        self.port = port or free_udp_port()
-        self.config_path = None
-        if config:
-            self.config_path = tmp / "broker.toml"
-            self.config_path.write_text(config)
-        self.preamble = preamble
-        self.proc: subprocess.Popen | None = None
-        self.peer_id = ""
-        self.log = tmp / "broker.log"
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> "BrokerProcess":
-        ready = self.tmp / "broker-ready.json"
-        if ready.exists():
-            ready.unlink()
-        args = ["--listen", self.address, "--state-dir", str(self.state), "--ready-file", str(ready),
-                "--log-format", "json", "-v"]
-        if self.config_path:
-            args += ["--config", str(self.config_path)]
-        code = textwrap.dedent(self.preamble) + "\nimport sys\nfrom broker.cli import main\nsys.argv[0] = 'bpfs-broker'\nmain()\n"
-        self.proc = subprocess.Popen([PYTHON, "-c", code, *args], cwd=REPO, stdout=subprocess.DEVNULL,
-                                     stderr=open(self.log, "ab"), start_new_session=True)
-        assert wait_until(lambda: ready.exists() or self.proc.poll() is not None, timeout=30), self.log_tail()
-        assert self.proc.poll() is None, f"the broker exited: {self.log_tail()}"
-        self.peer_id = json.loads(ready.read_text())["peer_id"]
-        return self
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            kill_pid(self.proc.pid)
-            self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def log_tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except FileNotFoundError:
-            return "(no broker log)"
-
 
 @pytest.fixture
 def broker(tmp_path):
@@ -135,8 +79,8 @@ def test_pair_by_code_then_replicate_through_a_partner_found_by_the_broker(tmp_p
     a = Store(tmp_path / "a")
     b = Store(tmp_path / "b")
     mnt = Mount(a.path, tmp_path / "mnt", env=a.env)
-    mnt.mount("--listen", "127.0.0.1:0", "--broker", broker.address)
-    serve(b, broker.address)
+    mnt.mount("--listen", "127.0.0.1:0", "--broker", broker.where)
+    serve(b, broker.where)
     try:
         proc, code = start_code(a, "--offer", "300M", "--ask", "200M")
         number, *words = code.split("-")
@@ -168,7 +112,7 @@ def test_pair_by_code_then_replicate_through_a_partner_found_by_the_broker(tmp_p
 
 
 def test_partners_find_each_other_after_their_addresses_change(tmp_path, broker):
-    with serving(tmp_path, broker.address, "a", "b") as (a, b):
+    with serving(tmp_path, broker.where, "a", "b") as (a, b):
         proc, code = start_code(a)
         b.bpfs("pair", code, "--yes", timeout=120)
         assert finish(proc)[0] == 0
@@ -177,18 +121,18 @@ def test_partners_find_each_other_after_their_addresses_change(tmp_path, broker)
         stop(b)
         # A's first broker does not answer: the next one on its list is used
         a.bpfs("serve", "--listen", f"127.0.0.1:{free_udp_port()}", "--broker", f"127.0.0.1:{free_udp_port()}",
-               "--broker", broker.address)
-        b.bpfs("serve", "--listen", f"127.0.0.1:{free_udp_port()}", "--broker", broker.address)
+               "--broker", broker.where)
+        b.bpfs("serve", "--listen", f"127.0.0.1:{free_udp_port()}", "--broker", broker.where)
         old = a.peer(b.peer_id)["address"]
         assert wait_until(lambda: a.peer(b.peer_id)["state"].startswith("connected")
                           or b.peer(a.peer_id)["state"].startswith("connected"), timeout=90), \
             f"{old}\n{a.log_tail()}\n{b.log_tail()}"
-        assert wait_until(lambda: a.id_json().get("broker") == f"{broker.address}/{broker.peer_id}"
-                          or a.id_json().get("broker") == broker.address, timeout=30), a.id_json()
+        assert wait_until(lambda: a.id_json().get("broker") == f"{broker.where}/{broker.peer_id}"
+                          or a.id_json().get("broker") == broker.where, timeout=30), a.id_json()
 
 
 def test_wrong_code_fails_cleanly_on_both_sides_and_burns_the_code(tmp_path, broker):
-    with serving(tmp_path, broker.address, "a", "b") as (a, b):
+    with serving(tmp_path, broker.where, "a", "b") as (a, b):
         proc, code = start_code(a)
         number, w1, w2 = code.split("-")
         wrong = f"{number}-{w1}-{'acid' if w2 != 'acid' else 'acorn'}"
@@ -208,7 +152,7 @@ def test_wrong_code_fails_cleanly_on_both_sides_and_burns_the_code(tmp_path, bro
 
 
 def test_pairing_in_progress_survives_a_broker_restart(tmp_path, broker):
-    with serving(tmp_path, broker.address, "a", "b") as (a, b):
+    with serving(tmp_path, broker.where, "a", "b") as (a, b):
         proc, code = start_code(a)
         time.sleep(0.5)
         broker.kill()  # kill -9: only what is in its LMDB survives
@@ -224,8 +168,8 @@ def test_pair_by_code_without_a_daemon_and_without_a_broker(tmp_path, broker):
     b = Store(tmp_path / "b")
     # no daemon: the command runs the service itself (unlocking the store) with --broker
     env = dict(a.env, BPFS_LISTEN="127.0.0.1:0")
-    proc, code = start_code(a, "--broker", broker.address, env=env)
-    cp = b.bpfs("pair", code, "--yes", "--broker", broker.address, env=dict(b.env, BPFS_LISTEN="127.0.0.1:0"),
+    proc, code = start_code(a, "--broker", broker.where, env=env)
+    cp = b.bpfs("pair", code, "--yes", "--broker", broker.where, env=dict(b.env, BPFS_LISTEN="127.0.0.1:0"),
                 check=False, timeout=120)
     rc, created, err = finish(proc)
     assert cp.returncode == 0 and rc == 0, (cp.stderr, err)
@@ -260,7 +204,7 @@ _state.BrokerState.mailbox_put = _swapping_put
 def test_a_broker_that_swaps_the_key_exchange_is_detected_and_nothing_is_paired(tmp_path):
     evil = BrokerProcess(tmp_path, preamble=MITM_PREAMBLE).start()
     try:
-        with serving(tmp_path, evil.address, "a", "b") as (a, b):
+        with serving(tmp_path, evil.where, "a", "b") as (a, b):
             proc, code = start_code(a)
             cp = b.bpfs("pair", code, "--yes", check=False, timeout=120)
             rc, _, err = finish(proc)
@@ -301,8 +245,8 @@ def test_a_broker_that_points_to_an_impostor_cannot_make_us_pair_with_it(tmp_pat
         liar = BrokerProcess(tmp_path, preamble=LIAR_PREAMBLE).start()
     finally:
         del os.environ["IMPOSTOR"]
-    serve(a, liar.address)
-    serve(b, liar.address)
+    serve(a, liar.where)
+    serve(b, liar.where)
     try:
         proc, code = start_code(a)
         cp = b.bpfs("pair", code, "--yes", check=False, timeout=120)
