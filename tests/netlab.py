@@ -649,32 +649,35 @@ def free_udp_port(host: str = "127.0.0.1", prefix: list[str] | None = None) -> i
 
 # =========================================================================== a UDP echo (for tests)
 
-class UdpEcho:
-    """A UDP echo server in a thread (for measuring a proxy or a lab link)."""
+class _UdpServer:
+    """A UDP socket served by a thread: `handle(data, addr)` for each datagram; `with` starts it."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, host: str, port: int, *, reuse: bool = False):
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        if reuse:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         _big_buffers(self.sock, 4 << 20)
         self.sock.settimeout(0.2)
         self.address = self.sock.getsockname()[:2]
         self._stop = False
-        self.received = 0
         self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def handle(self, data: bytes, addr) -> None:
+        raise NotImplementedError
 
     def _run(self) -> None:
         while not self._stop:
             try:
                 data, addr = self.sock.recvfrom(_MAX_DATAGRAM)
-            except socket.timeout:
+            except (socket.timeout, ConnectionRefusedError):  # an ICMP error from an earlier send
                 continue
             except OSError:
                 return
-            self.received += 1
             with contextlib.suppress(OSError):
-                self.sock.sendto(data, addr)
+                self.handle(data, addr)
 
-    def __enter__(self) -> "UdpEcho":
+    def __enter__(self):
         self._thread.start()
         return self
 
@@ -682,6 +685,18 @@ class UdpEcho:
         self._stop = True
         self._thread.join(timeout=2)
         self.sock.close()
+
+
+class UdpEcho(_UdpServer):
+    """A UDP echo server in a thread (for measuring a proxy or a lab link)."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+        super().__init__(host, port)
+        self.received = 0
+
+    def handle(self, data: bytes, addr) -> None:
+        self.received += 1
+        self.sock.sendto(data, addr)
 
 
 def echo_main(args) -> None:
@@ -773,7 +788,7 @@ def _json_lines(handler) -> None:
 
 # --------------------------------------------------------------------------- the reflector
 
-class UdpReflector:
+class UdpReflector(_UdpServer):
     """A UDP server (a thread) for NAT tests: tells each sender the address it saw, and relays.
 
     * ``SEND host:port PAYLOAD`` -> ``FROM ip:port PAYLOAD`` to host:port, where ip:port is the
@@ -783,51 +798,25 @@ class UdpReflector:
     """
 
     def __init__(self, host: str = "0.0.0.0", port: int = 0):
-        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        _big_buffers(self.sock, 4 << 20)
-        self.sock.settimeout(0.2)
-        self.address = self.sock.getsockname()[:2]
-        self._stop = False
+        super().__init__(host, port, reuse=True)
         self.counters = {"received": 0, "answered": 0, "relayed": 0, "relayed_bytes": 0}
         self.peers: set[str] = set()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        while not self._stop:
-            try:
-                data, addr = self.sock.recvfrom(_MAX_DATAGRAM)
-            except socket.timeout:
-                continue
-            except ConnectionRefusedError:
-                continue
-            except OSError:
-                return
-            seen = format_hostport(addr).encode()
-            self.counters["received"] += 1
-            self.peers.add(seen.decode())
-            with contextlib.suppress(OSError):
-                if data.startswith(b"SEND "):
-                    dest, _, payload = data[5:].partition(b" ")
-                    self.sock.sendto(b"FROM " + seen + b" " + payload, parse_hostport(dest.decode()))
-                    self.counters["relayed"] += 1
-                    self.counters["relayed_bytes"] += len(payload)
-                else:
-                    self.sock.sendto(b"YOU " + seen + b" " + data, addr)
-                    self.counters["answered"] += 1
+    def handle(self, data: bytes, addr) -> None:
+        seen = format_hostport(addr).encode()
+        self.counters["received"] += 1
+        self.peers.add(seen.decode())
+        if data.startswith(b"SEND "):
+            dest, _, payload = data[5:].partition(b" ")
+            self.sock.sendto(b"FROM " + seen + b" " + payload, parse_hostport(dest.decode()))
+            self.counters["relayed"] += 1
+            self.counters["relayed_bytes"] += len(payload)
+        else:
+            self.sock.sendto(b"YOU " + seen + b" " + data, addr)
+            self.counters["answered"] += 1
 
     def stats(self) -> dict:
         return {**self.counters, "peers": sorted(self.peers)}
-
-    def __enter__(self) -> "UdpReflector":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop = True
-        self._thread.join(timeout=2)
-        self.sock.close()
 
 
 class ReflectorProcess(_LineProcess):
