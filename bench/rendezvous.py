@@ -53,7 +53,7 @@ import trio
 from bench import config, proc, stats
 from bench.cleanup import Cleanup
 from bench.config import GiB, MiB, human_bytes
-from bench.targets import REPO, bpfs_command, bpfs_env
+from bench.targets import REPO, bpfs_command, bpfs_env, store_log_tail
 
 from bpfs.identity import Identity
 from bpfs.net.codec import Ping
@@ -270,15 +270,7 @@ class Stores:
         return {r["peer_id"] for r in rows if r.get("state") != "ended"}
 
     def log_tail(self, lines: int = 10) -> str:
-        out = []
-        for store in self.served:
-            for path in sorted((store / "log").glob("*.log")):
-                try:
-                    text = path.read_text(errors="replace").splitlines()[-lines:]
-                except OSError:
-                    continue
-                out.append(f"--- {store.name}/log/{path.name}\n" + "\n".join(text))
-        return "\n".join(out)
+        return store_log_tail(self.served, lines)
 
     def destroy(self) -> None:
         for path in self.served:

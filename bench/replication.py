@@ -49,7 +49,7 @@ import numpy as np
 from bench import proc, stats
 from bench.cleanup import Cleanup, force_unmount
 from bench.config import BLOCK, GiB, MiB, human_bytes
-from bench.targets import REPO, bpfs_command, bpfs_env
+from bench.targets import REPO, bpfs_command, bpfs_env, store_log_tail
 
 #: The aims of the issue: replication within 2x of the raw aioquic ceiling, 1 GiB recovered in < 60 s.
 AIM_CEILING_RATIO = 0.5
@@ -301,15 +301,7 @@ class BpfsPair:
         return res
 
     def log_tail(self, lines: int = 15) -> str:
-        out = []
-        for store in (self.a, self.b, self.new):
-            for path in sorted((store / "log").glob("*.log")):
-                try:
-                    text = path.read_text(errors="replace").splitlines()[-lines:]
-                except OSError:
-                    continue
-                out.append(f"--- {store.name}/log/{path.name}\n" + "\n".join(text))
-        return "\n".join(out)
+        return store_log_tail((self.a, self.b, self.new), lines)
 
     def destroy(self) -> None:
         for mnt in list(reversed(self.mounted)):

@@ -174,6 +174,19 @@ def bpfs_env() -> dict:
     return {"BPFS_PASSPHRASE": PASSPHRASE, "PYTHONPATH": pythonpath}
 
 
+def store_log_tail(stores, lines: int) -> str:
+    """The last `lines` of every daemon log of these store folders, each under a heading."""
+    out = []
+    for store in stores:
+        for path in sorted((Path(store) / "log").glob("*.log")):
+            try:
+                text = path.read_text(errors="replace").splitlines()[-lines:]
+            except OSError:
+                continue
+            out.append(f"--- {Path(store).name}/log/{path.name}\n" + "\n".join(text))
+    return "\n".join(out)
+
+
 def bpfs_available() -> tuple[bool, str]:
     """(True, '') if ``python -m bpfs --help`` works, else (False, why)."""
     try:
