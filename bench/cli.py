@@ -207,22 +207,16 @@ def _collect(results: dict, dedup_tools: list[str]) -> None:
             for err in r.get("errors", []) + ([r["error"]] if "error" in r else []):
                 results["errors"].append({"target": tool, "run": "-", "step": figure, "error": err})
             results["problems"] += [f"{tool} ({figure}): {p}" for p in r.get("problems", [])]
-    rep = results.get("replication")
-    if rep:
+    for name, module in (("replication", replication), ("rendezvous", rendezvous)):
+        rep = results.get(name)
+        if not rep:
+            continue
         if "runs" in rep and "summary" not in rep:  # interrupted half-way
-            rep["summary"] = replication.summarize(rep)
+            rep["summary"] = module.summarize(rep)
         for e in rep.get("errors", []):
-            results["errors"].append(dict(e, step=f"replication: {e['step']}"))
-        results["problems"] += [f"replication: {p}" for p in rep.get("problems", [])]
+            results["errors"].append(dict(e, step=f"{name}: {e['step']}"))
+        results["problems"] += [f"{name}: {p}" for p in rep.get("problems", [])]
         results["meta"]["notes"] += rep.get("notes", [])
-    rdv = results.get("rendezvous")
-    if rdv:
-        if "runs" in rdv and "summary" not in rdv:  # interrupted half-way
-            rdv["summary"] = rendezvous.summarize(rdv)
-        for e in rdv.get("errors", []):
-            results["errors"].append(dict(e, step=f"rendezvous: {e['step']}"))
-        results["problems"] += [f"rendezvous: {p}" for p in rdv.get("problems", [])]
-        results["meta"]["notes"] += rdv.get("notes", [])
 
 
 def _versions() -> dict:
