@@ -5,7 +5,8 @@ requests too (so a partner behind NAT that dials us still receives our data); on
 served for the partner's requests too. A failed dial waits before the next attempt: 1 s doubling
 up to 5 minutes, each wait scaled by a random factor in [0.5, 1.5) so partners that lost a link
 together do not come back in lockstep. A partner that was offline for a week is retried every
-few minutes and catches up by itself.
+few minutes and catches up by itself. How a dial goes (addresses, broker, relay) is the
+`dial` function's (`rendezvous.dialer`).
 """
 
 from __future__ import annotations
@@ -15,14 +16,12 @@ import random
 
 import trio
 
-from ..config import parse_address
 from ..net.quic import Connection, TransportError
 
 log = logging.getLogger("bpfs.peering.links")
 
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 300.0
-DIAL_TIMEOUT = 15.0
 
 
 class Unreachable(TransportError):
@@ -33,26 +32,12 @@ class Unreachable(TransportError):
         self.retry_at = retry_at
 
 
-async def dial_in_turn(endpoint, peer: str, addresses: list[str]) -> Connection:
-    """The plain way to reach a partner: its addresses, one after the other."""
-    if not addresses:
-        raise TransportError("it has no address we know: waiting for it to connect")
-    error: BaseException | None = None
-    for address in addresses:
-        try:
-            with trio.fail_after(DIAL_TIMEOUT):
-                return await endpoint.connect(parse_address(address), expected_peer=peer)
-        except (TransportError, trio.TooSlowError, OSError) as e:
-            error = e
-    raise TransportError(f"{error or type(error).__name__}")
-
-
 class Links:
-    def __init__(self, endpoint, nursery: trio.Nursery, serve_connection, *, rng: random.Random | None = None,
-                 dial=None):
+    def __init__(self, endpoint, nursery: trio.Nursery, serve_connection, dial, *,
+                 rng: random.Random | None = None):
         self.endpoint = endpoint
-        # dial(peer, addresses) -> Connection, or a TransportError saying why not
-        self._dial = dial or (lambda peer, addresses: dial_in_turn(endpoint, peer, addresses))
+        # dial(peer, addresses) -> Connection, or a TransportError saying why not (rendezvous.dialer)
+        self._dial = dial
         self._nursery = nursery
         self._serve = serve_connection
         self._conns: dict[str, Connection] = {}

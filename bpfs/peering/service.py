@@ -229,7 +229,7 @@ class PartnerService:
                                              wait_paired=self._wait_paired)
                     nursery.start_soon(_guarded, "talking to brokers", self.broker.run)
                     nursery.start_soon(_guarded, "pairing by code", self.codes.run)
-                    self.links = Links(ep, nursery, self._serve_connection, dial=self._dial_partner)
+                    self.links = Links(ep, nursery, self._serve_connection, self._dial_partner)
                     nursery.start_soon(_guarded, "accepting connections", self._accept_loop)
                     nursery.start_soon(_guarded, "sweeping hosted data", self.holder.run_sweeper)
                     if self.source is not None:

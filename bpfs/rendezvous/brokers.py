@@ -93,19 +93,13 @@ class BrokerClient:
         self._announced = trio.Event()
         self._kick.set()
 
-    def hold(self):
-        """A context manager: hold a broker connection while it is open (a pairing in progress)."""
-        client = self
+    def hold(self) -> None:
+        """Hold a broker connection until `release()` (a pairing in progress needs one)."""
+        self._holds += 1
+        self._kick.set()
 
-        class _Hold:
-            def __enter__(self):
-                client._holds += 1
-                client._kick.set()
-
-            def __exit__(self, *exc):
-                client._holds -= 1
-
-        return _Hold()
+    def release(self) -> None:
+        self._holds -= 1
 
     async def connection(self, timeout: float = CONNECT_TIMEOUT) -> Connection:
         """The broker connection, waiting up to `timeout` for one; BrokerUnavailable if none."""

@@ -41,11 +41,10 @@ MAX_SESSIONS = 8
 
 
 class Session:
-    def __init__(self, role: bytes, offer: int, ask: int, hold):
+    def __init__(self, role: bytes, offer: int, ask: int):
         self.handle = secrets.token_hex(8)
         self.role = role
         self.offer, self.ask = offer, ask
-        self.hold = hold
         self.code = ""
         self.nameplate = 0
         self.side = b""
@@ -215,9 +214,8 @@ class CodePairing:
     def _new(self, role: bytes, offer: int, ask: int) -> Session:
         if len(self.sessions) >= MAX_SESSIONS:
             raise PairingError("too many pairings in progress on this store", exit_code=3)
-        hold = self.broker.hold()
-        hold.__enter__()
-        s = Session(role, offer, ask, hold)
+        self.broker.hold()
+        s = Session(role, offer, ask)
         self.sessions[s.handle] = s
         return s
 
@@ -239,7 +237,7 @@ class CodePairing:
         except (RemoteError, BrokerUnavailable, TransportError, trio.TooSlowError):
             pass
         finally:
-            s.hold.__exit__(None, None, None)
+            self.broker.release()
 
     async def _call(self, s: Session, msg, *, retry: bool = True, timeout: float = 15.0):
         """A mailbox request; retried (after the broker comes back) until the code expires."""

@@ -39,7 +39,7 @@ class NoRoute(TransportError):
 async def dial_first(endpoint, addresses: list, expected_peer: str, timeout: float) -> Connection:
     """Dial every address at once; the first authenticated connection (others are closed)."""
     if not addresses:
-        raise NoRoute("no address to dial")
+        raise NoRoute("it has no address we know: waiting for it to connect")
     winner: list[Connection] = []
     errors: list[str] = []
 
