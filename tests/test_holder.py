@@ -56,7 +56,7 @@ async def holder_running(tmp_path, *, grace_days=30.0):
     ledger = Ledger(str(tmp_path))
     clock = Clock()
     holder = Holder(str(tmp_path), me, ledger, Config(grace_days=grace_days), listen_port=lambda: 0,
-                    on_paired=lambda p: None, on_unpaired=lambda p: None, clock=clock)
+                    on_paired=lambda p, conn: None, on_unpaired=lambda p: None, clock=clock)
     holder.clock = clock
     try:
         async with open_endpoint(me) as ep:

@@ -40,7 +40,7 @@ _MAX_PAIR_FRAME = 256
 
 class Holder:
     def __init__(self, store_dir: str, identity: Identity, ledger: Ledger, config: Config, *,
-                 listen_port: Callable[[], int], on_paired: Callable[[Partner], None],
+                 listen_port: Callable[[], int], on_paired: Callable[[Partner, object], None],
                  on_unpaired: Callable[[Partner], None], clock=time.time):
         self.dir = os.path.join(store_dir, "hosted")
         make_private_dir(self.dir)
@@ -145,7 +145,7 @@ class Holder:
         self.ledger.put_partner(partner)
         log.info("paired with %s: we keep %s of theirs, they keep %s of ours", conn.peer_id,
                  format_size(we_keep), format_size(they_keep))
-        self._on_paired(partner)
+        self._on_paired(partner, conn)  # the connection it paired on now serves the partnership
         return P.PairReply(we_keep, they_keep, self._listen_port())
 
     async def _unpair(self, conn, msg: P.Unpair):

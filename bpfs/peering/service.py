@@ -170,7 +170,7 @@ class PartnerService:
         self.replicator: Replicator | None = None
         self._nursery = None
         self.holder = Holder(store_dir, self.identity, self.ledger, config, listen_port=self._listen_port,
-                             on_paired=self._partners_changed, on_unpaired=self._partners_changed)
+                             on_paired=self._paired, on_unpaired=self._partners_changed)
         self.ready = trio.Event()
         self._paired_event = trio.Event()
 
@@ -187,6 +187,12 @@ class PartnerService:
             self.broker.changed()  # who may look us up changed: announce again
         self._paired_event.set()
         self._paired_event = trio.Event()
+
+    def _paired(self, partner: Partner, conn) -> None:
+        """A peer paired with us on `conn` (a stranger's connection until then): adopt it as the link."""
+        if self.links is not None:
+            self.links.adopt(conn)
+        self._partners_changed(partner)
 
     def _pair_keys(self) -> list[bytes]:
         """The pair keys of partners (and pending pairings by code) that may look us up."""
@@ -382,11 +388,6 @@ class PartnerService:
                 p = self.ledger.partner(peer)
                 if p is not None and p.active and p.pair_key:
                     conn = self.links.connection(peer)
-                    if conn is None:  # the joiner's connection, made before it was a partner
-                        conn = next((c for c in self.endpoint.connections if c.peer_id == peer and not c.closed),
-                                    None)
-                        if conn is not None:
-                            self.links.adopt(conn)
                     return {"peer_id": peer, "address": p.address, "we_keep": p.we_keep, "they_keep": p.they_keep,
                             "path": _path(conn)}
                 await self._paired_event.wait()
