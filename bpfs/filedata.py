@@ -785,6 +785,7 @@ class DataStore:
         async with self._apply_lock:
             if self.packs.has_unsynced:
                 await trio.to_thread.run_sync(self.packs.sync)
+            self.packs.record_roots(self.index)
             try:
                 self.index.commit()
             except Exception as e:  # lmdb.Error: the drive refused the commit

@@ -17,6 +17,8 @@ Tables (LMDB named databases) and what they map:
                                       told to release it once they hold a newer root (see peering)
   snapshots snapshot bookkeeping   -> sealed: metadata chunks, their packs, signed roots (see snapshot)
   ignored   ino                    -> nothing: regular files a .backupignore keeps local (see lanes)
+  packroots pack id                -> plain: the pack's tree root (32 bytes, `packtree`) and its size
+                                      (u64): what storage audits check partners' copies against
 
 A pack's flag byte: bit 0 sealed, bit 1 local lane, bit 2 priority lane (none: normal lane).
 
@@ -50,7 +52,8 @@ _CHUNK = struct.Struct("<QQIII")
 _PACK = struct.Struct("<IQQB")
 _NAME_HASH_LEN = 6  # ids (hash << 8 | position) must fit a signed 64-bit readdir offset
 TABLES = ("meta", "inodes", "dirents", "extents", "chunks", "packs", "packchunks", "symlinks", "xattrs", "orphans",
-          "outbox", "snapshots", "tombstones", "ignored")
+          "outbox", "snapshots", "tombstones", "ignored", "packroots")
+_PACKROOT = struct.Struct("<32sQ")
 LANE_NORMAL, LANE_LOCAL, LANE_PRIORITY = 0, 1, 2  # a pack's lane: its flag bit is 1 << lane (see lanes)
 PACK_SEALED = 1
 OUTBOX_NORMAL, OUTBOX_PRIORITY = b"", b"\x01"
@@ -540,8 +543,19 @@ class Index:
 
     def delete_pack(self, pack_id: int) -> None:
         self._delete("packs", u64(pack_id))
+        if self.get_pack_root(pack_id) is not None:
+            self._delete("packroots", u64(pack_id))
         if self._delete("outbox", u64(pack_id)):  # partners may hold it: remember to release it
             self._put_plain("tombstones", u64(pack_id), u64(self.generation))
+
+    def get_pack_root(self, pack_id: int) -> tuple[bytes, int] | None:
+        """(tree root, size) of a sealed pack, once known (see `packs.PackStore.record_roots`)."""
+        db = self._db["packroots"]
+        raw = self.txn.get(u64(pack_id), db=db) if db is not None else None
+        return None if raw is None else _PACKROOT.unpack(raw)
+
+    def put_pack_root(self, pack_id: int, root: bytes, size: int) -> None:
+        self._put_plain("packroots", u64(pack_id), _PACKROOT.pack(root, size))
 
     def delete_tombstone(self, pack_id: int) -> None:
         self._delete("tombstones", u64(pack_id))

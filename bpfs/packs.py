@@ -10,6 +10,11 @@ written by one writer at a time at offsets handed out by `reserve` (on the event
 with the bytes themselves written from worker threads. Packs are never modified once
 written; a pack whose chunks are all dead is deleted whole after the commit that freed it.
 The index (not the pack) knows where each chunk is.
+
+Each pack's tree root (`packtree`: what storage audits check partners against) is built while
+the pack is written, from the bytes handed to `write`, so no byte is read back for it; once a
+pack is sealed and its last write is synced, `record_roots` puts the root in the index. A pack
+whose root could not be built that way (written before a crash) gets it from `root_of` later.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from collections import OrderedDict
 from .errors import IntegrityError
 from .fsutil import fsync_dir, make_private_dir
 from .index import LANE_LOCAL, LANE_NORMAL, Index, PackRecord
+from .packtree import TreeBuilder, root_of_file
 
 PACK_TARGET = 16 << 20
 _MAX_READ_FDS = 64
@@ -47,6 +53,9 @@ class PackStore:
         self._writers: dict[int, int] = {}  # pack id -> reservations not yet finished
         self._dirty: set[int] = set()  # packs written since their last fdatasync
         self.local_ids: set[int] = set()  # local-lane packs started here (DataStore adds the older ones)
+        self._trees: dict[int, TreeBuilder] = {}  # pack id -> its tree, while bytes are written into it
+        self._sizes: dict[int, int] = {}  # sealed pack id -> its final size, until its tree is finished
+        self._roots: dict[int, tuple[bytes, int]] = {}  # finished trees not yet in the index
 
     def path(self, pack_id: int) -> str:
         return os.path.join(self.dir, f"{pack_id & 0xFF:02x}", f"{pack_id:012x}.pack")
@@ -89,6 +98,7 @@ class PackStore:
             self.local_ids.add(pack_id)
         with self._lock:
             self._unsynced[pack_id] = fd
+            self._trees[pack_id] = TreeBuilder()
             self._open_ids = frozenset(p.id for p in self._open.values())
         index.put_pack(pack_id, PackRecord(0, 0, 0, False, lane))
         return cur
@@ -107,8 +117,9 @@ class PackStore:
         if rec is not None:
             index.seal_pack(cur.id, rec)
         with self._lock:
+            self._sizes[cur.id] = cur.size
             self._open_ids = frozenset(p.id for p in self._open.values())
-        # its fd is closed after its next fdatasync
+        # its fd is closed (and its tree finished) after its next fdatasync
 
     def write(self, pack_id: int, offset: int, data: bytes) -> None:
         """Write reserved bytes (blocking; call from a worker thread)."""
@@ -125,6 +136,9 @@ class PackStore:
         # Start writeback now and keep sealed bytes out of the page cache: pwrite runs 5x
         # faster here, and the fdatasync that close/fsync wait for finds little left to do.
         os.posix_fadvise(fd, start, offset - start, os.POSIX_FADV_DONTNEED)
+        tree = self._trees.get(pack_id)
+        if tree is not None:
+            tree.add(start, data)
         with self._lock:
             self._dirty.add(pack_id)
 
@@ -148,11 +162,40 @@ class PackStore:
                 os.fdatasync(fd)
         for d in sorted(dirs, key=len, reverse=True):
             fsync_dir(d)
+        finished = []
         with self._lock:
             for pack_id, fd in pending:
                 if pack_id not in self._open_ids and pack_id not in self._writers and pack_id not in self._dirty:
                     self._unsynced.pop(pack_id, None)
                     os.close(fd)
+                    tree, size = self._trees.pop(pack_id, None), self._sizes.pop(pack_id, None)
+                    if tree is not None and size is not None:
+                        finished.append((pack_id, tree, size))
+        for pack_id, tree, size in finished:
+            root = tree.root(size)
+            if root is not None:
+                with self._lock:
+                    self._roots[pack_id] = (root, size)
+
+    def record_roots(self, index: Index) -> int:
+        """Put the roots of packs finished since the last call into the index (on the index's
+        thread, after `sync`); the number recorded."""
+        with self._lock:
+            roots, self._roots = self._roots, {}
+        n = 0
+        for pack_id, (root, size) in roots.items():
+            if index.get_pack(pack_id) is not None:
+                index.put_pack_root(pack_id, root, size)
+                n += 1
+        return n
+
+    def root_of(self, pack_id: int) -> tuple[bytes, int]:
+        """(tree root, size) of a sealed pack, hashed from its file (blocking). For packs whose
+        root was not built while they were written."""
+        try:
+            return root_of_file(self.path(pack_id))
+        except FileNotFoundError:
+            raise IntegrityError(f"pack {pack_id:012x} is missing") from None
 
     def busy(self, pack_id: int) -> bool:
         """Whether bytes may still be written into the pack (open, or a writer not finished)."""
@@ -161,7 +204,8 @@ class PackStore:
 
     @property
     def has_unsynced(self) -> bool:
-        return bool(self._dirty) or bool(self._dirs_to_sync)
+        """Whether `sync` has work: bytes or directory entries to flush, or sealed packs to finish."""
+        return bool(self._dirty) or bool(self._dirs_to_sync) or bool(self._sizes)
 
     # ----- reading -------------------------------------------------------------------------
     def _read_fd(self, pack_id: int) -> int:
@@ -202,6 +246,7 @@ class PackStore:
 
     def delete(self, pack_id: int) -> None:
         with self._lock:
+            self._roots.pop(pack_id, None)
             fd = self._read_fds.pop(pack_id, None)
             if fd is not None:
                 os.close(fd)
@@ -216,5 +261,7 @@ class PackStore:
                 os.close(fd)
             self._read_fds.clear()
             self._unsynced.clear()
+            self._trees.clear()
+            self._sizes.clear()
         self._open.clear()
         self._open_ids = frozenset()

@@ -78,7 +78,8 @@ from .crypto import CHUNK_ID_SIZE, NONCE_SIZE, SEAL_OVERHEAD, Sealer, padme, sea
 from .errors import BpfsError, IntegrityError
 from .fsutil import fsync_dir, make_private_dir
 from .identity import peer_id_bytes, verify_signature
-from .index import _CHUNK, _NAME_HASH_LEN, _PACK, MAP_SIZE, ROOT_INO, TABLES, Index, PackRecord, record_aad, u64
+from .index import (_CHUNK, _NAME_HASH_LEN, _PACK, _PACKROOT, MAP_SIZE, ROOT_INO, TABLES, Index, PackRecord,
+                    record_aad, u64)
 from .lanes import ExportFilter, prepare_export
 from .keyfile import StoreKeys, read_public
 from .packs import PackStore
@@ -96,11 +97,11 @@ MAX_PACK_RANGES = 1 << 18
 KEEP_SNAPSHOTS = 2  # retained snapshots: a partner holding the one before the latest can still serve it
 
 SNAPSHOT_TABLES = ("meta", "inodes", "dirents", "extents", "chunks", "packs", "packchunks", "symlinks", "xattrs",
-                   "orphans")
+                   "orphans", "packroots")
 _SEALED_TABLES = frozenset({"inodes", "dirents", "extents", "chunks", "symlinks", "xattrs"})
 _KEY_LENGTHS = {"inodes": 8, "dirents": 8 + _NAME_HASH_LEN, "extents": 16, "chunks": CHUNK_ID_SIZE, "packs": 8,
-                "packchunks": 8 + CHUNK_ID_SIZE, "symlinks": 8, "xattrs": 8 + 16, "orphans": 8}
-_PLAIN_VALUE_LENGTHS = {"meta": 8, "packs": _PACK.size, "packchunks": 0, "orphans": 0}
+                "packchunks": 8 + CHUNK_ID_SIZE, "symlinks": 8, "xattrs": 8 + 16, "orphans": 8, "packroots": 8}
+_PLAIN_VALUE_LENGTHS = {"meta": 8, "packs": _PACK.size, "packchunks": 0, "orphans": 0, "packroots": _PACKROOT.size}
 _MAX_META_KEY = 64
 
 STREAM_MAGIC = b"BPSNAPS1"
@@ -381,6 +382,8 @@ def _filtered(table: str, key: bytes, value: bytes, flt: ExportFilter, sealer) -
         aad = record_aad(table, key)
         fields = _CHUNK.unpack(sealer.open(value, aad))
         return sealer.reseal(_CHUNK.pack(*fields[:4], refs), aad, value)
+    if table == "packroots":
+        return None if int.from_bytes(key, "big") in flt.skip_packs else value
     if table == "packs":
         pack_id = int.from_bytes(key, "big")
         if pack_id in flt.skip_packs:
@@ -407,7 +410,7 @@ def _stream(records, skip_packs: set[int], needed: _RangeBuilder, counts: list[i
     filtering = flt is not None and flt.active
     for t, table in enumerate(SNAPSHOT_TABLES):
         for key, value in records(table):
-            if table == "packs" and int.from_bytes(key, "big") in skip_packs:
+            if table in ("packs", "packroots") and int.from_bytes(key, "big") in skip_packs:
                 continue  # a pack of metadata chunks: not needed to rebuild
             if filtering:
                 value = _filtered(table, key, value, flt, sealer)
@@ -573,6 +576,11 @@ def retained_generations(index: Index) -> list[int]:
     return [int.from_bytes(key[1:], "big") for key, _ in index.snapshot_records(b"r")]
 
 
+def retained_roots(index: Index) -> list[tuple[int, bytes]]:
+    """(generation, signed root) of every retained snapshot, oldest first."""
+    return [(int.from_bytes(key[1:], "big"), blob) for key, blob in index.snapshot_records(b"r")]
+
+
 def latest_root(index: Index) -> bytes | None:
     """The signed root of the newest retained snapshot (what partners should hold), if any."""
     roots = index.snapshot_records(b"r")
@@ -641,13 +649,13 @@ def export_snapshot(index: Index, keys: StoreKeys, packs: PackStore, *, keep: in
         flt, emptied = prepare_export(index, packs)  # what stays local; no local pack is needed
     except IntegrityError as e:
         raise SnapshotError(f"a chunk that a replicated file uses cannot leave its local pack: {e}") from None
-    if packs.has_unsynced:
-        packs.sync()  # a checkpoint never points at pack bytes that are not on stable storage
+    packs.seal_open(index)  # metadata chunks go to packs of their own; sealed packs get their roots
+    packs.sync()  # a checkpoint never points at pack bytes that are not on stable storage
+    skip = metadata_packs(index)
+    _record_pack_roots(index, packs, skip)
     index.commit()
     for pack_id in emptied:
         packs.delete(pack_id)
-    packs.seal_open(index)  # metadata chunks go to packs of their own
-    skip = metadata_packs(index)
     retained = retained_generations(index)
     chunker = _chunker(keys)
     digest = hashlib.blake2b(digest_size=_HASH_SIZE)
@@ -684,6 +692,7 @@ def export_snapshot(index: Index, keys: StoreKeys, packs: PackStore, *, keep: in
             packs.seal_open(index)
             if placed:
                 packs.sync()  # the chunks are on stable storage before the index records them
+                packs.record_roots(index)  # of the new metadata packs
             _record_chunks(index, listed, placed)
             manifest = SnapshotManifest(generation, clock(), stream_length, counts[0], digest.digest(), listed,
                                         needed.ranges)
@@ -705,6 +714,29 @@ def export_snapshot(index: Index, keys: StoreKeys, packs: PackStore, *, keep: in
                       "stream_bytes": stream_length, "records": counts[0], "released_packs": len(dead),
                       "left_out_files": len(flt.ignored), "left_out_packs": len(flt.skip_packs)}
     return manifest
+
+
+_ROOTS_READ_PER_EXPORT = 256 << 20  # bytes of packs an export reads at most to hash missing roots
+
+
+def _record_pack_roots(index: Index, packs: PackStore, skip: set[int]) -> None:
+    """Sealed replicable data packs get their tree root in the index before a snapshot carries
+    the `packroots` table (so a recovered store can audit its partners): the roots built while
+    writing, and for a pack written before a crash, one hashed from its file (at most
+    _ROOTS_READ_PER_EXPORT bytes of them per export; the replicator hashes the rest as it
+    sends them, and the next snapshot carries them)."""
+    packs.record_roots(index)
+    budget = _ROOTS_READ_PER_EXPORT
+    for pack_id, rec in list(index.all_packs()):
+        if budget <= 0:
+            break
+        if rec.sealed and not rec.local and pack_id not in skip and index.get_pack_root(pack_id) is None:
+            try:
+                root, size = packs.root_of(pack_id)
+            except IntegrityError:
+                continue  # missing: verify names it; there is nothing to prove
+            index.put_pack_root(pack_id, root, size)
+            budget -= size
 
 
 def _write_chunk(index: Index, keys: StoreKeys, packs: PackStore, cid: bytes, plain: bytes,
@@ -838,6 +870,7 @@ def _build(path: str, keys: StoreKeys, manifest: SnapshotManifest, fetch_chunk, 
     meta: dict[bytes, bytes] = {}
     packs_seen = packs_recorded = 0
     last_chunk_pack = last_pack_record = 0
+    recorded: set[int] = set()
     max_ino = ROOT_INO
     writer = _IndexWriter(path)
     try:
@@ -866,6 +899,9 @@ def _build(path: str, keys: StoreKeys, manifest: SnapshotManifest, fetch_chunk, 
                     if manifest.needs_pack(pack_id):
                         packs_recorded += 1
                     last_pack_record = max(last_pack_record, pack_id)
+                    recorded.add(pack_id)
+                elif table == "packroots" and int.from_bytes(key, "big") not in recorded:
+                    raise SnapshotError("snapshot record stream: a tree root for a pack it does not record")
                 elif table == "packchunks":
                     pack_id = int.from_bytes(key[:8], "big")
                     if pack_id != last_chunk_pack:

@@ -163,6 +163,8 @@ class OpenStore:
     def close(self, release_lock: bool = True) -> None:
         try:
             self.packs.seal_open(self.index)
+            self.packs.sync()  # finishes the trees of the packs just sealed
+            self.packs.record_roots(self.index)
             self.index.commit()
             self.index.close()
             self.packs.close()

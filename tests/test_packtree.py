@@ -1,0 +1,124 @@
+"""Pack trees (bpfs.packtree): roots, the holder's sidecar, proofs and their verification.
+
+Pure computation, no FUSE or network: every way of computing a root (in memory, from a file,
+incrementally from out-of-order writes, from a sidecar) must agree, every honest proof must
+verify, and every tampered one (a flipped byte, another leaf, another object, a shortened
+path, a different size) must not.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from bpfs import packtree as T
+
+SIZES = [0, 1, T.LEAF_SIZE - 1, T.LEAF_SIZE, T.LEAF_SIZE + 1, T.BLOCK_SIZE - 5, T.BLOCK_SIZE,
+         T.BLOCK_SIZE * 3 + T.LEAF_SIZE * 5 + 17, 1 << 20, (1 << 20) + 3]
+
+
+def _naive_root(data: bytes) -> bytes:
+    """The tree exactly as the module docstring defines it, level by level."""
+    level = [T.hash_leaf(i, data[p:p + T.LEAF_SIZE]) for i, p in enumerate(range(0, len(data), T.LEAF_SIZE))]
+    level = level or [T.hash_leaf(0, b"")]
+    while len(level) > 1:
+        nxt = [T.hash_node(level[j], level[j + 1]) for j in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return T.finish_root(len(data), level[0])
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_every_way_of_computing_a_root_agrees(tmp_path, size):
+    data = random.Random(size).randbytes(size)
+    path = tmp_path / "obj"
+    path.write_bytes(data)
+    root = _naive_root(data)
+    assert T.root_of_bytes(data) == root
+    assert T.root_of_file(str(path)) == (root, size)
+    side = T.Sidecar.of_file(str(path))
+    assert side.root == root and side.size == size
+    assert T.Sidecar.decode(side.encode()).blocks == side.blocks
+    # written in random pieces, in random order (as worker threads write a pack)
+    cuts = sorted(random.Random(size + 1).sample(range(1, size), min(size - 1, 40))) if size > 1 else []
+    spans = list(zip([0] + cuts, cuts + [size]))
+    random.Random(size + 2).shuffle(spans)
+    builder = T.TreeBuilder()
+    for a, b in spans:
+        builder.add(a, data[a:b])
+    assert builder.root(size) == root
+
+
+def test_roots_bind_size_position_and_content():
+    data = os.urandom(3 * T.LEAF_SIZE)
+    root = T.root_of_bytes(data)
+    assert T.root_of_bytes(data[:-1]) != root  # truncated
+    assert T.root_of_bytes(data + b"\0") != root  # extended
+    swapped = data[T.LEAF_SIZE:2 * T.LEAF_SIZE] + data[:T.LEAF_SIZE] + data[2 * T.LEAF_SIZE:]
+    assert T.root_of_bytes(swapped) != root  # leaves moved
+    flipped = bytearray(data)
+    flipped[100] ^= 1
+    assert T.root_of_bytes(bytes(flipped)) != root
+
+
+def test_builder_with_a_missing_piece_gives_no_root():
+    data = os.urandom(T.LEAF_SIZE * 3)
+    b = T.TreeBuilder()
+    b.add(0, data[:T.LEAF_SIZE + 10])
+    b.add(T.LEAF_SIZE * 2, data[T.LEAF_SIZE * 2:])
+    assert b.root(len(data)) is None  # bytes [LEAF+10, 2*LEAF) never written: hash the file instead
+
+
+@pytest.mark.parametrize("size", [1, T.LEAF_SIZE, T.BLOCK_SIZE + 1, 7 * T.BLOCK_SIZE + 3 * T.LEAF_SIZE + 1, 1 << 20])
+def test_every_leaf_proves_and_nothing_else_does(tmp_path, size):
+    data = random.Random(size).randbytes(size)
+    path = tmp_path / "obj"
+    path.write_bytes(data)
+    side = T.Sidecar.of_file(str(path))
+    reads = []
+
+    def read(offset, length):
+        reads.append(length)
+        return data[offset:offset + length]
+
+    n = T.leaf_count(size)
+    for leaf in range(n):
+        leaf_data, siblings = T.read_proof(side, leaf, read)
+        assert len(siblings) == T.path_length(size, leaf)
+        assert T.verify_proof(side.root, size, leaf, leaf_data, siblings), leaf
+        # the same answer for another position, another size, or another object fails
+        assert not T.verify_proof(side.root, size, (leaf + 1) % n, leaf_data, siblings) or n == 1
+        assert not T.verify_proof(side.root, size + 1, leaf, leaf_data, siblings)
+        assert not T.verify_proof(T.root_of_bytes(data + b"x"), size, leaf, leaf_data, siblings)
+        if leaf_data:
+            bad = bytearray(leaf_data)
+            bad[len(bad) // 2] ^= 0x80
+            assert not T.verify_proof(side.root, size, leaf, bytes(bad), siblings)
+        if siblings:
+            assert not T.verify_proof(side.root, size, leaf, leaf_data, siblings[:-1])
+            assert not T.verify_proof(side.root, size, leaf, leaf_data, siblings + [siblings[0]])
+            wrong = [bytes(32)] + siblings[1:]
+            assert not T.verify_proof(side.root, size, leaf, leaf_data, wrong)
+    assert max(reads) <= T.BLOCK_SIZE  # bounded work: one block read per proof
+
+
+def test_challenge_leaves_are_fresh_distinct_and_agreed():
+    size = 16 << 20
+    a = T.challenge_leaves(b"n" * 32, 7, size, 8)
+    assert a == T.challenge_leaves(b"n" * 32, 7, size, 8)  # both sides derive the same
+    assert len(set(a)) == 8 and all(0 <= i < T.leaf_count(size) for i in a)
+    assert a != T.challenge_leaves(b"m" * 32, 7, size, 8)  # another nonce, other leaves
+    assert a != T.challenge_leaves(b"n" * 32, 8, size, 8)  # another pack, other leaves
+    assert T.challenge_leaves(b"n" * 32, 7, 3 * T.LEAF_SIZE, 8) == [0, 1, 2]  # all there are
+
+
+def test_sidecar_that_does_not_add_up_is_refused():
+    data = os.urandom(T.BLOCK_SIZE * 2 + 5)
+    blocks = [T.root_of_bytes(b"")] * 3
+    good = T.Sidecar(len(data), T.root_of_bytes(data), blocks).encode()
+    assert T.Sidecar.decode(good) is None  # the root does not match the blocks
+    assert T.Sidecar.decode(b"garbage") is None
+    assert T.Sidecar.decode(good[:-1]) is None
