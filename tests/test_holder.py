@@ -7,7 +7,6 @@ precisely: quota refusals, ordering, digests, rollback, signed releases and the 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 from contextlib import asynccontextmanager
@@ -39,7 +38,8 @@ class Clock:
 
 
 def digest(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=P.DIGEST_SIZE).digest()
+    """The digest the last piece carries: the object's tree root (bpfs.packtree)."""
+    return P.object_digest(data)
 
 
 def make_root(identity: Identity, generation: int, size: int = 400) -> bytes:
@@ -314,3 +314,99 @@ def test_release_message_binds_holder_and_ids():
     assert a != P.release_message(b"h" * 20, [1, 2, 3])
     assert a != P.release_message(b"h" * 20, [2, 1])
     assert struct.unpack_from("<I", a, len(a) - 20)[0] == 2
+
+
+# ----- storage audits and repairs ---------------------------------------------------------------
+def _prove(nonce, packs, leaves=2):
+    return P.Prove(P.AUDIT_VERSION, nonce, packs, leaves)
+
+
+def test_audits_prove_held_packs_and_say_what_is_not(tmp_path):
+    """Proofs verify against the root the owner knows; a pack lost on disk, one never received
+    and one released are each told apart; a forged version or an oversized request is refused."""
+    from bpfs.peering.auditor import judge
+    from bpfs.peering.ledger import Outcome
+
+    async def body(holder):
+        async with partner_of(holder) as conn:
+            packs = {i: os.urandom(200_000 + i * 5000) for i in (1, 2, 3)}
+            for pid, data in packs.items():
+                assert (await upload(conn, P.PACK, pid, data)).complete
+            nonce = os.urandom(32)
+            reply = await call(conn, _prove(nonce, [1, 2, 3, 9]))
+            assert [p.status for p in reply.proofs] == [P.ProofStatus.HELD] * 3 + [P.ProofStatus.NOT_HELD]
+            for pid, proof in zip((1, 2, 3), reply.proofs):
+                assert judge(proof, nonce, pid, digest(packs[pid]), len(packs[pid]), 2) == Outcome.OK
+                # the same answer does not pass for another nonce (other leaves) or another pack
+                assert judge(proof, os.urandom(32), pid, digest(packs[pid]), len(packs[pid]), 2) != Outcome.OK
+            assert judge(reply.proofs[0], nonce, 1, digest(packs[2]), len(packs[1]), 2) != Outcome.OK
+            owner = holder.ledger.partner(conn.identity.peer_id).raw_id
+            os.unlink(holder.path(owner, P.PACK, 2))
+            signed = P.release_message(peer_id_bytes(holder.identity.public_key), [3])
+            await call(conn, P.Release([3], conn.identity.sign(signed)))
+            reply = await call(conn, _prove(nonce, [2, 3]))
+            assert [p.status for p in reply.proofs] == [P.ProofStatus.MISSING, P.ProofStatus.RELEASED]
+            with pytest.raises(RemoteError, match="audit version"):
+                await call(conn, P.Prove(P.AUDIT_VERSION + 1, nonce, [1], 1))
+            with pytest.raises(RemoteError, match="at most"):
+                await call(conn, P.Prove(P.AUDIT_VERSION, nonce, list(range(1, 20)), 32))
+            with pytest.raises(RemoteError, match="at most"):
+                await call(conn, P.Prove(P.AUDIT_VERSION, nonce, [1, 1], 1))
+
+    run(body, tmp_path)
+
+
+def test_audit_budget_is_enforced_per_owner(tmp_path):
+    """An owner asking for more proofs than the budget allows is refused with when to retry;
+    another owner is not affected."""
+    from bpfs.peering.holder import AUDIT_BURST
+
+    async def body(holder):
+        async with partner_of(holder) as conn, partner_of(holder) as other:
+            assert (await upload(conn, P.PACK, 1, os.urandom(100_000))).complete
+            assert (await upload(other, P.PACK, 1, os.urandom(100_000))).complete
+            asked = 0
+            with pytest.raises(RemoteError, match="retry in") as exc:
+                while asked <= AUDIT_BURST:
+                    await call(conn, _prove(os.urandom(32), [1], P.MAX_PROOF_LEAVES))
+                    asked += P.MAX_PROOF_LEAVES
+            assert exc.value.code == P.Refusal.AUDIT_LIMIT
+            assert asked == AUDIT_BURST  # the whole burst was served, then refused
+            reply = await call(other, _prove(os.urandom(32), [1], P.MAX_PROOF_LEAVES))
+            assert reply.proofs[0].status == P.ProofStatus.HELD
+
+    run(body, tmp_path)
+
+
+def test_repair_replaces_a_damaged_copy_only_with_the_bytes_first_accepted(tmp_path):
+    """A repair upload mends a copy that failed an audit; bytes that do not hash to the digest
+    the holder first accepted are refused and the copy stays as it was."""
+    async def body(holder):
+        async with partner_of(holder) as conn:
+            data = os.urandom(3 * MiB + 77)
+            assert (await upload(conn, P.PACK, 5, data)).complete
+            owner = holder.ledger.partner(conn.identity.peer_id).raw_id
+            path = holder.path(owner, P.PACK, 5)
+            with open(path, "r+b") as f:
+                f.seek(MiB)
+                f.write(b"rot" * 100)
+            damaged = open(path, "rb").read()
+            other = os.urandom(len(data))
+            with pytest.raises(RemoteError) as exc:  # something else under the same id and digest
+                for off in range(0, len(other), P.PIECE):
+                    part = other[off:off + P.PIECE]
+                    await call(conn, P.PutPiece(P.PACK, 5, len(other), off, part,
+                                                digest(data) if off + len(part) >= len(other) else None, True))
+            assert exc.value.code == P.Refusal.BAD_DIGEST
+            assert open(path, "rb").read() == damaged
+            with pytest.raises(RemoteError, match="different object"):
+                await call(conn, P.PutPiece(P.PACK, 5, len(data), len(data), b"", digest(other), True))
+            for off in range(0, len(data), P.PIECE):
+                part = data[off:off + P.PIECE]
+                ack = await call(conn, P.PutPiece(P.PACK, 5, len(data), off, part,
+                                                  digest(data) if off + len(part) >= len(data) else None, True))
+            assert ack.complete and open(path, "rb").read() == data
+            listing = await call(conn, P.ListHeld(P.PACK, 0, 10))
+            assert list(listing.ids) == [5] and list(listing.digests) == [digest(data)]
+
+    run(body, tmp_path)

@@ -1,8 +1,9 @@
 """The holder: serving partners' requests, and keeping their objects within what we agreed.
 
-Owns STORE/hosted/PEER_ID/ (packs/XX/ID.pack and roots/GEN.root, partial uploads as *.part),
-the quota each partner may use here, pairing requests, and deleting released data once its
-grace period is over. Everything a partner sends is untrusted: sizes are bounded by the codec,
+Owns STORE/hosted/PEER_ID/ (packs/XX/ID.pack with its proof sidecar ID.tree, roots/GEN.root,
+partial uploads as *.part, repair uploads as *.repair), the quota each partner may use here,
+pairing requests, answering storage audits, and deleting released data once its grace period
+is over. Everything a partner sends is untrusted: sizes are bounded by the codec,
 each object by the quota (refused with a clear message, never dropped silently), pieces must come
 in order, a finished object must match its digest, and a root must be signed by its owner and
 newer than the one we hold. A partner can only read, list or release its own objects.
@@ -10,6 +11,11 @@ newer than the one we hold. A partner can only read, list or release its own obj
 Durability: a piece is acknowledged once written (it survives a killed daemon: how far an upload
 got is the partial file's size); an object is acknowledged complete only after its digest is
 checked and the file fdatasync'ed and renamed, so a complete object survives a power loss too.
+
+Audits (`Prove`): for each pack asked about, the leaves the nonce names and their Merkle paths,
+from the pack's 16 KiB blocks and its sidecar (the block hashes, written when the pack arrived;
+rebuilt from the pack if it is lost). The work per request is bounded (`protocol`), and each
+owner has a budget of leaves per hour here; a rebuilt sidecar is charged against it too.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from ..config import Config, format_size
 from ..fsutil import fsync_dir, make_private_dir
 from ..identity import Identity, format_peer_id, parse_peer_id, peer_id_bytes, verify_signature
 from ..net.quic import Code, RelayPath
-from ..net.rpc import Dispatcher, Reject
+from ..net.rpc import Dispatcher, Reject, TokenBucket
+from ..packtree import BLOCK_SIZE, Sidecar, challenge_leaves, leaf_count, read_proof, root_of_file
 from ..snapshot import SnapshotError, verify_root
 from . import protocol as P
 from .ledger import ENDED, HostedRecord, Invite, Ledger, Partner
@@ -36,6 +43,8 @@ log = logging.getLogger("bpfs.peering.holder")
 _DISK_RESERVE = 256 << 20  # never fill the holder's disk past this
 SWEEP_INTERVAL = 3600.0
 _MAX_PAIR_FRAME = 256
+AUDIT_LEAVES_PER_HOUR = 8192  # an owner's audit budget here: leaves proven per hour ...
+AUDIT_BURST = 8192  # ... and saved up at most (a `bpfs challenge` of 2,048 packs at 4 leaves)
 
 
 class Holder:
@@ -55,6 +64,7 @@ class Holder:
         self.received_bytes: dict[str, int] = {}  # piece bytes received per partner since start
         for owner, _kind, _obj, rec in ledger.all_hosted():
             self.used[owner] = self.used.get(owner, 0) + rec.total
+        self._audit_budget: dict[bytes, TokenBucket] = {}
         self.dispatcher = Dispatcher(P.PARTNER, rate=400.0, burst=800.0, admit=self._admit_frame)
         d = self.dispatcher
         d.handler(P.PairRequest)(self._pair)
@@ -66,6 +76,7 @@ class Holder:
         d.handler(P.GetPiece)(self._get_piece)
         d.handler(P.Release)(self._release)
         d.handler(P.GetRoot)(self._get_root)
+        d.handler(P.Prove)(self._prove)
 
     def _admit_frame(self, conn, type_id: int, length: int) -> str | None:
         """Strangers may only ask to pair (a small frame); nothing else of theirs is read."""
@@ -107,7 +118,7 @@ class Holder:
 
     def _drop(self, owner_raw: bytes, kind: int, obj_id: int, rec: HostedRecord) -> None:
         path = self.path(owner_raw, kind, obj_id)
-        for p in (path, path + ".part"):
+        for p in (path, path + ".part", path + ".repair", _tree_path(path)):
             try:
                 os.unlink(p)
             except FileNotFoundError:
@@ -192,7 +203,8 @@ class Holder:
         owner = self._partner(conn).raw_id
         rows = [(obj, rec) for _, kind, obj, rec in self.ledger.all_hosted(owner)
                 if kind == msg.kind and obj > msg.after][:msg.limit]
-        return P.HeldList([r[0] for r in rows], [r[1].total for r in rows], [r[1].complete for r in rows])
+        return P.HeldList([r[0] for r in rows], [r[1].total for r in rows], [r[1].complete for r in rows],
+                          [r[1].digest if r[1].complete else b"" for r in rows])
 
     async def _get_piece(self, conn, msg: P.GetPiece):
         owner = self._partner(conn).raw_id
@@ -230,9 +242,14 @@ class Holder:
         self.received_bytes[p.peer_id] = self.received_bytes.get(p.peer_id, 0) + len(msg.data)
         async with self._lock((owner, msg.kind, msg.id)):
             rec = self.ledger.hosted(owner, msg.kind, msg.id)
+            if rec is not None and rec.released_at:  # sending it again means the owner wants it kept
+                rec.released_at = 0
+                self.ledger.put_hosted(owner, msg.kind, msg.id, rec)
             if rec is not None and rec.complete:
-                if rec.total != msg.total:
+                if rec.total != msg.total or (rec.digest and msg.digest and rec.digest != msg.digest):
                     raise Reject("a different object with this id is held", P.Refusal.BAD_REQUEST)
+                if msg.repair and msg.kind == P.PACK:
+                    return await self._repair_piece(conn, msg, rec)
                 return P.PutAck(rec.total, True)
             if msg.kind == P.ROOT and rec is None and msg.id <= self._root_generation(owner):
                 raise Reject(f"root generation {msg.id} is not newer than the one held "
@@ -271,9 +288,42 @@ class Holder:
         if st.f_bavail * st.f_frsize < total + _DISK_RESERVE:
             raise Reject("the partner's disk is full", P.Refusal.NO_SPACE)
 
+    async def _repair_piece(self, conn, msg: P.PutPiece, rec: HostedRecord):
+        """A piece of a repair upload: the complete copy here failed an audit. The new bytes go to
+        a side file and replace the copy only if they hash to the digest it was accepted by."""
+        owner = self.ledger.partner(conn.peer_id).raw_id
+        path = self.path(owner, msg.kind, msg.id)
+        side = path + ".repair"
+        try:
+            size = await trio.to_thread.run_sync(_write_piece, side, msg.offset, msg.data)
+        except _OutOfOrder:
+            conn.close(Code.PROTOCOL_VIOLATION, "piece out of order")
+            raise Reject("piece out of order", P.Refusal.BAD_REQUEST) from None
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise Reject("the partner's disk is full", P.Refusal.NO_SPACE) from None
+            raise
+        if size < msg.total or msg.digest is None:
+            return P.PutAck(size, False)
+        expected = rec.digest or msg.digest
+        tree = await trio.to_thread.run_sync(_tree_and_sync, side)
+        if tree.root != expected or msg.digest != expected or tree.size != rec.total:
+            _unlink(side)
+            raise Reject("the repaired object does not match the digest it was first accepted by: discarded",
+                         P.Refusal.BAD_DIGEST)
+        await trio.to_thread.run_sync(_install, side, path, tree)
+        rec.digest = expected
+        self.ledger.put_hosted(owner, msg.kind, msg.id, rec)
+        log.info("repaired pack %012x of %s", msg.id, conn.peer_id)
+        return P.PutAck(rec.total, True)
+
     async def _finish(self, p: Partner, msg: P.PutPiece, rec: HostedRecord, path: str, part: str):
         owner = p.raw_id
-        digest = await trio.to_thread.run_sync(_digest_and_sync, part)
+        if msg.kind == P.PACK:
+            tree = await trio.to_thread.run_sync(_tree_and_sync, part)
+            digest = tree.root
+        else:
+            tree, digest = None, await trio.to_thread.run_sync(_root_and_sync, part)
         if digest != msg.digest:
             self._drop(owner, msg.kind, msg.id, rec)
             raise Reject("the object does not match its digest: discarded", P.Refusal.BAD_DIGEST)
@@ -287,9 +337,11 @@ class Holder:
             except SnapshotError as e:
                 self._drop(owner, msg.kind, msg.id, rec)
                 raise Reject(f"root refused: {e}", P.Refusal.BAD_ROOT) from None
+        if tree is not None:
+            await trio.to_thread.run_sync(_write_sidecar, path, tree)
         os.replace(part, path)
         fsync_dir(os.path.dirname(path))
-        rec.complete = True
+        rec.complete, rec.digest = True, digest
         self.ledger.put_hosted(owner, msg.kind, msg.id, rec)
         if msg.kind == P.ROOT:  # only the newest root is kept: the packs it needs are all here
             for _, kind, obj, old in self.ledger.all_hosted(owner):
@@ -311,6 +363,36 @@ class Holder:
                 self.ledger.put_hosted(p.raw_id, P.PACK, obj_id, rec)
                 n += 1
         return P.Done(n)
+
+    # ----- audits -------------------------------------------------------------------------------------
+    def _budget(self, owner: bytes) -> TokenBucket:
+        bucket = self._audit_budget.get(owner)
+        if bucket is None:
+            bucket = self._audit_budget[owner] = TokenBucket(AUDIT_LEAVES_PER_HOUR / 3600.0, AUDIT_BURST,
+                                                             trio.current_time())
+        return bucket
+
+    async def _prove(self, conn, msg: P.Prove):
+        owner = self._partner(conn).raw_id
+        if msg.version != P.AUDIT_VERSION:
+            raise Reject(f"audit version {msg.version} is not spoken here (we speak {P.AUDIT_VERSION})",
+                         P.Refusal.BAD_REQUEST)
+        cost = len(msg.packs) * msg.leaves
+        if cost > P.MAX_AUDIT_LEAVES or len(set(msg.packs)) != len(msg.packs):
+            raise Reject(f"an audit asks for at most {P.MAX_AUDIT_LEAVES} leaves, each pack once",
+                         P.Refusal.BAD_REQUEST)
+        bucket = self._budget(owner)
+        if not bucket.take(trio.current_time(), cost):
+            wait = (cost - bucket.tokens) / bucket.rate
+            raise Reject(f"audit budget used up: at most {AUDIT_LEAVES_PER_HOUR} leaves an hour; retry in "
+                         f"{wait:.0f} s", P.Refusal.AUDIT_LIMIT)
+        records = {pid: self.ledger.hosted(owner, P.PACK, pid) for pid in msg.packs}
+        paths = {pid: self.path(owner, P.PACK, pid) for pid in msg.packs}
+        proofs, rebuilt = await trio.to_thread.run_sync(_prove_all, msg, records, paths)
+        if rebuilt:
+            bucket.tokens -= rebuilt  # rebuilding lost sidecars was work too
+            log.info("rebuilt lost proof sidecars of %s's packs (%d blocks read)", conn.peer_id, rebuilt)
+        return P.Proofs(proofs)
 
     def sweep(self) -> int:
         """Delete what the grace period allows: released objects, and everything of ended partners."""
@@ -361,19 +443,114 @@ def _write_piece(part: str, offset: int, data: bytes) -> int:
         os.close(fd)
 
 
-def _digest_and_sync(part: str) -> bytes:
-    h = P.digest_hasher()
-    fd = os.open(part, os.O_RDONLY)
+def _sync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        while True:
-            block = os.read(fd, 1 << 20)
-            if not block:
-                break
-            h.update(block)
         os.fdatasync(fd)
     finally:
         os.close(fd)
-    return h.digest()
+
+
+def _tree_and_sync(part: str) -> Sidecar:
+    """The proof sidecar of a received pack (its root is the digest to check), once on disk."""
+    tree = Sidecar.of_file(part)
+    _sync(part)
+    return tree
+
+
+def _root_and_sync(part: str) -> bytes:
+    root, _ = root_of_file(part)
+    _sync(part)
+    return root
+
+
+def _tree_path(path: str) -> str:
+    return path[:-len(".pack")] + ".tree" if path.endswith(".pack") else path + ".tree"
+
+
+def _write_sidecar(path: str, tree: Sidecar) -> None:
+    """Beside the pack; not synced: a lost or torn one is rebuilt from the pack when needed."""
+    tmp = _tree_path(path) + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(tree.encode())
+    os.replace(tmp, _tree_path(path))
+
+
+def _install(side: str, path: str, tree: Sidecar) -> None:
+    os.replace(side, path)
+    _write_sidecar(path, tree)
+    fsync_dir(os.path.dirname(path))
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _load_sidecar(path: str, size: int) -> tuple[Sidecar, int]:
+    """The pack's sidecar, rebuilt from the pack when lost or not matching it; (sidecar, the
+    blocks read to rebuild it: 0 if it was fine)."""
+    try:
+        with open(_tree_path(path), "rb") as f:
+            tree = Sidecar.decode(f.read())
+    except OSError:
+        tree = None
+    if tree is not None and tree.size == size:
+        return tree, 0
+    tree = Sidecar.of_file(path, size)
+    try:
+        _write_sidecar(path, tree)
+    except OSError:
+        pass
+    return tree, -(-size // BLOCK_SIZE)
+
+
+def _prove_all(msg: P.Prove, records: dict, paths: dict) -> tuple[list, int]:
+    """The answer to one `Prove` (blocking: reads the blocks it needs). Returns (proofs, blocks
+    read to rebuild lost sidecars)."""
+    proofs, rebuilt = [], 0
+    for pid in msg.packs:
+        rec = records[pid]
+        if rec is None:
+            proofs.append(P.PackProof(P.ProofStatus.NOT_HELD, 0, [], []))
+            continue
+        if rec.released_at:
+            proofs.append(P.PackProof(P.ProofStatus.RELEASED, rec.total, [], []))
+            continue
+        if not rec.complete:
+            proofs.append(P.PackProof(P.ProofStatus.INCOMPLETE, 0, [], []))
+            continue
+        try:
+            fd = os.open(paths[pid], os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            proofs.append(P.PackProof(P.ProofStatus.MISSING, 0, [], []))
+            continue
+        try:
+            size = os.fstat(fd).st_size
+            if size != rec.total:  # not the object we accepted: say what we have, prove nothing
+                proofs.append(P.PackProof(P.ProofStatus.HELD, min(size, P.MAX_OBJECT), [], []))
+                continue
+            tree, cost = _load_sidecar(paths[pid], size)
+            rebuilt += cost
+
+            def read(offset: int, length: int) -> bytes:
+                return os.pread(fd, length, offset)
+
+            leaves, paths_out = [], []
+            for leaf in challenge_leaves(msg.nonce, pid, size, msg.leaves):
+                if leaf >= leaf_count(tree.size):
+                    break
+                data, siblings = read_proof(tree, leaf, read)
+                leaves.append(data)
+                paths_out.append(siblings)
+            proofs.append(P.PackProof(P.ProofStatus.HELD, size, leaves, paths_out))
+        except OSError:
+            proofs.append(P.PackProof(P.ProofStatus.MISSING, 0, [], []))
+        finally:
+            os.close(fd)
+    return proofs, rebuilt
 
 
 def _read_all(path: str) -> bytes:

@@ -4,8 +4,14 @@ Tables (keys use the 20-byte peer id, `identity.peer_id_bytes`):
   peers    peer id              -> JSON Partner: public key, address, quotas both ways, state, times,
                                    the root generation the partner confirmed holding for us
   invites  peer id              -> JSON: quotas offered/asked to a peer allowed to pair, expiry
-  sent     peer id + kind + id  -> b"": an object of ours the partner confirmed complete
-  hosted   peer id + kind + id  -> HostedRecord: an object we keep for that partner
+  sent     peer id + kind + id  -> b"": an object of ours the partner confirmed complete by its digest,
+                                   and that has not failed an audit since
+  hosted   peer id + kind + id  -> HostedRecord: an object we keep for that partner, with the digest
+                                   (tree root) it was accepted by
+  audits   peer id + pack id    -> AuditRecord: when we last audited that pack at that partner, how
+                                   it went, and since when it has failed (until a repair or a pass)
+  health   peer id              -> JSON `reputation.Health`: audit evidence, reachability, response
+                                   times: what the partner's score and trust level are made of
 
 Each change is one committed (fsynced) transaction: a handful per pack, never per piece (how far
 a transfer got is the partial file's size; see `holder`). None of this is secret from someone
@@ -25,9 +31,12 @@ import lmdb
 from ..fsutil import make_private_dir
 from ..identity import parse_peer_id
 
-_TABLES = ("peers", "invites", "sent", "hosted")
+_TABLES = ("peers", "invites", "sent", "hosted", "audits", "health")
 _OBJ = struct.Struct(">BQ")
-_HOSTED = struct.Struct("<QBQ")  # total size, complete, released at (unix seconds; 0 = not released)
+_HOSTED = struct.Struct("<QBQ32s")  # total size, complete, released at (unix seconds; 0 = not), digest
+_HOSTED_V0 = struct.Struct("<QBQ")  # before digests were kept
+_AUDIT = struct.Struct("<dBd")  # last audited (unix seconds), outcome, failed since (0: not failing)
+_PACK_KIND = 0  # protocol.PACK: the kind of object audits are about
 
 ACTIVE, ENDED = "active", "ended"
 
@@ -44,6 +53,7 @@ class Partner:
     ended_at: float | None = None
     last_seen: float | None = None
     root_generation: int = 0  # our root generation this partner confirmed holding
+    root_created: int = 0  # when that root was made (ns since the epoch; 0: unknown)
     observed: str | None = None  # where its last connection to us came from (its port, or a NAT's)
     pair_key: str | None = None  # hex: the secret we share for finding each other through a broker
 
@@ -74,6 +84,36 @@ class HostedRecord:
     total: int
     complete: bool
     released_at: float  # 0: not released
+    digest: bytes = b""  # the tree root the complete object was accepted by (b"": not known)
+
+    def pack(self) -> bytes:
+        return _HOSTED.pack(self.total, self.complete, int(self.released_at), self.digest.ljust(32, b"\0"))
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> "HostedRecord":
+        if len(raw) == _HOSTED_V0.size:
+            total, complete, released = _HOSTED_V0.unpack(raw)
+            return cls(total, bool(complete), released)
+        total, complete, released, digest = _HOSTED.unpack(raw)
+        return cls(total, bool(complete), released, digest if any(digest) else b"")
+
+
+class Outcome:
+    """How one pack's audit at a partner went (`AuditRecord.outcome`)."""
+
+    OK, MISSING, DAMAGED, WRONG = range(4)
+    NAMES = ("ok", "missing", "damaged", "wrong pack")
+
+
+@dataclass
+class AuditRecord:
+    last_at: float = 0.0  # when this pack was last audited at this partner (or acknowledged, if never)
+    outcome: int = Outcome.OK
+    failed_since: float = 0.0  # when it first failed, until repaired or proven again (0: not failing)
+
+    @property
+    def failing(self) -> bool:
+        return self.failed_since > 0
 
 
 def _obj_key(raw_peer: bytes, kind: int, obj_id: int) -> bytes:
@@ -111,7 +151,8 @@ class Ledger:
         raw = parse_peer_id(peer_id)
         with self.env.begin(write=True) as txn:
             txn.delete(raw, db=self._db["peers"])
-            for table in ("sent", "hosted"):
+            txn.delete(raw, db=self._db["health"])
+            for table in ("sent", "hosted", "audits"):
                 cur = txn.cursor(db=self._db[table])
                 if cur.set_range(raw):
                     while cur.key()[:20] == raw:
@@ -177,13 +218,11 @@ class Ledger:
             raw = txn.get(_obj_key(owner_raw, kind, obj_id), db=self._db["hosted"])
         if raw is None:
             return None
-        total, complete, released = _HOSTED.unpack(raw)
-        return HostedRecord(total, bool(complete), released)
+        return HostedRecord.unpack(raw)
 
     def put_hosted(self, owner_raw: bytes, kind: int, obj_id: int, rec: HostedRecord) -> None:
         with self.env.begin(write=True) as txn:
-            txn.put(_obj_key(owner_raw, kind, obj_id), _HOSTED.pack(rec.total, rec.complete, int(rec.released_at)),
-                    db=self._db["hosted"])
+            txn.put(_obj_key(owner_raw, kind, obj_id), rec.pack(), db=self._db["hosted"])
 
     def delete_hosted(self, owner_raw: bytes, kind: int, obj_id: int) -> None:
         with self.env.begin(write=True) as txn:
@@ -200,7 +239,49 @@ class Ledger:
                 if owner_raw and key[:20] != owner_raw:
                     break
                 kind, obj_id = _OBJ.unpack(key[20:])
-                total, complete, released = _HOSTED.unpack(raw)
-                rows.append((key[:20], kind, obj_id, HostedRecord(total, bool(complete), released)))
+                rows.append((key[:20], kind, obj_id, HostedRecord.unpack(raw)))
                 ok = cur.next()
         return rows
+
+    # ----- audits of what partners hold for us (see auditor) --------------------------------------
+    def audits(self, peer_id: str) -> dict[int, AuditRecord]:
+        """pack id -> how its audits at this partner went."""
+        raw = parse_peer_id(peer_id)
+        out = {}
+        with self.env.begin() as txn:
+            cur = txn.cursor(db=self._db["audits"])
+            if cur.set_range(raw):
+                for key, value in cur:
+                    if key[:20] != raw:
+                        break
+                    out[int.from_bytes(key[20:], "big")] = AuditRecord(*_AUDIT.unpack(value))
+        return out
+
+    def put_audits(self, peer_id: str, records: dict[int, AuditRecord], *, held: set[int] = frozenset(),
+                   not_held: set[int] = frozenset()) -> None:
+        """Record audit outcomes, and in the same transaction which packs count as held by this
+        partner from now on (a failed one stops counting at once; a repaired one counts again)."""
+        raw = parse_peer_id(peer_id)
+        with self.env.begin(write=True) as txn:
+            for pack_id, rec in records.items():
+                txn.put(raw + pack_id.to_bytes(8, "big"), _AUDIT.pack(rec.last_at, rec.outcome, rec.failed_since),
+                        db=self._db["audits"])
+            for pack_id in held:
+                txn.put(_obj_key(raw, _PACK_KIND, pack_id), b"", db=self._db["sent"])
+            for pack_id in not_held:
+                txn.delete(_obj_key(raw, _PACK_KIND, pack_id), db=self._db["sent"])
+
+    def forget_audits(self, peer_id: str, pack_ids) -> None:
+        raw = parse_peer_id(peer_id)
+        with self.env.begin(write=True) as txn:
+            for pack_id in pack_ids:
+                txn.delete(raw + pack_id.to_bytes(8, "big"), db=self._db["audits"])
+
+    def health(self, peer_id: str) -> dict | None:
+        with self.env.begin() as txn:
+            raw = txn.get(parse_peer_id(peer_id), db=self._db["health"])
+        return json.loads(raw) if raw is not None else None
+
+    def put_health(self, peer_id: str, doc: dict) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.put(parse_peer_id(peer_id), json.dumps(doc).encode(), db=self._db["health"])

@@ -9,9 +9,21 @@ What is exchanged is opaque to the holder: *objects* of two kinds, identified by
   ROOT  a signed snapshot root (id = its generation); the holder checks its signature against
         the owner's public key and refuses one that is not newer than the root it holds.
 Objects are uploaded in pieces of at most PIECE bytes, in order (offset = bytes the holder has);
-the last piece carries the BLAKE2b-256 of the whole object, checked before the holder calls it
-complete. A piece the holder already has is acknowledged again (a retry after a lost reply); a
-piece beyond what it has is out of order and closes the connection.
+the last piece carries the object's digest: its tree root (`bpfs.packtree`, a Merkle tree over
+2 KiB leaves), checked before the holder calls it complete and kept by the holder. So a pack is
+acknowledged by the very root that storage audits later check it against. A piece the holder
+already has is acknowledged again (a retry after a lost reply); a piece beyond what it has is out
+of order and closes the connection. A `repair` upload replaces a copy the holder calls complete
+but that failed an audit: the new bytes must hash to the digest the holder recorded the first
+time, so a repair can mend a copy, never replace it with something else.
+
+Storage audits (`Prove`): the owner names up to MAX_AUDIT_PACKS packs, a fresh 32-byte nonce and
+how many leaves per pack; both sides derive the same leaf indices from the nonce
+(`packtree.challenge_leaves`), and the holder answers each pack with a status and, when it holds
+it, those leaves and their Merkle paths. The holder's work is bounded: at most
+MAX_AUDIT_LEAVES leaves per request, each read as one 16 KiB block, and a per-partner budget of
+leaves per hour (refused with AUDIT_LIMIT and when to retry). The owner checks every leaf
+against the root it recorded (`auditor`).
 
 Messages (request -> reply); every request but PairRequest needs an active partnership:
   PairRequest(offer, ask, listen_port, pair_key) -> PairReply(keep_for_you, keep_for_me, listen_port)
@@ -19,18 +31,19 @@ Messages (request -> reply); every request but PairRequest needs an active partn
   Usage()                                 -> UsageReply: what the holder keeps for the asker
   Have(kind, ids)                         -> HaveReply(sizes, complete): bytes held of each
   PutPiece(kind, id, total, offset, data, digest?) -> PutAck(held, complete)
-  ListHeld(kind, after, limit)            -> HeldList(ids, sizes, complete)
+  ListHeld(kind, after, limit)            -> HeldList(ids, sizes, complete, digests)
   GetPiece(kind, id, offset, length)      -> PieceData(data)
   Release(ids, signature)                 -> Done: delete these packs after the grace period
   GetRoot()                               -> RootInfo(generation, size)
+  Prove(version, nonce, packs, leaves)    -> Proofs(one PackProof per pack: status, size, leaves, paths)
 """
 
 from __future__ import annotations
 
-import hashlib
 import struct
 
-from ..net.codec import Bool, Bytes, List, Optional, Registry, Text, UInt, field
+from ..net.codec import Bool, Bytes, List, Optional, Record, Registry, Text, UInt, field, record
+from ..packtree import LEAF_SIZE, MAX_DEPTH, root_of_bytes
 
 PARTNER_IDLE_TIMEOUT = 8.0  # seconds of silence before a connection is dead (a killed peer sends no close)
 PIECE = 1 << 20  # bytes of object data per PutPiece / PieceData
@@ -58,6 +71,7 @@ class Refusal:
     BAD_ROOT = 22  # a root whose signature or format is wrong
     NOT_FOUND = 23  # GetPiece of something not held
     BAD_REQUEST = 24  # a well-formed request that makes no sense (e.g. total changed)
+    AUDIT_LIMIT = 25  # the asker used up its audit budget here: retry later (the message says when)
 
 
 _KIND = UInt(1)
@@ -125,6 +139,7 @@ class PutPiece:
     offset: int = field(_SIZE)
     data: bytes = field(Bytes(PIECE))
     digest: bytes | None = field(Optional(Bytes(DIGEST_SIZE, min_len=DIGEST_SIZE)))  # on the last piece
+    repair: bool = field(Bool(), default=False)  # replace a complete copy that failed an audit
 
 
 @PARTNER.message(0x19)
@@ -145,6 +160,7 @@ class HeldList:
     ids: list = field(List(_ID, MAX_IDS))
     sizes: list = field(List(UInt(MAX_OBJECT), MAX_IDS))
     complete: list = field(List(Bool(), MAX_IDS))
+    digests: list = field(List(Bytes(DIGEST_SIZE), MAX_IDS))  # the digest each complete object was accepted by
 
 
 @PARTNER.message(0x1C)
@@ -177,15 +193,47 @@ class RootInfo:
     size: int = field(_SIZE)
 
 
-def digest_hasher():
-    """The hash of a whole object, sent with its last piece: BLAKE2b-256."""
-    return hashlib.blake2b(digest_size=DIGEST_SIZE)
+AUDIT_VERSION = 1
+MAX_AUDIT_PACKS = 128  # packs per Prove
+MAX_PROOF_LEAVES = 32  # leaves per pack per Prove
+MAX_AUDIT_LEAVES = 256  # leaves per Prove in all: about 0.9 MiB of answer at most
+NONCE_SIZE = 32
+
+
+class ProofStatus:
+    """What a holder says of one audited pack."""
+
+    HELD = 0  # here are the leaves
+    MISSING = 1  # recorded as held, but the bytes are gone or unreadable
+    NOT_HELD = 2  # not held here (never received, or already deleted)
+    RELEASED = 3  # the owner released it: kept only for the grace period (not a failure)
+    INCOMPLETE = 4  # an upload of it is in progress
+
+
+@PARTNER.message(0x21)
+class Prove:
+    version: int = field(UInt(0xFF))
+    nonce: bytes = field(Bytes(NONCE_SIZE, min_len=NONCE_SIZE))
+    packs: list = field(List(_ID, MAX_AUDIT_PACKS))
+    leaves: int = field(UInt(MAX_PROOF_LEAVES, min=1))
+
+
+@record
+class PackProof:
+    status: int = field(UInt(4))
+    size: int = field(UInt(MAX_OBJECT))  # the size of the holder's copy
+    leaves: list = field(List(Bytes(LEAF_SIZE), MAX_PROOF_LEAVES))  # in the order of the derived indices
+    paths: list = field(List(List(Bytes(DIGEST_SIZE, min_len=DIGEST_SIZE), MAX_DEPTH), MAX_PROOF_LEAVES))
+
+
+@PARTNER.message(0x22)
+class Proofs:
+    proofs: list = field(List(Record(PackProof), MAX_AUDIT_PACKS))
 
 
 def object_digest(data) -> bytes:
-    h = digest_hasher()
-    h.update(data)
-    return h.digest()
+    """The digest of an object held in memory (a root): its tree root."""
+    return root_of_bytes(data)
 
 
 _RELEASE_DOMAIN = b"bpfs release v1\0"
