@@ -7,6 +7,18 @@
     snapshot_interval = 300      # seconds between signed index snapshots while data changes
     priority = [...]             # gitignore patterns replicated first (default: keys, wallets, ...)
 
+    [trust]
+    audit_interval = "1h"        # between scheduled audits of each partner (jittered by +-10 %)
+    detect_loss = 0.01           # a partner that silently lost this fraction of our packs ...
+    detect_probability = 0.99    # ... is caught with at least this probability ...
+    detect_within = "24h"        # ... within this time (when the audit budget allows: see README)
+    coverage_days = 30           # every pack at every partner is audited at least this often
+    audit_budget = 0.01          # audit traffic at most this fraction of what a partner holds, per 30 days
+    repair_after = "3d"          # unreachable this long: its share moves to other partners
+    suspect_after = "12h"        # unreachable this long: "suspect"
+    fail_score = 0.9             # an audit score below this: "failed" (see peering.reputation)
+    fail_fraction = 0.1          # more than this fraction of our packs there failing (and >= 2): "failed"
+
     [partners]
     listen = "0.0.0.0:7450"      # UDP address the daemon serves partners on; "none" = do not listen
     grace_days = 30              # data a partner asked us to delete is kept this long
@@ -15,7 +27,7 @@
                                  # or "none") and `--broker` override this.
 
 Sizes are bytes or a number with K, M, G, T (binary: 1G = 1 GiB), optionally followed by
-"iB" or "B". Owns parsing and validating these; an invalid file is a clear one-line error.
+"iB" or "B". Durations are seconds or a number with s, min (or m), h, d. Owns parsing and validating these; an invalid file is a clear one-line error.
 """
 
 from __future__ import annotations
@@ -39,6 +51,8 @@ DEFAULT_PRIORITY = (
 CONFIG_NAME = "bpfs.toml"
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b)?\s*$", re.IGNORECASE)
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d)?\s*$", re.IGNORECASE)
+_DURATION_UNITS = {None: 1.0, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
 _WINDOW = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
 
 
@@ -56,6 +70,16 @@ def parse_size(text) -> int:
         raise ConfigError(f"not a size: {text!r} (examples: 500M, 10G, 1T)")
     scale = 1024 ** "kmgtp".index(m.group(2).lower()) * 1024 if m.group(2) else 1
     return int(float(m.group(1)) * scale)
+
+
+def parse_duration(text) -> float:
+    """"3d" -> 259200.0 seconds; plain numbers are seconds. ConfigError if it is not a duration."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool) and text >= 0:
+        return float(text)
+    m = _DURATION.match(str(text))
+    if not m:
+        raise ConfigError(f"not a duration: {text!r} (examples: 90, 30min, 12h, 3d)")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2).lower() if m.group(2) else None]
 
 
 def format_size(n: int) -> str:
@@ -171,6 +195,17 @@ class Config:
     listen: str | None = DEFAULT_LISTEN
     grace_days: float = 30.0
     brokers: list[BrokerAddress] = field(default_factory=lambda: [parse_broker(b) for b in DEFAULT_BROKERS])
+    # [trust]: audits, reputation and repair (see peering.auditor and peering.reputation)
+    audit_interval: float = 3600.0
+    detect_loss: float = 0.01
+    detect_probability: float = 0.99
+    detect_within: float = 86400.0
+    coverage_days: float = 30.0
+    audit_budget: float = 0.01
+    repair_after: float = 3 * 86400.0
+    suspect_after: float = 12 * 3600.0
+    fail_score: float = 0.9
+    fail_fraction: float = 0.1
 
     @property
     def grace_seconds(self) -> float:
@@ -188,7 +223,7 @@ def load_config(store_dir: str) -> Config:
         return cfg
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: {e}") from None
-    rep, partners = doc.get("replication", {}), doc.get("partners", {})
+    rep, partners, trust = doc.get("replication", {}), doc.get("partners", {}), doc.get("trust", {})
     try:
         if "replicas" in rep:
             cfg.replicas = int(rep["replicas"])
@@ -218,7 +253,37 @@ def load_config(store_dir: str) -> Config:
                 cfg.brokers = parse_brokers(partners["brokers"])
             except ConfigError as e:
                 raise ConfigError(f"{path}: {e}") from None
+        _load_trust(cfg, trust, path)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{path}: {e}") from None
     cfg.brokers = brokers_from_env(cfg.brokers)
     return cfg
+
+
+_TRUST_DURATIONS = ("audit_interval", "detect_within", "repair_after", "suspect_after")
+_TRUST_FRACTIONS = ("detect_loss", "detect_probability", "audit_budget", "fail_score", "fail_fraction")
+
+
+def _load_trust(cfg: Config, trust: dict, path: str) -> None:
+    unknown = set(trust) - set(_TRUST_DURATIONS) - set(_TRUST_FRACTIONS) - {"coverage_days"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting in [trust]: {', '.join(sorted(unknown))}")
+    for name in _TRUST_DURATIONS:
+        if name in trust:
+            try:
+                value = parse_duration(trust[name])
+            except ConfigError as e:
+                raise ConfigError(f"{path}: [trust] {name}: {e}") from None
+            if value <= 0:
+                raise ConfigError(f"{path}: [trust] {name} must be more than 0")
+            setattr(cfg, name, value)
+    for name in _TRUST_FRACTIONS:
+        if name in trust:
+            value = float(trust[name])
+            if not 0 < value < 1 or (name == "fail_score" and value == 0):
+                raise ConfigError(f"{path}: [trust] {name} must be between 0 and 1 (exclusive)")
+            setattr(cfg, name, value)
+    if "coverage_days" in trust:
+        cfg.coverage_days = float(trust["coverage_days"])
+        if cfg.coverage_days <= 0:
+            raise ConfigError(f"{path}: [trust] coverage_days must be more than 0")

@@ -158,7 +158,12 @@ async def _start_partners(nursery, store: OpenStore, data: DataStore, listen: st
 async def _serve(store: OpenStore, mountpoint: str | None, options: set[str], ready, listen: str | None,
                  explicit_listen: bool) -> None:
     data = DataStore(store.index, store.packs, store.keys, _space_reserve(store.dir))
-    ops = BpfsOperations(store.index, data, store.dir)
+    services_started: list = []  # the partner service, once it runs: it counts each file's copies
+
+    def copies(pack_ids, changed_ns):
+        return services_started[0].copies(pack_ids, changed_ns) if services_started else None
+
+    ops = BpfsOperations(store.index, data, store.dir, copies=copies)
     repaired = store.repair_after_crash(ops.destroy_inode)
     if any(repaired.values()):
         log.info("cleaned up after an unclean stop: %s", repaired)
@@ -172,6 +177,7 @@ async def _serve(store: OpenStore, mountpoint: str | None, options: set[str], re
                 addresses, control_path = [], None
                 if "ro" not in options:  # a read-only mount changes nothing in the store, partners' data included
                     service, control_path = await _start_partners(services, store, data, listen, explicit_listen)
+                    services_started.append(service)
                     addresses = service.addresses
                 write_daemon_info(store.dir, mountpoint, control=control_path, addresses=addresses,
                                   peer_id=store.keys.identity.peer_id)

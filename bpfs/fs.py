@@ -7,6 +7,12 @@ writes), which decides per inode whether its data stays local, replicates, or go
 handler runs through `_boundary`, which turns any failure into a FUSEError: an exception
 escaping a handler would end pyfuse3's main loop and kill the mount.
 
+Every file shows a read-only extended attribute `user.bpfs.copies` ("2/2"): how many partners in
+good standing hold every chunk of it and a snapshot made after its last change, over the replica
+target. The count comes from the `copies` callable the daemon passes in (the partner service);
+this module only finds the packs a file's chunks live in. It is not listed by listxattr, so
+`cp -a` and `rsync -X` do not copy it.
+
 Lifetime of an inode: it lives while it has a name (nlink > 0), the kernel still knows it
 (lookup count > 0) or it is open. When its last name goes while it is still known, it is
 recorded as an orphan and deleted on release/forget, or at the next mount after a crash.
@@ -37,6 +43,7 @@ CACHE_TIMEOUT = 60.0  # only this daemon changes the tree, and the kernel sees e
 BLKSIZE = 1 << 17
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+COPIES_XATTR = b"user.bpfs.copies"
 
 
 def _boundary(handler=None, *, atomic=False):
@@ -96,11 +103,13 @@ class BpfsOperations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, index: Index, data: DataStore, store_dir: str):
+    def __init__(self, index: Index, data: DataStore, store_dir: str, copies=None):
         super().__init__()
         self.index = index
         self.data = data
         self.store_dir = store_dir
+        # (pack ids, changed at ns) -> (partners holding them, target), or None: not known here
+        self._copies = copies
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
         self._lookups: dict[int, int] = {}
@@ -561,6 +570,8 @@ class BpfsOperations(pyfuse3.Operations):
     async def setxattr(self, inode, name, value, ctx):
         if name.startswith(b"system."):
             _fail(errno.EOPNOTSUPP)
+        if name == COPIES_XATTR:
+            _fail(errno.EPERM)
         if len(name) > XATTR_NAME_MAX or not name:
             _fail(errno.ERANGE)
         if len(value) > XATTR_VALUE_MAX:
@@ -572,11 +583,26 @@ class BpfsOperations(pyfuse3.Operations):
 
     @_boundary
     async def getxattr(self, inode, name, ctx):
-        self._attr(inode)
+        attr = self._attr(inode)
+        if name == COPIES_XATTR:
+            return self._copies_of(attr)
         value = self.index.get_xattr(inode, name)
         if value is None:
             _fail(pyfuse3.ENOATTR)
         return value
+
+    def _copies_of(self, attr: Attr) -> bytes:
+        counted = None
+        if self._copies is not None:
+            packs = set()
+            for e in self.index.extents(attr.ino):
+                rec = self.index.get_chunk(e.chunk_id)
+                if rec is not None:
+                    packs.add(rec.pack)
+            counted = self._copies(packs, max(attr.ctime_ns, attr.mtime_ns))
+        if counted is None:
+            _fail(pyfuse3.ENOATTR)  # no partner service here (a read-only mount)
+        return b"%d/%d" % counted
 
     @_boundary
     async def listxattr(self, inode, ctx):
@@ -585,6 +611,8 @@ class BpfsOperations(pyfuse3.Operations):
 
     @_boundary(atomic=True)
     async def removexattr(self, inode, name, ctx):
+        if name == COPIES_XATTR:
+            _fail(errno.EPERM)
         attr = self._attr(inode)
         if not self.index.delete_xattr(inode, name):
             _fail(pyfuse3.ENOATTR)

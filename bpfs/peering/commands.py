@@ -1,4 +1,5 @@
-"""The partner commands of the CLI: pair (by code or direct), peers, unpair, status, sync, recover.
+"""The partner commands of the CLI: pair (by code or direct), peers, unpair, status, sync, recover,
+challenge (audit a partner now) and reputation.
 
 Each one asks the store's running daemon through its control socket when there is one (the
 daemon owns the UDP port); otherwise it does the work in this process: `peers`, `status` and
@@ -168,6 +169,36 @@ def _fmt_time(t) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
 
 
+def _store_and_peer(args) -> tuple[str | None, str]:
+    """[STORE] PEER_ID as positional arguments."""
+    if len(args) == 1:
+        return None, args[0]
+    if len(args) == 2:
+        return args[0], args[1]
+    raise click.UsageError("expected [STORE] PEER_ID")
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{x * 100:.1f} %"
+
+
+def _describe_audit(res: dict) -> str:
+    lines = [f"{res['peer_id']}: {res['checked']} packs audited, {res['passed']} proven, "
+             f"{len(res['failed'])} failed; trust level {res['trust']}"
+             + (f" ({res['trust_reason']})" if res.get("trust_reason") else "")]
+    if not res["checked"] and not res["failed"]:
+        lines.append("  it holds none of our packs yet: nothing to prove")
+    for f in res["failed"]:
+        lines.append(f"  pack {f['pack']}: {f['outcome']}")
+    if res.get("released"):
+        lines.append(f"  {res['released']} packs were released (kept there for the grace period): not audited")
+    if res.get("unverifiable"):
+        lines.append(f"  {res['unverifiable']} packs have no recorded root here: not audited")
+    if res.get("limited"):
+        lines.append(f"  stopped early: {res['limited']}")
+    return "\n".join(lines)
+
+
 def register(cli, store_arg, emit) -> None:
     passphrase_opt = click.option("--passphrase-file", type=click.Path(dir_okay=False),
                                   help="read the passphrase from this file (when no daemon runs)")
@@ -278,17 +309,17 @@ def register(cli, store_arg, emit) -> None:
         if not rows:
             click.echo("no partners (pair with: bpfs pair --accept / --direct)")
         for r in rows:
-            click.echo(f"{r['peer_id']}  {r['state']:<9} {r['address'] or '(dials us)'}\n"
+            click.echo(f"{r['peer_id']}  {r['state']:<9} {r.get('trust', '-'):<9} {r['address'] or '(dials us)'}\n"
                        f"    we keep {format_size(r['held_for_them'])} of {format_size(r['we_keep'])} for it; "
                        f"it keeps {format_size(r['held_by_them'])} of {format_size(r['they_keep'])} for us; "
                        f"last seen {_fmt_time(r['last_seen'])}")
 
     @cli.command()
-    @click.argument("store", required=False)
-    @click.argument("peer")
+    @click.argument("args", nargs=-1, metavar="[STORE] PEER_ID")
     @passphrase_opt
-    def unpair(store, peer, passphrase_file):
-        """End the partnership with PEER: it is told; our data there goes after its grace period."""
+    def unpair(args, passphrase_file):
+        """End the partnership with PEER_ID: it is told; our data there goes after its grace period."""
+        store, peer = _store_and_peer(args)
         store = require_store(store_arg(store))
         sock = _daemon(store)
         if sock:
@@ -315,13 +346,24 @@ def register(cli, store_arg, emit) -> None:
                    + ("" if sock else " (no daemon running: nothing is being sent)"))
         if not doc["partners"]:
             click.echo("no partners")
+        if doc.get("shortfall"):
+            click.echo(f"ALARM: the replica target cannot be met: {doc['shortfall']}")
+        dur = doc.get("durability") or {}
+        if dur.get("files") is not None:
+            click.echo(f"{dur['below_target_files']} of {dur['files']} files ({format_size(dur['below_target_bytes'])}"
+                       f" of {format_size(dur['bytes'])}) are below the target of {dur['target']} cop"
+                       f"{'y' if dur['target'] == 1 else 'ies'}"
+                       + (f"; {dur['local_files']} files ({format_size(dur['local_bytes'])}) stay local"
+                          if dur.get("local_files") else ""))
         for p in doc["partners"]:
             total = p["replicated_bytes"] + p["pending_bytes"]
             frac = p["replicated_bytes"] / total if total else 1.0
             bar = "#" * int(frac * 30) + "-" * (30 - int(frac * 30))
             eta = f", about {p['eta']} s left" if p.get("eta") else ""
             path = f" ({p['path']})" if p.get("path") else ""
-            click.echo(f"{p['peer_id']}  [{bar}] {frac * 100:5.1f}%  {p['state']}{path}\n"
+            trust = f"  trust: {p['trust']}" + (f" ({p['trust_reason']})" if p.get("trust_reason") else "") \
+                if p.get("trust") else ""
+            click.echo(f"{p['peer_id']}  [{bar}] {frac * 100:5.1f}%  {p['state']}{path}{trust}\n"
                        f"    {p['replicated_packs']} packs ({format_size(p['replicated_bytes'])}) replicated, "
                        f"{p['pending_packs']} ({format_size(p['pending_bytes'])}) pending, "
                        f"{format_size(p['rate'])}/s{eta}; root generation {p['root_generation']}"
@@ -342,6 +384,50 @@ def register(cli, store_arg, emit) -> None:
             res = _in_process(store, passphrase_file, lambda service: service.op_sync(timeout))
         emit(as_json, res, f"Synced: generation {res['generation']} is held by {len(res['partners'])} "
                            f"partner(s) ({res['seconds']:.1f} s).")
+
+    @cli.command()
+    @click.argument("args", nargs=-1, metavar="[STORE] PEER_ID")
+    @click.option("--packs", type=click.IntRange(1), default=None,
+                  help="audit this many packs chosen at random (default: every pack it holds for us)")
+    @click.option("--leaves", type=click.IntRange(1, 32), default=4, show_default=True,
+                  help="random 2 KiB pieces proven per pack")
+    @click.option("--json", "as_json", is_flag=True)
+    @passphrase_opt
+    def challenge(args, packs, leaves, as_json, passphrase_file):
+        """Ask PEER_ID to prove now that it still holds our packs; exit 1 if any proof fails."""
+        store, peer = _store_and_peer(args)
+        store = require_store(store_arg(store))
+        sock = _daemon(store)
+        if sock:
+            res = control.call(sock, "challenge", peer=peer, packs=packs, leaves=leaves)
+        else:
+            res = _in_process(store, passphrase_file, lambda service: service.op_challenge(peer, packs, leaves))
+        emit(as_json, res, _describe_audit(res))
+        if res["failed"]:
+            sys.exit(1)
+
+    @cli.command()
+    @click.argument("store", required=False)
+    @click.option("--json", "as_json", is_flag=True)
+    def reputation(store, as_json):
+        """Partners by score, with what makes it up: audits, uptime, dials, response time."""
+        store = require_store(store_arg(store))
+        sock = _daemon(store)
+        rows = control.call(sock, "reputation") if sock else offline_reputation(store)
+        if as_json:
+            click.echo(json.dumps(rows))
+            return
+        if not rows:
+            click.echo("no partners")
+        for r in rows:
+            rt = "-" if r["response_time"] is None else f"{r['response_time']:.2f} s"
+            click.echo(f"{r['peer_id']}  {r['level']:<9} score {r['score']:.3f}"
+                       + (f"  ({r['reason']})" if r["reason"] else "") + "\n"
+                       f"    audits: score {r['audit_score']:.3f}, {r['proofs_passed']} proofs passed, "
+                       f"{r['proofs_failed']} failed, last {_fmt_time(r['last_audit_at'])}; uptime {_pct(r['uptime'])}"
+                       f"; dials {_pct(r['dial_success'])}; proof round trip {rt}\n"
+                       f"    {'assigned' if r['assigned'] else 'not assigned'}; holds {r['held_packs']} of our packs"
+                       f" ({r['failing_packs']} failing)")
 
     @cli.command()
     @click.argument("store")
@@ -372,18 +458,43 @@ def offline_peers(store: str) -> list[dict]:
     from . import protocol as P
     from .ledger import Ledger
 
+    from .holdings import Holdings
+    from .reputation import Reputations
+
     ledger = Ledger(store)
     try:
         sizes = _pack_sizes(store)
+        holdings, reps = Holdings(ledger), Reputations(ledger, load_config(store))
         rows = []
         for p in sorted(ledger.partners(), key=lambda p: p.paired_at):
             held_for = sum(rec.total for _, _, _, rec in ledger.all_hosted(p.raw_id))
             held_by = sum(sizes.get(pid, 0) for pid in ledger.sent(p.peer_id, P.PACK))
+            st = reps.standing(p.peer_id, failing=len(holdings.failing(p.peer_id)),
+                               held=len(holdings.held(p.peer_id))) if p.active else None
             rows.append({"peer_id": p.peer_id, "address": p.address, "state": "offline" if p.active else "ended",
                          "we_keep": p.we_keep, "they_keep": p.they_keep, "held_for_them": held_for,
                          "held_by_them": held_by, "last_seen": p.last_seen, "paired_at": p.paired_at,
-                         "ended_at": p.ended_at, "root_generation": p.root_generation})
+                         "ended_at": p.ended_at, "root_generation": p.root_generation,
+                         "trust": st.level if st else "ended", "trust_reason": st.reason if st else ""})
         return rows
+    finally:
+        ledger.close()
+
+
+def offline_reputation(store: str) -> list[dict]:
+    from .holdings import Holdings
+    from .ledger import Ledger
+    from .reputation import Reputations
+    from .service import reputation_rows
+
+    ledger = Ledger(store)
+    try:
+        config = load_config(store)
+        holdings, reps = Holdings(ledger), Reputations(ledger, config)
+        active = sorted((p for p in ledger.partners() if p.active), key=lambda p: p.paired_at)
+        good = [p.peer_id for p in active if reps.standing(p.peer_id, failing=len(holdings.failing(p.peer_id)),
+                                                             held=len(holdings.held(p.peer_id))).good]
+        return reputation_rows(ledger, holdings, reps, set(good[:config.replicas]))
     finally:
         ledger.close()
 

@@ -6,7 +6,8 @@ served for the partner's requests too. A failed dial waits before the next attem
 up to 5 minutes, each wait scaled by a random factor in [0.5, 1.5) so partners that lost a link
 together do not come back in lockstep. A partner that was offline for a week is retried every
 few minutes and catches up by itself. How a dial goes (addresses, broker, relay) is the
-`dial` function's (`rendezvous.dialer`).
+`dial` function's (`rendezvous.dialer`). Every dial that works or fails, and every connection a
+partner opens to us, is reported to `on_contact` (the partner's reachability evidence).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class Unreachable(TransportError):
 
 class Links:
     def __init__(self, endpoint, nursery: trio.Nursery, serve_connection, dial, *,
-                 rng: random.Random | None = None):
+                 rng: random.Random | None = None, on_contact=lambda peer, ok, dialled: None):
         self.endpoint = endpoint
         # dial(peer, addresses) -> Connection, or a TransportError saying why not (rendezvous.dialer)
         self._dial = dial
@@ -46,6 +47,7 @@ class Links:
         self._locks: dict[str, trio.Lock] = {}
         self._changed = trio.Event()
         self._rng = rng or random.Random()
+        self._on_contact = on_contact  # (peer, worked, we dialled) -> None
 
     def connection(self, peer: str) -> Connection | None:
         conn = self._conns.get(peer)
@@ -62,6 +64,8 @@ class Links:
         old = self.connection(conn.peer_id)
         if old is None or old is conn:
             self._conns[conn.peer_id] = conn
+        if old is None:
+            self._on_contact(conn.peer_id, True, False)
         self._delay.pop(conn.peer_id, None)
         self._retry_at.pop(conn.peer_id, None)
         self._changed.set()
@@ -94,6 +98,7 @@ class Links:
             except (TransportError, trio.TooSlowError, OSError) as e:
                 error = e
             if conn is None:
+                self._on_contact(peer, False, True)
                 e, address = error, " or ".join(addresses) or "any address"
                 delay = min(BACKOFF_MAX, self._delay.get(peer, BACKOFF_FIRST / 2) * 2)
                 self._delay[peer] = delay
@@ -103,6 +108,7 @@ class Links:
                          type(e).__name__ if not str(e) else e, wait)
                 raise Unreachable(f"could not reach {peer} at {address}: {e or type(e).__name__}",
                                   now + wait) from None
+            self._on_contact(peer, True, True)
             self._nursery.start_soon(self._serve, conn)
             self.adopt(conn)
             return conn

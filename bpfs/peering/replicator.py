@@ -6,10 +6,16 @@ progress figures `status` shows. What to send comes from a `Source` (the store's
 writing into them), the latest signed root and the packs it needs, and tombstones of deleted packs.
 
 Policy:
-  - Each pack goes to the first `replicas` active partners (in pairing order): with the default
-    (2) and two partners, both hold everything, so either one alone can bring the store back.
-    Partners beyond that are spares: unpairing an assigned partner makes the next one assigned,
-    and it receives everything.
+  - Each pack goes to the first `replicas` active partners in good standing (in pairing order;
+    see `reputation`): with the default (2) and two partners, both hold everything, so either one
+    alone can bring the store back. Partners beyond that are spares: when an assigned partner
+    fails (unreachable for `repair_after`, or failing audits) or is unpaired, the next one is
+    assigned and receives everything; short outages move nothing. A failed partner that comes
+    back and passes an audit is assigned again; once the assigned partners hold the latest root,
+    what a spare no longer needed holds is released (signed, and kept there for the grace period).
+  - What counts as held is `holdings`': acknowledged by digest, and no failed audit since. A pack
+    that failed an audit is sent again to the same partner as a repair upload while the partner
+    is in good standing (otherwise its share is elsewhere).
   - Priority packs (outbox value b"\\x01": keys, wallets, ... see `config`) go first, then by id.
   - A root goes to a partner only once it holds every pack that root needs: a partner never holds
     a root it could not serve a recovery from.
@@ -18,7 +24,10 @@ Policy:
     The partner keeps released packs for its grace period.
   - Resuming: before uploading a pack the partner is asked how much of it it holds (`Have`), and
     the upload continues from there; what a partner confirmed complete is in the ledger (`sent`),
-    reconciled with the partner's own list on every new connection.
+    reconciled with the partner's own list, digest by digest, on every new connection.
+  - `sync` succeeds when the target is met: min(`replicas`, partners paired) partners in good
+    standing hold the latest root and every pack it needs. It fails at once, saying why, when too
+    few partners are in good standing to meet it.
 """
 
 from __future__ import annotations
@@ -35,8 +44,10 @@ from ..errors import first_error
 from ..net.quic import TransportError
 from ..net.rpc import RemoteError, request
 from . import protocol as P
+from .holdings import Holdings
 from .ledger import Ledger, Partner
 from .links import Links, Unreachable
+from .reputation import Standing
 
 log = logging.getLogger("bpfs.peering.replicator")
 
@@ -62,8 +73,9 @@ class Progress:
     pending_bytes: int = 0
     sent_bytes: int = 0  # piece bytes sent (acknowledged) by this process since it started
     root_generation: int = 0
-    state: str = "idle"  # idle | sending | offline | quota full | waiting for window | error
+    state: str = "idle"  # idle | sending | offline | quota full | waiting for window | error | not assigned
     last_error: str | None = None
+    failing_packs: int = 0  # packs that failed an audit there and are not repaired yet
     _window: collections.deque = field(default_factory=collections.deque, repr=False)
 
     def record(self, nbytes: int, now: float) -> None:
@@ -87,7 +99,8 @@ class Progress:
                 "pending_bytes": self.pending_bytes, "sent_bytes": self.sent_bytes, "rate": round(rate),
                 "eta": round(self.pending_bytes / rate) if rate > 0 and self.pending_bytes else (
                     0 if not self.pending_bytes else None),
-                "root_generation": self.root_generation, "state": self.state, "last_error": self.last_error}
+                "root_generation": self.root_generation, "state": self.state, "last_error": self.last_error,
+                "failing_packs": self.failing_packs}
 
 
 class ByteLimiter:
@@ -114,41 +127,78 @@ class ByteLimiter:
 
 
 class Replicator:
-    def __init__(self, identity, ledger: Ledger, links: Links, source, config: Config, *, wall_clock=time.time):
+    """Sends our packs and roots to the partners assigned to hold them.
+
+    Attributes:
+      holdings: what counts as held by each partner (shared with the auditor).
+      progress: what `status` shows per partner.
+    """
+
+    def __init__(self, identity, ledger: Ledger, links: Links, source, config: Config, *, holdings: Holdings,
+                 standing, wall_clock=time.time):
         self.identity = identity
         self.ledger = ledger
         self.links = links
         self.source = source
         self.config = config
+        self.holdings = holdings
+        self._standing = standing  # peer id -> reputation.Standing
         self.limiter = ByteLimiter(config.upload_limit)
         self._clock = wall_clock
         self._wake = trio.Event()
-        self._held: dict[str, set[int]] = {}
         self._reconciled: dict[str, object] = {}  # peer -> the connection we reconciled on
         self.progress: dict[str, Progress] = {}
         self._forced = 0  # syncs waiting: they ignore the daily window
         self._running: dict[str, trio.CancelScope] = {}
+        self._last_assigned: list[str] | None = None
 
     # ----- who gets what ---------------------------------------------------------------------------
+    def active(self) -> list[Partner]:
+        return sorted((p for p in self.ledger.partners() if p.active), key=lambda p: p.paired_at)
+
+    def standing(self, peer: str) -> Standing:
+        return self._standing(peer)
+
     def assigned(self) -> list[Partner]:
-        active = sorted((p for p in self.ledger.partners() if p.active), key=lambda p: p.paired_at)
-        return active[:self.config.replicas]
+        """The partners that hold everything: the first `replicas` in good standing, then, only
+        when there are too few of those, failed ones (sent to as best effort: their copies do
+        not count, but a repair may bring them back into good standing)."""
+        active = self.active()
+        good = [p for p in active if self.standing(p.peer_id).good]
+        failed = [p for p in active if p not in good]
+        return (good + failed)[:self.config.replicas]
+
+    def counting(self) -> list[Partner]:
+        """The assigned partners whose copies count (in good standing)."""
+        return [p for p in self.assigned() if self.standing(p.peer_id).good]
+
+    def target(self) -> int:
+        """How many partners must hold each pack: `replicas`, or all partners when fewer are paired."""
+        return min(self.config.replicas, len(self.active()))
+
+    def shortfall(self) -> str | None:
+        """Why the target cannot be met now (too few partners in good standing), or None."""
+        active, assigned = self.active(), self.counting()
+        if len(assigned) >= self.target():
+            return None
+        failed = [f"{p.peer_id} ({self.standing(p.peer_id).reason})" for p in active
+                  if not self.standing(p.peer_id).good]
+        return (f"only {len(assigned)} of the {self.target()} partners the target needs are in good standing; "
+                f"failed: {', '.join(failed)}; pair with another partner to repair")
 
     def wake(self) -> None:
         self._wake.set()
         self._wake = trio.Event()
 
     def held(self, peer: str) -> set[int]:
-        held = self._held.get(peer)
-        if held is None:
-            held = self._held[peer] = self.ledger.sent(peer, P.PACK)
-        return held
+        return self.holdings.held(peer)
 
     # ----- running ----------------------------------------------------------------------------------
     async def run(self) -> None:
         """Keep one upload loop per assigned partner, following pairing changes."""
         async with trio.open_nursery() as nursery:
             while True:
+                self._note_assignment()
                 wanted = {p.peer_id for p in self.assigned()}
                 for peer in list(self._running):
                     if peer not in wanted:
@@ -157,7 +207,28 @@ class Replicator:
                     scope = trio.CancelScope()
                     self._running[peer] = scope
                     nursery.start_soon(self._partner_loop, peer, scope)
-                await self._wait_wake(IDLE_RECHECK)
+                try:
+                    await self._release_surplus()
+                except (Unreachable, TransportError, RemoteError, trio.TooSlowError, OSError) as e:
+                    log.info("releasing a spare's copies: %s", e)
+                await self._wait_wake(min(IDLE_RECHECK, max(1.0, self.config.audit_interval)))
+
+    def _note_assignment(self) -> None:
+        """Say plainly in the log when a partner stops or starts counting as holding our data."""
+        now = [p.peer_id for p in self.counting()]
+        before, self._last_assigned = self._last_assigned, now
+        if before is None or before == now:
+            return
+        for peer in before:
+            if peer not in now:
+                st = self.standing(peer)
+                log.warning("%s no longer holds a share of our data%s", peer,
+                            f" ({st.level}: {st.reason})" if not st.good else "")
+        for peer in now:
+            if peer not in before:
+                log.info("%s holds a share of our data: everything is sent to it", peer)
+        if self.shortfall():
+            log.warning("the replica target cannot be met: %s", self.shortfall())
 
     async def _wait_wake(self, timeout: float) -> None:
         wake = self._wake
@@ -210,19 +281,32 @@ class Replicator:
                     await trio.sleep(ERROR_PAUSE * 5)
 
     async def _reconcile(self, conn, partner: Partner) -> None:
-        """The partner's own list of our complete packs replaces what the ledger remembers (it may
-        have lost data, or we may be a recovered store), restricted to packs we still have."""
-        complete, after = set(), 0
+        """The partner's own list of our complete packs, each with the digest it accepted it by,
+        replaces what the ledger remembers (it may have lost data, or we may be a recovered store):
+        a pack counts only when that digest is our root of it, and not while it is failing."""
+        listed: dict[int, bytes] = {}
+        after = 0
         while True:
             reply = await request(conn, P.ListHeld(P.PACK, after, P.MAX_IDS), registry=P.PARTNER)
-            complete.update(i for i, done in zip(reply.ids, reply.complete, strict=True) if done)
+            if len(reply.digests) != len(reply.ids):
+                raise TransportError("the partner's listing does not match itself")
+            listed.update((i, bytes(d)) for i, done, d in zip(reply.ids, reply.complete, reply.digests, strict=True)
+                          if done)
             if len(reply.ids) < P.MAX_IDS:
                 break
             after = reply.ids[-1]
         usage = await request(conn, P.Usage(), registry=P.PARTNER)
-        partner.root_generation = usage.root_generation
-        self.ledger.replace_sent(partner.peer_id, P.PACK, complete)
-        self._held[partner.peer_id] = complete
+        if usage.root_generation != partner.root_generation:
+            partner.root_generation = usage.root_generation
+            partner.root_created = self.source.root_created(usage.root_generation)
+        known = set(self.source.replicable())
+        confirmed = set()
+        for pid, digest in listed.items():
+            if pid in known:
+                root = await self.source.pack_root(pid)
+                if root is not None and root[0] == digest:
+                    confirmed.add(pid)
+        self.holdings.reconcile(partner.peer_id, confirmed, known)
 
     def _count_pending(self, partner: Partner, prog: Progress) -> list[tuple[int, int, int]]:
         packs = self.source.replicable()
@@ -234,6 +318,7 @@ class Replicator:
         prog.replicated_packs = sum(1 for pid in packs if pid in held)
         prog.replicated_bytes = sum(size for pid, (_, size) in packs.items() if pid in held)
         prog.root_generation = partner.root_generation
+        prog.failing_packs = len(self.holdings.failing(partner.peer_id))
         return todo
 
     async def _push(self, conn, partner: Partner, prog: Progress) -> bool:
@@ -248,8 +333,10 @@ class Replicator:
         root = self.source.latest_root()
         if root is not None and root.generation > partner.root_generation and root.needed <= self.held(partner.peer_id):
             prog.state = "sending"
-            await self._upload(conn, partner, prog, P.ROOT, root.generation, _BytesObject(root.blob))
+            await self._upload(conn, partner, prog, P.ROOT, root.generation, _BytesObject(root.blob),
+                               digest=P.object_digest(root.blob))
             partner.root_generation = prog.root_generation = root.generation
+            partner.root_created = root.created_ns
             self.ledger.put_partner(partner)
             worked = True
             log.info("%s holds our root generation %d", partner.peer_id, root.generation)
@@ -264,18 +351,28 @@ class Replicator:
             reply = await request(conn, P.Have(P.PACK, ids), registry=P.PARTNER)
             have.update(zip(ids, reply.sizes, strict=True))
         pending = iter(queue)
-        held = self.held(partner.peer_id)
+        failing = self.holdings.failing(partner.peer_id)
 
         async def worker():
             for pid in pending:
+                root = await self.source.pack_root(pid)
+                if root is None:
+                    continue  # deleted meanwhile: nothing to send
                 try:
                     obj = self.source.open_pack(pid)
                 except FileNotFoundError:
-                    continue  # deleted meanwhile: nothing to send
+                    continue
+                repair = pid in failing
                 with obj:
-                    await self._upload(conn, partner, prog, P.PACK, pid, obj, have.get(pid, 0))
-                held.add(pid)
-                self.ledger.mark_sent(partner.peer_id, P.PACK, [pid])
+                    if obj.size != root[1]:
+                        log.error("our pack %012x has %d bytes, %d when it was sealed: not sent (bpfs verify "
+                                  "names what it damaged)", pid, obj.size, root[1])
+                        continue
+                    await self._upload(conn, partner, prog, P.PACK, pid, obj, 0 if repair else have.get(pid, 0),
+                                       digest=root[0], repair=repair)
+                if repair:
+                    log.info("repaired pack %012x at %s", pid, partner.peer_id)
+                self.holdings.acknowledged(partner.peer_id, [pid])
 
         try:
             async with trio.open_nursery() as nursery:
@@ -284,22 +381,19 @@ class Replicator:
         except BaseExceptionGroup as eg:
             raise first_error(eg) from None
 
-    async def _upload(self, conn, partner: Partner, prog: Progress, kind: int, obj_id: int, obj,
-                      held: int = 0) -> None:
+    async def _upload(self, conn, partner: Partner, prog: Progress, kind: int, obj_id: int, obj, held: int = 0,
+                      *, digest: bytes, repair: bool = False) -> None:
+        """Send `obj` from byte `held` on; its last piece carries `digest` (its tree root). The
+        partner holding all of it already gets an empty last piece, just to confirm the digest."""
         total = obj.size
-        digest = P.digest_hasher()
-        if held >= total:
-            held = max(0, total - P.PIECE)  # resend the last piece, with the digest, to finish
-        if held:
-            await trio.to_thread.run_sync(_hash_prefix, obj, held, digest)
-        offset = held
+        offset = min(held, total)
         while True:
-            data = await trio.to_thread.run_sync(obj.read, offset, min(P.PIECE, total - offset))
-            digest.update(data)
+            data = await trio.to_thread.run_sync(obj.read, offset, min(P.PIECE, total - offset)) if offset < total \
+                else b""
             last = offset + len(data) >= total
             await self.limiter.take(len(data))
-            ack = await request(conn, P.PutPiece(kind, obj_id, total, offset, data,
-                                                 digest.digest() if last else None),
+            ack = await request(conn, P.PutPiece(kind, obj_id, total, offset, data, digest if last else None,
+                                                 repair),
                                 registry=P.PARTNER, timeout=REQUEST_TIMEOUT)
             prog.record(len(data), trio.current_time())
             if ack.complete:
@@ -322,8 +416,7 @@ class Replicator:
             holder_raw = partner.raw_id
             sig = self.identity.sign(P.release_message(holder_raw, batch))
             await request(conn, P.Release(batch, sig), registry=P.PARTNER)
-            held.difference_update(batch)
-            self.ledger.mark_sent(partner.peer_id, P.PACK, batch, held=False)
+            self.holdings.released(partner.peer_id, batch)
         still_held = set()
         for p in self.ledger.partners():
             if p.active:
@@ -331,12 +424,43 @@ class Replicator:
         self.source.forget_tombstones([pid for pid in tombs if pid not in still_held])
         return bool(ids)
 
+    async def _release_surplus(self) -> None:
+        """Once the assigned partners hold the latest root, what other partners still hold of ours
+        (a spare that stood in for a partner that came back) is released there: signed, and kept by
+        them for their grace period."""
+        assigned = self.assigned()
+        root = self.source.latest_root()
+        if root is None or self.shortfall() or not self.synced(root.generation)[0]:
+            return
+        names = {p.peer_id for p in assigned}
+        for p in self.active():
+            held = sorted(self.held(p.peer_id))
+            if p.peer_id in names or not held or not self.links.connected(p.peer_id):
+                continue
+            conn = self.links.connection(p.peer_id)
+            for i in range(0, len(held), P.MAX_IDS):
+                batch = held[i:i + P.MAX_IDS]
+                sig = self.identity.sign(P.release_message(p.raw_id, batch))
+                await request(conn, P.Release(batch, sig), registry=P.PARTNER, timeout=REQUEST_TIMEOUT)
+                self.holdings.released(p.peer_id, batch)
+            log.info("released %d packs at %s, no longer needed there (it keeps them for its grace period)",
+                     len(held), p.peer_id)
+
     # ----- sync and status ------------------------------------------------------------------------------
+    def holds_root(self, p: Partner, generation: int) -> bool:
+        """Whether `p` holds root `generation` (or newer) and, as counted, every pack the latest root needs."""
+        root = self.source.latest_root()
+        needed = root.needed if root is not None else set()
+        return p.root_generation >= generation and needed <= self.held(p.peer_id)
+
     def synced(self, generation: int) -> tuple[bool, list[str]]:
-        """Whether every assigned partner holds root `generation` (and so every pack it needs)."""
+        """Whether the target is met: enough partners in good standing hold root `generation` and
+        every pack it needs."""
         behind = []
-        for p in self.assigned():
-            if p.root_generation < generation:
+        if self.shortfall():
+            behind.append(self.shortfall())
+        for p in self.counting():
+            if not self.holds_root(p, generation):
                 prog = self.progress.get(p.peer_id)
                 behind.append(f"{p.peer_id}: " + (f"{prog.pending_packs} packs ({prog.pending_bytes} bytes) "
                                                   f"pending, {prog.state}" if prog else "not started")
@@ -344,9 +468,12 @@ class Replicator:
         return not behind, behind
 
     async def sync(self, generation: int, timeout: float | None) -> None:
-        """Wait until every assigned partner confirmed root `generation`. SyncTimeout otherwise."""
-        if not self.assigned():
+        """Wait until the target is met for root `generation`. SyncTimeout otherwise, at once when
+        too few partners are in good standing to meet it."""
+        if not self.active():
             raise SyncTimeout("no partners: pair with one first (bpfs pair)")
+        if self.shortfall():
+            raise SyncTimeout(f"the replica target cannot be met: {self.shortfall()}")
         self._forced += 1
         try:
             for p in self.assigned():
@@ -357,6 +484,8 @@ class Replicator:
                     done, _ = self.synced(generation)
                     if done:
                         return
+                    if self.shortfall():
+                        raise SyncTimeout(f"the replica target cannot be met: {self.shortfall()}")
                     full = [p for p in self.assigned() if (prog := self.progress.get(p.peer_id)) is not None
                             and prog.state == "quota full"]
                     if full:  # waiting would not help: the partner refuses until quotas change
@@ -368,12 +497,21 @@ class Replicator:
             self._forced -= 1
 
     def status(self) -> list[dict]:
+        """Per active partner: progress, whether it is assigned, and its trust level."""
         now = trio.current_time()
+        assigned = {p.peer_id for p in self.assigned()}
         out = []
-        for p in self.assigned():
+        for p in self.active():
             prog = self.progress.setdefault(p.peer_id, Progress(p.peer_id))
             self._count_pending(p, prog)
-            out.append(prog.as_dict(now))
+            if p.peer_id not in assigned:
+                prog.state = "not assigned"
+            row = prog.as_dict(now)
+            st = self.standing(p.peer_id)
+            row.update(assigned=p.peer_id in assigned, trust=st.level, trust_reason=st.reason, counts=st.good)
+            if p.peer_id not in assigned:
+                row.update(eta=None)
+            out.append(row)
         return out
 
 
@@ -384,16 +522,6 @@ class _BytesObject:
 
     def read(self, offset: int, length: int) -> bytes:
         return self.blob[offset:offset + length]
-
-
-def _hash_prefix(obj, length: int, digest) -> None:
-    offset = 0
-    while offset < length:
-        data = obj.read(offset, min(P.PIECE, length - offset))
-        if not data:
-            raise OSError("object shorter than expected")
-        digest.update(data)
-        offset += len(data)
 
 
 def _minute_now() -> int:

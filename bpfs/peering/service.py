@@ -1,8 +1,10 @@
 """The partner service of one store: what a daemon (mount or serve) runs beside the filesystem.
 
 Owns the QUIC endpoint of the store, the accept loop (every authenticated connection is served
-by the holder; partners' connections are also adopted as links), the replicator, the periodic
-snapshot, and the operations the CLI asks for: invite, probe, pair, unpair, peers, status, sync.
+by the holder; partners' connections are also adopted as links), the replicator, the auditor and
+the partners' reputations, the periodic snapshot, and the operations the CLI asks for: invite,
+probe, pair, unpair, peers, status, sync, challenge, reputation. It also answers how many
+partners in good standing hold a file (`copies`, the mount's `user.bpfs.copies`).
 The same object serves a daemon (asked through `control`) and a CLI command run without a
 daemon (in-process), so both behave the same.
 
@@ -22,16 +24,19 @@ import trio
 
 from ..config import Config, format_address, parse_address
 from ..errors import BpfsError, first_error
-from ..index import OUTBOX_PRIORITY, PackRecord
+from ..index import OUTBOX_PRIORITY, PackRecord, record_aad
 from ..net.quic import RelayPath, TransportConfig, TransportError, open_endpoint
 from ..net.rpc import RemoteError, request
 from .. import snapshot as snap
 from . import protocol as P
 from .protocol import PARTNER_IDLE_TIMEOUT
+from .auditor import Auditor
 from .holder import Holder
+from .holdings import Holdings
 from .ledger import ENDED, Ledger, Partner
-from .links import Links
+from .links import Links, Unreachable
 from .replicator import Replicator, SyncTimeout
+from .reputation import Reputations, summary
 from ..rendezvous.brokers import BrokerClient
 from ..rendezvous.codepair import CodePairing
 from ..rendezvous.dialer import Dialer, NoRoute, token_for
@@ -53,6 +58,7 @@ class RootInfo:
     generation: int
     blob: bytes
     needed: set
+    created_ns: int = 0
 
 
 class PackObject:
@@ -103,6 +109,27 @@ class StoreSource:
     def open_pack(self, pack_id: int) -> PackObject:
         return PackObject(self.packs.path(pack_id))
 
+    def known_pack_root(self, pack_id: int) -> tuple[bytes, int] | None:
+        """(tree root, size) of a pack as recorded in the index, if it is."""
+        return self.index.get_pack_root(pack_id)
+
+    async def pack_root(self, pack_id: int) -> tuple[bytes, int] | None:
+        """(tree root, size) of one of our packs: recorded when it was sealed, or (for a pack
+        written before a crash) hashed from its file now and recorded. None if it is gone."""
+        known = self.index.get_pack_root(pack_id)
+        if known is not None:
+            return known
+        if self.index.get_pack(pack_id) is None:
+            return None
+        try:
+            root, size = await trio.to_thread.run_sync(self.packs.root_of, pack_id)
+        except Exception:  # IntegrityError: missing; OSError: unreadable
+            log.error("pack %012x cannot be read to hash it: it is not sent", pack_id)
+            return None
+        if self.index.get_pack(pack_id) is not None and self.index.get_pack_root(pack_id) is None:
+            self.index.put_pack_root(pack_id, root, size)
+        return root, size
+
     def latest_root(self) -> RootInfo | None:
         blob = snap.latest_root(self.index)
         if blob is None:
@@ -110,8 +137,15 @@ class StoreSource:
         if self._root is None or self._root.blob != blob:
             manifest = snap.open_manifest(self.keys, blob)
             needed = set(manifest.packs) | {c.pack for c in manifest.chunks}
-            self._root = RootInfo(manifest.generation, blob, needed)
+            self._root = RootInfo(manifest.generation, blob, needed, manifest.created_ns)
         return self._root
+
+    def root_created(self, generation: int) -> int:
+        """When our retained snapshot of this generation was made (ns), 0 if it is not retained."""
+        for gen, blob in snap.retained_roots(self.index):
+            if gen == generation:
+                return snap.open_manifest(self.keys, blob).created_ns
+        return 0
 
     def tombstones(self) -> dict[int, int]:
         with self.index.read_view() as records:
@@ -146,7 +180,47 @@ class StoreSource:
         if self.data is None and self.index.dirty:
             if self.packs.has_unsynced:
                 self.packs.sync()
+            self.packs.record_roots(self.index)
             self.index.commit()
+
+    def count_below_target(self, holders: list[tuple[frozenset, int]], target: int) -> dict:
+        """Files (and their bytes) that fewer than `target` of `holders` (packs counted as held,
+        when their root was made) hold: every pack of the file, and a root made after its last
+        change. Files a .backupignore keeps local are counted apart. Blocking: reads every
+        inode, extent and chunk record of the last checkpoint."""
+        from ..index import Attr, _CHUNK, _EXTENT
+        import stat as stat_mod
+
+        sealer = self.keys.records
+        files = nbytes = below = below_bytes = local = local_bytes = 0
+        with self.index.read_view() as records:
+            ignored = {int.from_bytes(k, "big") for k, _ in records("ignored")}
+            pack_of = {}
+            for key, raw in records("chunks"):
+                pack_of[key] = _CHUNK.unpack(sealer.open(raw, record_aad("chunks", key)))[0]
+            extents = records("extents")
+            ext = next(extents, None)
+            for key, raw in records("inodes"):
+                ino = int.from_bytes(key, "big")
+                attr = Attr.unpack(ino, sealer.open(raw, record_aad("inodes", key)))
+                packs = set()
+                while ext is not None and int.from_bytes(ext[0][:8], "big") <= ino:
+                    if int.from_bytes(ext[0][:8], "big") == ino:
+                        cid = _EXTENT.unpack(sealer.open(ext[1], record_aad("extents", ext[0])))[0]
+                        if cid in pack_of:
+                            packs.add(pack_of[cid])
+                    ext = next(extents, None)
+                if not stat_mod.S_ISREG(attr.mode):
+                    continue
+                if ino in ignored:
+                    local, local_bytes = local + 1, local_bytes + attr.size
+                    continue
+                files, nbytes = files + 1, nbytes + attr.size
+                n = sum(1 for held, created in holders if created >= attr.ctime_ns and held.issuperset(packs))
+                if n < target:
+                    below, below_bytes = below + 1, below_bytes + attr.size
+        return {"files": files, "bytes": nbytes, "below_target_files": below, "below_target_bytes": below_bytes,
+                "local_files": local, "local_bytes": local_bytes, "target": target}
 
 
 class PartnerService:
@@ -165,9 +239,13 @@ class PartnerService:
         self.transport = transport or TransportConfig(max_data=32 << 20, max_stream_data=8 << 20,
                                                       socket_buffer=8 << 20, idle_timeout=PARTNER_IDLE_TIMEOUT)
         self.ledger = Ledger(store_dir)
+        self.holdings = Holdings(self.ledger)
+        self.reputations = Reputations(self.ledger, config)
         self.endpoint = None
         self.links: Links | None = None
         self.replicator: Replicator | None = None
+        self.auditor: Auditor | None = None
+        self.durability: dict = {}  # the last count of files below the replica target (`status`)
         self._nursery = None
         self.holder = Holder(store_dir, self.identity, self.ledger, config, listen_port=self._listen_port,
                              on_paired=self._paired, on_unpaired=self._partners_changed)
@@ -187,6 +265,60 @@ class PartnerService:
             self.broker.changed()  # who may look us up changed: announce again
         self._paired_event.set()
         self._paired_event = trio.Event()
+
+    def standing(self, peer: str):
+        """The partner's trust level now (`reputation.Standing`)."""
+        return self.reputations.standing(peer, failing=len(self.holdings.failing(peer)),
+                                         held=len(self.holdings.held(peer)))
+
+    def _contact(self, peer: str, ok: bool, dialled: bool) -> None:
+        """A dial to a partner worked or failed, or it connected to us: reachability evidence."""
+        p = self.ledger.partner(peer)
+        if p is None or not p.active:
+            return
+        away = self.reputations.health(peer).unreachable_since
+        self.reputations.contact(peer, ok, dialled=dialled)
+        if ok and away:
+            log.info("%s is reachable again", peer)
+            if self.auditor is not None:
+                self.auditor.soon(peer)  # it is used again once it passes an audit
+            self._changed()
+
+    def copies(self, pack_ids, changed_ns: int) -> tuple[int, int]:
+        """(partners in good standing that hold every one of these packs and a root made after
+        `changed_ns`, the replica target): how safe a file last changed then is."""
+        if self.replicator is None:
+            return 0, 0
+        n = 0
+        for p in self.replicator.active():
+            if p.root_created >= changed_ns and self.holdings.held(p.peer_id).issuperset(pack_ids) \
+                    and self.standing(p.peer_id).good:
+                n += 1
+        return n, self.replicator.target()
+
+    def _holders(self) -> list[tuple[frozenset, int]]:
+        if self.replicator is None:
+            return []
+        return [(frozenset(self.holdings.held(p.peer_id)), p.root_created) for p in self.replicator.active()
+                if self.standing(p.peer_id).good]
+
+    async def _durability_loop(self) -> None:
+        """Count the files and bytes below the replica target for `status`, whenever what decides
+        it changed. It reads every file's extents, so it waits ten times as long as the last count
+        took (at least DURABILITY_GAP seconds) before counting again."""
+        seen, gap = None, DURABILITY_GAP
+        while True:
+            holders = self._holders()
+            target = self.replicator.target()
+            key = (self.source.index.generation, target, tuple((len(h), c) for h, c in holders))
+            if key != seen:
+                started = time.monotonic()
+                result = await trio.to_thread.run_sync(self.source.count_below_target, holders, target)
+                took = time.monotonic() - started
+                result["seconds"], result["at"] = round(took, 3), time.time()
+                self.durability, seen = result, key
+                gap = max(DURABILITY_GAP, 10 * took)
+            await trio.sleep(gap)
 
     def _paired(self, partner: Partner, conn) -> None:
         """A peer paired with us on `conn` (a stranger's connection until then): adopt it as the link."""
@@ -235,13 +367,19 @@ class PartnerService:
                                              wait_paired=self._wait_paired)
                     nursery.start_soon(_guarded, "talking to brokers", self.broker.run)
                     nursery.start_soon(_guarded, "pairing by code", self.codes.run)
-                    self.links = Links(ep, nursery, self._serve_connection, self._dial_partner)
+                    self.links = Links(ep, nursery, self._serve_connection, self._dial_partner,
+                                       on_contact=self._contact)
                     nursery.start_soon(_guarded, "accepting connections", self._accept_loop)
                     nursery.start_soon(_guarded, "sweeping hosted data", self.holder.run_sweeper)
                     if self.source is not None:
-                        self.replicator = Replicator(self.identity, self.ledger, self.links, self.source, self.config)
+                        self.replicator = Replicator(self.identity, self.ledger, self.links, self.source, self.config,
+                                                     holdings=self.holdings, standing=self.standing)
+                        self.auditor = Auditor(self.ledger, self.links, self.holdings, self.reputations,
+                                               self.source.known_pack_root, self.config, on_change=self._changed)
                         nursery.start_soon(_guarded, "replicating", self.replicator.run)
+                        nursery.start_soon(_guarded, "auditing partners", self.auditor.run)
                         nursery.start_soon(_guarded, "snapshots", self._snapshot_loop)
+                        nursery.start_soon(_guarded, "counting copies", self._durability_loop)
                     self.ready.set()
                     task_status.started(self.addresses)
                     await trio.sleep_forever()
@@ -442,8 +580,16 @@ class PartnerService:
                         "held_by_them": status.get(p.peer_id, {}).get("replicated_bytes", 0),
                         "last_seen": p.last_seen, "paired_at": p.paired_at, "ended_at": p.ended_at,
                         "root_generation": p.root_generation,
-                        "received_bytes": self.holder.received_bytes.get(p.peer_id, 0)})
+                        "received_bytes": self.holder.received_bytes.get(p.peer_id, 0),
+                        **self._trust_fields(p)})
         return out
+
+    def _trust_fields(self, p: Partner) -> dict:
+        if not p.active:
+            return {"trust": "ended", "trust_reason": "", "score": None}
+        st = self.standing(p.peer_id)
+        score = summary(self.reputations.health(p.peer_id), st, time.time())["score"]
+        return {"trust": st.level, "trust_reason": st.reason, "score": score}
 
     def op_status(self) -> dict:
         root = self.source.latest_root() if self.source is not None else None
@@ -451,13 +597,43 @@ class PartnerService:
         for row in rows:
             row["path"] = _path(self.links.connection(row["peer_id"]))
         b = self.broker
+        rep = self.replicator
         return {"peer_id": self.identity.peer_id, "latest_generation": root.generation if root else 0,
-                "partners": rows, "broker": str(b.broker) if b is not None and b.conn is not None else None}
+                "partners": rows, "broker": str(b.broker) if b is not None and b.conn is not None else None,
+                "replicas": self.config.replicas, "target": rep.target() if rep else 0,
+                "shortfall": rep.shortfall() if rep else None, "durability": self.durability}
+
+    async def op_challenge(self, peer: str, packs: int | None = None, leaves: int | None = None) -> dict:
+        """Audit a partner now: every pack it holds for us (or `packs` of them)."""
+        _check_peer_id(peer)
+        if self.auditor is None:
+            raise PeeringError("this daemon does not audit partners")
+        p = self.ledger.partner(peer)
+        if p is None or not p.active:
+            raise PeeringError(f"not paired with {peer}", exit_code=2)
+        try:
+            result = await self.auditor.challenge(peer, packs, leaves or 4)
+        except Unreachable as e:
+            raise PeeringError(f"could not reach {peer}: {e}") from None
+        except (TransportError, trio.TooSlowError) as e:
+            raise PeeringError(f"could not reach {peer} to audit it: {e or 'no answer'}") from None
+        except RemoteError as e:
+            raise PeeringError(f"{peer} refused the audit: {e.message}") from None
+        self._changed()
+        st = self.standing(peer)
+        return {**result.as_dict(), "trust": st.level, "trust_reason": st.reason,
+                "held": len(self.holdings.held(peer)), "failing": len(self.holdings.failing(peer))}
+
+    def op_reputation(self) -> list[dict]:
+        """Partners by score, with what makes it up."""
+        assigned = {p.peer_id for p in self.replicator.assigned()} if self.replicator else set()
+        return reputation_rows(self.ledger, self.holdings, self.reputations, assigned,
+                               self.auditor.plan_for if self.auditor is not None else None)
 
     async def op_sync(self, timeout: float | None) -> dict:
         if self.replicator is None:
             raise PeeringError("this daemon does not replicate")
-        if not self.replicator.assigned():
+        if not self.replicator.active():
             raise PeeringError("no partners: pair with one first (bpfs pair --direct ...)")
         started = time.monotonic()
         generation = await self.source.snapshot()
@@ -473,6 +649,7 @@ class PartnerService:
 
 
 RESTART_PAUSE = 5.0
+DURABILITY_GAP = 2.0
 
 
 async def start_service(nursery, make_service, listen: str | None, *, explicit: bool,
@@ -495,6 +672,27 @@ async def start_service(nursery, make_service, listen: str | None, *, explicit: 
                                    "(choose another with --listen HOST:PORT, or --listen none)") from None
             log.warning("cannot listen on %s (%s): using a free port instead", address, err.strerror or err)
     raise AssertionError("unreachable")
+
+
+def reputation_rows(ledger: Ledger, holdings: Holdings, reputations: Reputations, assigned: set[str],
+                    plan_for=None) -> list[dict]:
+    """What `bpfs reputation` shows: active partners by score, with what makes it up."""
+    now = time.time()
+    rows = []
+    for p in ledger.partners():
+        if not p.active:
+            continue
+        failing, held = len(holdings.failing(p.peer_id)), len(holdings.held(p.peer_id))
+        st = reputations.standing(p.peer_id, failing=failing, held=held)
+        row = {"peer_id": p.peer_id, **summary(reputations.health(p.peer_id), st, now),
+               "assigned": p.peer_id in assigned, "held_packs": held, "failing_packs": failing}
+        if plan_for is not None:
+            plan = plan_for(p.peer_id)
+            row["audit_plan"] = {"packs_per_audit": round(plan.per_audit, 2), "packs_per_day": plan.per_day,
+                                 "meets_detection_target": plan.meets_target, "within_budget": plan.within_budget,
+                                 "bytes_per_month": plan.bytes_per_month}
+        rows.append(row)
+    return sorted(rows, key=lambda r: -r["score"])
 
 
 async def _guarded(what: str, fn) -> None:
