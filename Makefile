@@ -5,7 +5,7 @@
 #   make mount    create a store if needed, then mount it   (STORE=..., MNT=...)
 #   make umount   unmount $(MNT)
 #   make test     run the test suite                          (PYTEST_ARGS=...)
-#   make bench    run the benchmarks                          (BENCH_ARGS=...)
+#   make bench    run the benchmarks                          (BENCH_ARGS=...; installs '.[bench]')
 #   make clean    remove build/test artefacts (keeps .venv);  make distclean also removes .venv
 #
 # The store is never touched by clean/distclean.
@@ -26,6 +26,7 @@ PIP_ARGS    ?= --progress-bar off
 VPY   := $(VENV)/bin/python
 BPFS  := $(abspath $(VENV))/bin/bpfs
 STAMP := $(VENV)/.bpfs-installed
+BENCH_STAMP := $(VENV)/.bpfs-bench-installed
 
 # Debian packages: FUSE runtime + headers (pyfuse3 is built from source), a compiler,
 # and the tools the tests/benchmarks compare against or use (iproute2, iptables: the tests'
@@ -150,13 +151,20 @@ bench-deps:
 	if command -v systemctl >/dev/null 2>&1; then systemctl disable --now ssh.service ssh.socket >/dev/null 2>&1 || true; fi
 	if command -v service >/dev/null 2>&1; then service ssh stop >/dev/null 2>&1 || true; fi
 
-bench: deps venv bench-deps
+# The benchmarks' own Python dependencies (numpy): only `make bench` installs them, so
+# `make venv` and `make test` stay as they are. Redone when the venv is (re)installed.
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	@echo "bench: pip install -e '.[test,bench]'"
+	"$(VPY)" -m pip install $(PIP_ARGS) -e '.[test,bench]'
+	touch "$@"
+
+bench: deps venv bench-deps $(BENCH_STAMP)
 	@echo "bench: $(VPY) -m bench $(BENCH_ARGS)"
 	"$(VPY)" -m bench $(BENCH_ARGS)
 
 # ---------------------------------------------------------------- clean
 clean:
-	rm -rf build dist .pytest_cache .hypothesis ./*.egg-info "$(STAMP)"
+	rm -rf build dist .pytest_cache .hypothesis ./*.egg-info "$(STAMP)" "$(BENCH_STAMP)"
 	find . -path "./$(VENV)" -prune -o -path ./.git -prune -o -type d -name __pycache__ -print0 | xargs -0r rm -rf
 
 distclean: clean

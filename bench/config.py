@@ -15,7 +15,9 @@ DEDUP = ("dedup_copy", "dedup_insert")
 NETWORK = ("replication",)
 #: Through a broker over loopback: pairing by code, request rates, the relay (bench/rendezvous.py).
 RENDEZVOUS = ("rendezvous",)
-ALL = TIMED + DEDUP + NETWORK + RENDEZVOUS
+#: Storage audits of a partner over loopback: bytes and holder CPU per audit, simulated detection (bench/audit.py).
+AUDIT = ("audit",)
+ALL = TIMED + DEDUP + NETWORK + RENDEZVOUS + AUDIT
 
 #: Filesystems for the timed workloads, in column order.
 TARGETS = ("raw", "gocryptfs", "bpfs")
@@ -43,6 +45,7 @@ class Sizes:
     relay_bytes: int  # sent through the broker's relay, and directly (rendezvous)
     broker_requests: int  # pings, lookups, announcements on open connections, each (rendezvous)
     broker_connects: int  # announcements each on a new connection (rendezvous)
+    audit_bytes: int  # held by a partner that is then audited (audit)
 
 
 FULL = Sizes(
@@ -56,6 +59,7 @@ FULL = Sizes(
     relay_bytes=256 * MiB,
     broker_requests=20_000,
     broker_connects=2_000,
+    audit_bytes=1 * GiB,
 )
 
 QUICK = Sizes(
@@ -69,6 +73,7 @@ QUICK = Sizes(
     relay_bytes=64 * MiB,
     broker_requests=5_000,
     broker_connects=500,
+    audit_bytes=256 * MiB,
 )
 
 

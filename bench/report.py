@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench import rendezvous, replication, stats
+from bench import audit, rendezvous, replication, stats
 from bench.config import TIMED, human_bytes
 from bench.dedup import TARGET_PERCENT
 from bench.runner import UNITS
@@ -122,6 +122,11 @@ def print_report(results: dict) -> None:
         print()
         print("rendezvous through a broker over loopback (medians with min-max)")
         for line in rendezvous.report_lines(results["rendezvous"]):
+            print(line)
+    if results.get("audit", {}).get("runs") or results.get("audit", {}).get("simulation"):
+        print()
+        print("storage audits of a partner over loopback (medians with min-max)")
+        for line in audit.report_lines(results["audit"]):
             print(line)
     for line in stats.failure_lines(results, log_lines=6):
         print(line)
