@@ -7,6 +7,13 @@
     snapshot_interval = 300      # seconds between signed index snapshots while data changes
     priority = [...]             # gitignore patterns replicated first (default: keys, wallets, ...)
 
+    [history]                    # which snapshots are kept, here and at partners (see history)
+    keep_within = "24h"          # every snapshot of this long before the newest one
+    keep_daily = 30              # the newest of each of the last 30 days with snapshots (UTC)
+    keep_weekly = 8              # ... of the last 8 ISO weeks
+    keep_monthly = 12            # ... of the last 12 months
+    keep_last = 2                # the newest 2, whatever their age
+
     [trust]
     audit_interval = "1h"        # between scheduled audits of each partner (jittered by +-10 %)
     detect_loss = 0.01           # a partner that silently lost this fraction of our packs ...
@@ -195,6 +202,12 @@ class Config:
     listen: str | None = DEFAULT_LISTEN
     grace_days: float = 30.0
     brokers: list[BrokerAddress] = field(default_factory=lambda: [parse_broker(b) for b in DEFAULT_BROKERS])
+    # [history]: retention of snapshots (see history)
+    keep_within: float = 86400.0
+    keep_daily: int = 30
+    keep_weekly: int = 8
+    keep_monthly: int = 12
+    keep_last: int = 2
     # [trust]: audits, reputation and repair (see peering.auditor and peering.reputation)
     audit_interval: float = 3600.0
     detect_loss: float = 0.01
@@ -224,6 +237,7 @@ def load_config(store_dir: str) -> Config:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: {e}") from None
     rep, partners, trust = doc.get("replication", {}), doc.get("partners", {}), doc.get("trust", {})
+    history = doc.get("history", {})
     try:
         if "replicas" in rep:
             cfg.replicas = int(rep["replicas"])
@@ -254,10 +268,33 @@ def load_config(store_dir: str) -> Config:
             except ConfigError as e:
                 raise ConfigError(f"{path}: {e}") from None
         _load_trust(cfg, trust, path)
+        _load_history(cfg, history, path)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{path}: {e}") from None
     cfg.brokers = brokers_from_env(cfg.brokers)
     return cfg
+
+
+_HISTORY_COUNTS = ("keep_daily", "keep_weekly", "keep_monthly", "keep_last")
+
+
+def _load_history(cfg: Config, history: dict, path: str) -> None:
+    unknown = set(history) - set(_HISTORY_COUNTS) - {"keep_within"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown setting in [history]: {', '.join(sorted(unknown))}")
+    if "keep_within" in history:
+        try:
+            cfg.keep_within = parse_duration(history["keep_within"])
+        except ConfigError as e:
+            raise ConfigError(f"{path}: [history] keep_within: {e}") from None
+    for name in _HISTORY_COUNTS:
+        if name in history:
+            value = history[name]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{path}: [history] {name} must be a whole number >= 0")
+            setattr(cfg, name, value)
+    if cfg.keep_last < 1:
+        raise ConfigError(f"{path}: [history] keep_last must be at least 1 (the newest snapshot is always kept)")
 
 
 _TRUST_DURATIONS = ("audit_interval", "detect_within", "repair_after", "suspect_after")

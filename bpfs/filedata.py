@@ -30,6 +30,7 @@ import trio
 from .chunker import Chunker
 from .crypto import NONCE_SIZE, padme, sealed_chunk_size
 from .errors import IntegrityError
+from . import chunkmap
 from .index import LANE_LOCAL, LANE_NORMAL, ChunkRecord, Extent, Index
 from .packs import PackStore
 
@@ -401,7 +402,8 @@ class DataStore:
         for pos, length, cid in pieces:
             if cid != _ZERO_ID and cid not in placed and self.index.get_chunk(cid) is None:
                 pack_id, offset = self.packs.reserve(self.index, sealed_chunk_size(length), lane)
-                placed[cid] = ChunkRecord(pack_id, offset, sealed_chunk_size(length), length, 0)
+                placed[cid] = ChunkRecord(pack_id, offset, sealed_chunk_size(length), length, 0,
+                                          born=self.index.generation)
                 reservations.append((cid, pos, length, pack_id, offset))
         return placed, reservations
 
@@ -466,14 +468,16 @@ class DataStore:
                 self._written.add(ino)
             for cid in placed:
                 rec = self.index.get_chunk(cid)
-                if rec is not None and rec.refs == 0:
-                    self._free_chunk(cid, rec)
+                if rec is not None and rec.refs == 0 and self.index.get_retired(cid) is None:
+                    self._free_chunk(cid, rec)  # stored for a file deleted meanwhile
         if self._promote:
             self._start_promoting()
 
     # ----- the extent map ------------------------------------------------------------------
     def _ref(self, cid: bytes) -> ChunkRecord:
         rec = self.index.get_chunk(cid)
+        if rec.refs == 0:  # kept only for retained snapshots until now: in use again
+            self.index.delete_retired(cid)
         rec.refs += 1
         self.index.put_chunk(cid, rec, rec.pack)
         return rec
@@ -489,25 +493,32 @@ class DataStore:
             self._free_chunk(cid, rec)
 
     def _free_chunk(self, cid: bytes, rec: ChunkRecord) -> None:
+        """The chunk's last reference went: free it, or keep it while a retained snapshot holds
+        it (one made after it was stored; see `history`)."""
+        if rec.born < self.index.last_snapshot_generation() and rec.pack not in self.packs.local_ids:
+            rec.refs = 0
+            self.index.put_chunk(cid, rec, rec.pack)
+            self.index.put_retired(cid, self.index.generation)
+            return
         self.index.delete_chunk(cid, rec.pack)
         self._cache.drop(cid)
         self._pack_lost(rec.pack, rec.sealed_length)
 
     def _pack_lost(self, pack_id: int, sealed_length: int) -> None:
         """One chunk left `pack_id`: delete the pack when empty, mark it for compaction when sparse."""
-        pack = self.index.get_pack(pack_id)
-        if pack is None:
-            return
-        pack.live_chunks -= 1
-        pack.live_bytes -= sealed_length
-        if pack.live_chunks <= 0 and pack.sealed:
-            self.index.delete_pack(pack_id)
+        change = chunkmap.pack_lost(self.index, pack_id, sealed_length)
+        if change == chunkmap.DEAD:
+            self.note_packs(dead=[pack_id])
+        elif change == chunkmap.SPARSE:
+            self.note_packs(sparse=[pack_id])
+
+    def note_packs(self, dead=(), sparse=()) -> None:
+        """Packs whose chunks went elsewhere (`chunkmap`): dead ones are deleted after the next
+        commit, sparse ones compacted."""
+        for pack_id in dead:
             self._dead_packs.append(pack_id)
             self._sparse_packs.discard(pack_id)
-        else:
-            self.index.put_pack(pack_id, pack)
-            if pack.sealed and pack.live_bytes * 2 < pack.size:
-                self._sparse_packs.add(pack_id)
+        self._sparse_packs.update(sparse)
 
     def _punch(self, ino: int, start: int, end: int) -> int:
         """Remove [start, end) from the extent map of `ino`; return the stored bytes removed."""

@@ -5,7 +5,8 @@ Tables (LMDB named databases) and what they map:
   inodes    ino                    -> sealed attributes (mode, owner, size, times, ...)
   dirents   parent ino + name hash -> sealed list of (name, child ino) sharing that hash
   extents   ino + file offset      -> sealed (chunk id, offset in chunk, length)
-  chunks    chunk id               -> sealed (pack, offset, sealed length, plain length, refcount)
+  chunks    chunk id               -> sealed (pack, offset, sealed length, plain length, refcount, born:
+                                      the generation counter when it was first stored)
   packs     pack id                -> plain (live chunks, live bytes, size, flags: sealed, lane)
   packchunks pack id + chunk id    -> nothing: which chunks live in a pack (for compaction)
   symlinks  ino                    -> sealed target
@@ -19,6 +20,9 @@ Tables (LMDB named databases) and what they map:
   ignored   ino                    -> nothing: regular files a .backupignore keeps local (see lanes)
   packroots pack id                -> plain: the pack's tree root (32 bytes, `packtree`) and its size
                                       (u64): what storage audits check partners' copies against
+  retired   chunk id               -> plain: the generation counter when the chunk's last reference
+                                      went (u64); it stays (refcount 0) while a retained snapshot
+                                      holds it (see `history`)
 
 A pack's flag byte: bit 0 sealed, bit 1 local lane, bit 2 priority lane (none: normal lane).
 
@@ -48,11 +52,12 @@ from .redolog import PUT, RedoLog
 _U64 = struct.Struct(">Q")
 _ATTR = struct.Struct("<IIIIQQQqqqQ")
 _EXTENT = struct.Struct("<32sII")
-_CHUNK = struct.Struct("<QQIII")
+_CHUNK = struct.Struct("<QQIIIQ")
+_CHUNK_V0 = struct.Struct("<QQIII")  # before chunks knew when they were born
 _PACK = struct.Struct("<IQQB")
 _NAME_HASH_LEN = 6  # ids (hash << 8 | position) must fit a signed 64-bit readdir offset
 TABLES = ("meta", "inodes", "dirents", "extents", "chunks", "packs", "packchunks", "symlinks", "xattrs", "orphans",
-          "outbox", "snapshots", "tombstones", "ignored", "packroots")
+          "outbox", "snapshots", "tombstones", "ignored", "packroots", "retired")
 _PACKROOT = struct.Struct("<32sQ")
 LANE_NORMAL, LANE_LOCAL, LANE_PRIORITY = 0, 1, 2  # a pack's lane: its flag bit is 1 << lane (see lanes)
 PACK_SEALED = 1
@@ -113,6 +118,16 @@ class ChunkRecord:
     sealed_length: int
     length: int
     refs: int
+    born: int = 0  # the generation counter when first stored: in every snapshot of a later generation
+
+    def pack_bytes(self) -> bytes:
+        return _CHUNK.pack(self.pack, self.offset, self.sealed_length, self.length, self.refs, self.born)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> "ChunkRecord":
+        if len(raw) == _CHUNK_V0.size:
+            return cls(*_CHUNK_V0.unpack(raw))
+        return cls(*_CHUNK.unpack(raw))
 
 
 @dataclass(slots=True)
@@ -497,7 +512,7 @@ class Index:
     # ----- chunks and packs ---------------------------------------------------------------
     def get_chunk(self, cid: bytes) -> ChunkRecord | None:
         raw = self._get("chunks", cid)
-        return ChunkRecord(*_CHUNK.unpack(raw)) if raw else None
+        return ChunkRecord.unpack(raw) if raw else None
 
     def put_chunk(self, cid: bytes, rec: ChunkRecord, old_pack: int | None = None) -> None:
         """Store a chunk record; `old_pack` is where it lived before (None: a new chunk)."""
@@ -505,7 +520,7 @@ class Index:
             if old_pack is not None:
                 self._delete("packchunks", u64(old_pack) + cid)
             self._put_plain("packchunks", u64(rec.pack) + cid, b"")
-        self._put("chunks", cid, _CHUNK.pack(rec.pack, rec.offset, rec.sealed_length, rec.length, rec.refs))
+        self._put("chunks", cid, rec.pack_bytes())
 
     def delete_chunk(self, cid: bytes, pack: int) -> None:
         self._delete("chunks", cid)
@@ -516,7 +531,7 @@ class Index:
 
     def all_chunks(self):
         for key, raw in self._scan_prefix("chunks", b""):
-            yield bytes(key), ChunkRecord(*_CHUNK.unpack(self._sealer.open(raw, self._aad("chunks", key))))
+            yield bytes(key), ChunkRecord.unpack(self._sealer.open(raw, self._aad("chunks", key)))
 
     def all_extents(self):
         for key, raw in self._scan_prefix("extents", b""):
@@ -548,6 +563,36 @@ class Index:
         if self._delete("outbox", u64(pack_id)):  # partners may hold it: remember to release it
             self._put_plain("tombstones", u64(pack_id), u64(self.generation))
 
+    # ----- chunks kept for retained snapshots (see history) --------------------------------------
+    def get_retired(self, cid: bytes) -> int | None:
+        """The generation counter when this chunk lost its last reference, if it is retired."""
+        db = self._db["retired"]
+        raw = self.txn.get(cid, db=db) if db is not None else None
+        return None if raw is None else _U64.unpack(raw)[0]
+
+    def put_retired(self, cid: bytes, died: int) -> None:
+        self._put_plain("retired", cid, u64(died))
+
+    def delete_retired(self, cid: bytes) -> None:
+        if self.get_retired(cid) is not None:
+            self._delete("retired", cid)
+
+    def all_retired(self) -> list[tuple[bytes, int]]:
+        if self._db["retired"] is None:
+            return []
+        return [(bytes(k), _U64.unpack(v)[0]) for k, v in self._scan_prefix("retired", b"")]
+
+    def last_snapshot_generation(self) -> int:
+        """The generation of the newest retained snapshot (0: none), from the keys alone."""
+        cur = self.txn.cursor(db=self._db["snapshots"])
+        if not cur.set_range(b"s"):
+            if not cur.last():
+                return 0
+        elif not cur.prev():
+            return 0
+        key = bytes(cur.key())
+        return _U64.unpack(key[1:])[0] if key[:1] == b"r" and len(key) == 9 else 0
+
     def get_pack_root(self, pack_id: int) -> tuple[bytes, int] | None:
         """(tree root, size) of a sealed pack, once known (see `packs.PackStore.record_roots`)."""
         db = self._db["packroots"]
@@ -556,6 +601,11 @@ class Index:
 
     def put_pack_root(self, pack_id: int, root: bytes, size: int) -> None:
         self._put_plain("packroots", u64(pack_id), _PACKROOT.pack(root, size))
+
+    def put_tombstone(self, pack_id: int, generation: int) -> None:
+        """Partners may hold this pack though we do not: release it there once nothing retained
+        needs it (a recovered store's history, see `snapshot.adopt_root`)."""
+        self._put_plain("tombstones", u64(pack_id), u64(generation))
 
     def delete_tombstone(self, pack_id: int) -> None:
         self._delete("tombstones", u64(pack_id))
@@ -606,6 +656,10 @@ class Index:
 
     def delete_snapshot_record(self, key: bytes) -> None:
         self._delete("snapshots", key)
+
+    def snapshot_keys(self, prefix: bytes) -> list[bytes]:
+        """Keys of the snapshot records that start with `prefix` (nothing is opened)."""
+        return [bytes(key) for key, _ in self._scan_prefix("snapshots", prefix)]
 
     def snapshot_records(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
         """(key, opened value) of the snapshot records whose key starts with `prefix`."""

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 import pathspec
 import trio
 
+from . import chunkmap
 from .errors import IntegrityError
 from .index import LANE_LOCAL, LANE_NORMAL, LANE_PRIORITY, ROOT_INO, ChunkRecord, Index
 
@@ -519,13 +520,4 @@ def move_chunk_now(index: Index, packs, cid: bytes, rec: ChunkRecord, lane: int)
     target.live_chunks += 1
     target.live_bytes += rec.sealed_length
     index.put_pack(new_pack, target)
-    source = index.get_pack(old_pack)
-    if source is None:
-        return False
-    source.live_chunks -= 1
-    source.live_bytes -= rec.sealed_length
-    if source.live_chunks <= 0 and source.sealed:
-        index.delete_pack(old_pack)
-        return True
-    index.put_pack(old_pack, source)
-    return False
+    return chunkmap.pack_lost(index, old_pack, rec.sealed_length) == chunkmap.DEAD

@@ -43,20 +43,26 @@ Record stream (plaintext, before chunking; integers little-endian):
   end:         u8 0xFF, u64 number of records; nothing after it
 
 Manifest (plaintext; sealed before it leaves the owner):
-  b"BPSNAPM1", u64 generation, u64 creation time (ns since the epoch), u64 stream length,
+  b"BPSNAPM2", u64 generation, u64 creation time (ns since the epoch), u64 stream length,
   u64 records, 32-byte BLAKE2b of the whole record stream,
   u32 n, then n metadata chunks in stream order: 32-byte chunk id, u32 plaintext length,
       u64 pack, u64 offset in the pack, u32 sealed length (= sealed_chunk_size(length)),
   u32 m, then m ranges of data pack ids the snapshot needs: u64 first, u32 count
       (ascending, neither overlapping nor touching, count >= 1),
+  u64 regular files, u64 their bytes (what `bpfs snapshots` lists),
+  u32 length, then the partner list (UTF-8 JSON, at most MAX_PARTNER_LIST bytes: the partners'
+      ids, public keys, last addresses, quotas and pair keys, so a recovered store knows them all),
   32-byte BLAKE2b (person "bpfs.manifest") of everything before it.
+  (b"BPSNAPM1" manifests end after the pack ranges: no counts, no partner list.)
   Sealed with Sealer(keys.derive("snapshot-manifest")), associated data
   b"bpfs snapshot manifest v1\\0" + peer id (20 bytes) + u64 generation.
 
 Signed root (what partners keep; at most MAX_ROOT_SIZE bytes):
-  b"BPFSROOT", u8 version 1, 20-byte peer id, u64 generation, u32 sealed manifest length,
-  sealed manifest, 64-byte Ed25519 signature by the store's identity over
-  b"bpfs snapshot root v1\\0" + every byte of the root before the signature.
+  b"BPFSROOT", u8 version 2, 20-byte peer id, u64 generation, u64 creation time (ns since the
+  epoch; the manifest's), u32 sealed manifest length, sealed manifest, 64-byte Ed25519 signature
+  by the store's identity over b"bpfs snapshot root v1\\0" + every byte of the root before the
+  signature. Version 1 had no creation time (read as 0). Partners see the generation and the
+  creation time, and refuse a root from the future or one whose generation jumps absurdly.
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ import hashlib
 import itertools
 import os
 import shutil
+import stat
 import struct
 import time
 from dataclasses import dataclass, field
@@ -78,8 +85,10 @@ from .crypto import CHUNK_ID_SIZE, NONCE_SIZE, SEAL_OVERHEAD, Sealer, padme, sea
 from .errors import BpfsError, IntegrityError
 from .fsutil import fsync_dir, make_private_dir
 from .identity import peer_id_bytes, verify_signature
-from .index import (_CHUNK, _NAME_HASH_LEN, _PACK, _PACKROOT, MAP_SIZE, ROOT_INO, TABLES, Index, PackRecord,
-                    record_aad, u64)
+from .index import (_NAME_HASH_LEN, _PACK, _PACKROOT, MAP_SIZE, ROOT_INO, TABLES, Attr, ChunkRecord, Index,
+                    PackRecord, record_aad, u64)
+from .history import RetentionPolicy, thin
+from .history import keep as keep_snapshots
 from .lanes import ExportFilter, prepare_export
 from .keyfile import StoreKeys, read_public
 from .packs import PackStore
@@ -94,14 +103,15 @@ MAX_KEY = 511  # LMDB's default maximum key size
 MAX_VALUE = 1 << 20
 MAX_META_CHUNKS = 1 << 18  # 16 GiB of index at the average chunk size
 MAX_PACK_RANGES = 1 << 18
-KEEP_SNAPSHOTS = 2  # retained snapshots: a partner holding the one before the latest can still serve it
 
 SNAPSHOT_TABLES = ("meta", "inodes", "dirents", "extents", "chunks", "packs", "packchunks", "symlinks", "xattrs",
-                   "orphans", "packroots")
+                   "orphans", "packroots", "retired")
 _SEALED_TABLES = frozenset({"inodes", "dirents", "extents", "chunks", "symlinks", "xattrs"})
 _KEY_LENGTHS = {"inodes": 8, "dirents": 8 + _NAME_HASH_LEN, "extents": 16, "chunks": CHUNK_ID_SIZE, "packs": 8,
-                "packchunks": 8 + CHUNK_ID_SIZE, "symlinks": 8, "xattrs": 8 + 16, "orphans": 8, "packroots": 8}
-_PLAIN_VALUE_LENGTHS = {"meta": 8, "packs": _PACK.size, "packchunks": 0, "orphans": 0, "packroots": _PACKROOT.size}
+                "packchunks": 8 + CHUNK_ID_SIZE, "symlinks": 8, "xattrs": 8 + 16, "orphans": 8, "packroots": 8,
+                "retired": CHUNK_ID_SIZE}
+_PLAIN_VALUE_LENGTHS = {"meta": 8, "packs": _PACK.size, "packchunks": 0, "orphans": 0, "packroots": _PACKROOT.size,
+                        "retired": 8}
 _MAX_META_KEY = 64
 
 STREAM_MAGIC = b"BPSNAPS1"
@@ -109,7 +119,10 @@ _END = 0xFF
 _REC = struct.Struct("<BHI")
 _END_COUNT = struct.Struct("<Q")
 
-MANIFEST_MAGIC = b"BPSNAPM1"
+MANIFEST_MAGIC = b"BPSNAPM2"
+MANIFEST_MAGIC_V1 = b"BPSNAPM1"
+MAX_PARTNER_LIST = 64 << 10  # far more than 64 partners (an announcement lists at most 64) take
+_MAN_TAIL = struct.Struct("<QQI")
 _MAN_HEAD = struct.Struct("<8sQQQQ32sI")
 _MAN_CHUNK = struct.Struct("<32sIQQI")
 _MAN_COUNT = struct.Struct("<I")
@@ -117,12 +130,13 @@ _MAN_RANGE = struct.Struct("<QI")
 _HASH_SIZE = 32
 _MAN_MIN = _MAN_HEAD.size + _MAN_CHUNK.size + _MAN_COUNT.size + _HASH_SIZE
 MAX_MANIFEST_SIZE = (_MAN_HEAD.size + _MAN_CHUNK.size * MAX_META_CHUNKS + _MAN_COUNT.size
-                     + _MAN_RANGE.size * MAX_PACK_RANGES + _HASH_SIZE)
+                     + _MAN_RANGE.size * MAX_PACK_RANGES + _MAN_TAIL.size + MAX_PARTNER_LIST + _HASH_SIZE)
 _MANIFEST_AAD = b"bpfs snapshot manifest v1\0"
 
 ROOT_MAGIC = b"BPFSROOT"
-ROOT_VERSION = 1
-_ROOT_HEAD = struct.Struct(f"<8sB{PEER_ID_SIZE}sQI")
+ROOT_VERSION = 2
+_ROOT_HEAD = struct.Struct(f"<8sB{PEER_ID_SIZE}sQQI")
+_ROOT_HEAD_V1 = struct.Struct(f"<8sB{PEER_ID_SIZE}sQI")
 _SIG_SIZE = 64
 _SIGN_DOMAIN = b"bpfs snapshot root v1\0"
 MAX_ROOT_SIZE = 18 << 20
@@ -150,16 +164,41 @@ class SignedRoot:
     generation: int
     sealed_manifest: bytes
     signature: bytes
+    created_ns: int = 0
+    version: int = ROOT_VERSION
 
     def body(self) -> bytes:
-        return _ROOT_HEAD.pack(ROOT_MAGIC, ROOT_VERSION, self.peer_id, self.generation,
-                               len(self.sealed_manifest)) + self.sealed_manifest
+        if self.version == 1:
+            head = _ROOT_HEAD_V1.pack(ROOT_MAGIC, 1, self.peer_id, self.generation, len(self.sealed_manifest))
+        else:
+            head = _ROOT_HEAD.pack(ROOT_MAGIC, self.version, self.peer_id, self.generation, self.created_ns,
+                                   len(self.sealed_manifest))
+        return head + self.sealed_manifest
 
     def signed_message(self) -> bytes:
         return _SIGN_DOMAIN + self.body()
 
     def encode(self) -> bytes:
         return self.body() + self.signature
+
+    @staticmethod
+    def decode_head(data) -> tuple[int, int] | None:
+        """(generation, created ns) from the first bytes of a root, None if there are too few
+        (RootRejected if they are not a root's)."""
+        data = bytes(data[:_ROOT_HEAD.size])
+        if len(data) < len(ROOT_MAGIC) + 1:
+            return None
+        if data[:len(ROOT_MAGIC)] != ROOT_MAGIC:
+            raise RootRejected("snapshot root: not a bpfs snapshot root")
+        version = data[len(ROOT_MAGIC)]
+        if version == 1:
+            return (_ROOT_HEAD_V1.unpack_from(data)[3], 0) if len(data) >= _ROOT_HEAD_V1.size else None
+        if version != ROOT_VERSION:
+            raise RootRejected(f"snapshot root: unknown version {version}")
+        if len(data) < _ROOT_HEAD.size:
+            return None
+        _, _, _, generation, created, _ = _ROOT_HEAD.unpack_from(data)
+        return generation, created
 
     @classmethod
     def decode(cls, blob) -> "SignedRoot":
@@ -171,17 +210,24 @@ class SignedRoot:
             raise RootRejected(f"snapshot root: {len(blob)} bytes, more than the {MAX_ROOT_SIZE} allowed")
         if len(blob) < _ROOT_MIN:
             raise RootRejected(f"snapshot root: {len(blob)} bytes, too short")
-        magic, version, peer, generation, sealed_len = _ROOT_HEAD.unpack_from(blob)
-        if magic != ROOT_MAGIC:
+        if blob[:len(ROOT_MAGIC)] != ROOT_MAGIC:
             raise RootRejected("snapshot root: not a bpfs snapshot root")
-        if version != ROOT_VERSION:
+        version = blob[len(ROOT_MAGIC)]
+        if version == 1:
+            head = _ROOT_HEAD_V1
+            _, _, peer, generation, sealed_len = head.unpack_from(blob)
+            created = 0
+        elif version == ROOT_VERSION:
+            head = _ROOT_HEAD
+            _, _, peer, generation, created, sealed_len = head.unpack_from(blob)
+        else:
             raise RootRejected(f"snapshot root: unknown version {version}")
-        if sealed_len != len(blob) - _ROOT_HEAD.size - _SIG_SIZE:
+        if sealed_len != len(blob) - head.size - _SIG_SIZE:
             raise RootRejected("snapshot root: its length field does not match its size")
         if generation < 1:
             raise RootRejected("snapshot root: generation 0")
-        end = _ROOT_HEAD.size + sealed_len
-        return cls(peer, generation, blob[_ROOT_HEAD.size:end], blob[end:])
+        end = head.size + sealed_len
+        return cls(peer, generation, blob[head.size:end], blob[end:], created, version)
 
 
 def verify_root(public_key: bytes, blob, min_generation: int = 0) -> SignedRoot:
@@ -218,6 +264,9 @@ class SnapshotManifest:
     stream_digest: bytes
     chunks: list[MetaChunk]
     pack_ranges: list[tuple[int, int]]  # (first, count): the data packs the snapshot needs
+    files: int = 0  # regular files in the snapshot
+    file_bytes: int = 0  # their sizes added up
+    partners: bytes = b""  # JSON list of the store's partners when it was made (see the module docstring)
     root: bytes = b""  # the signed root carrying this manifest (not part of the encoding)
     stats: dict = field(default_factory=dict)  # what export/rebuild did (not part of the encoding)
 
@@ -239,6 +288,9 @@ class SnapshotManifest:
         parts += [_MAN_CHUNK.pack(c.chunk_id, c.length, c.pack, c.offset, c.sealed_length) for c in self.chunks]
         parts.append(_MAN_COUNT.pack(len(self.pack_ranges)))
         parts += [_MAN_RANGE.pack(first, count) for first, count in self.pack_ranges]
+        if len(self.partners) > MAX_PARTNER_LIST:
+            raise SnapshotError("the partner list is too large for a snapshot")
+        parts.append(_MAN_TAIL.pack(self.files, self.file_bytes, len(self.partners)) + self.partners)
         body = b"".join(parts)
         return body + _manifest_hash(body)
 
@@ -252,7 +304,7 @@ class SnapshotManifest:
         if _manifest_hash(data[:-_HASH_SIZE]) != data[-_HASH_SIZE:]:
             raise bad("hash mismatch")
         magic, generation, created, stream_length, records, digest, n = _MAN_HEAD.unpack_from(data)
-        if magic != MANIFEST_MAGIC:
+        if magic not in (MANIFEST_MAGIC, MANIFEST_MAGIC_V1):
             raise bad("unknown format")
         if not 1 <= n <= MAX_META_CHUNKS:
             raise bad(f"{n} metadata chunks")
@@ -271,7 +323,16 @@ class SnapshotManifest:
             raise bad("chunk lengths do not add up to the stream length")
         (m,) = _MAN_COUNT.unpack_from(data, pos)
         pos += _MAN_COUNT.size
-        if m > MAX_PACK_RANGES or len(data) != pos + m * _MAN_RANGE.size + _HASH_SIZE:
+        tail = 0
+        if magic == MANIFEST_MAGIC:
+            at = pos + m * _MAN_RANGE.size
+            if m > MAX_PACK_RANGES or len(data) < at + _MAN_TAIL.size + _HASH_SIZE:
+                raise bad("pack list has the wrong size")
+            files, file_bytes, plen = _MAN_TAIL.unpack_from(data, at)
+            tail = _MAN_TAIL.size + plen
+            if plen > MAX_PARTNER_LIST:
+                raise bad("the partner list is too large")
+        if m > MAX_PACK_RANGES or len(data) != pos + m * _MAN_RANGE.size + tail + _HASH_SIZE:
             raise bad("pack list has the wrong size")
         ranges, end = [], 0
         for _ in range(m):
@@ -283,7 +344,11 @@ class SnapshotManifest:
             end = first + count
         if generation < 1:
             raise bad("generation 0")
-        return cls(generation, created, stream_length, records, digest, chunks, ranges)
+        man = cls(generation, created, stream_length, records, digest, chunks, ranges)
+        if tail:
+            man.files, man.file_bytes = files, file_bytes
+            man.partners = bytes(data[pos + _MAN_TAIL.size:pos + tail])
+        return man
 
 
 def _manifest_hash(body: bytes) -> bytes:
@@ -301,8 +366,9 @@ def _manifest_aad(peer: bytes, generation: int) -> bytes:
 def _sign_root(keys: StoreKeys, manifest: SnapshotManifest) -> bytes:
     peer = peer_id_bytes(keys.identity.public_key)
     sealed = _manifest_sealer(keys).seal(manifest.encode(), _manifest_aad(peer, manifest.generation))
-    unsigned = SignedRoot(peer, manifest.generation, sealed, b"")
-    blob = SignedRoot(peer, manifest.generation, sealed, keys.identity.sign(unsigned.signed_message())).encode()
+    unsigned = SignedRoot(peer, manifest.generation, sealed, b"", manifest.created_ns)
+    blob = SignedRoot(peer, manifest.generation, sealed, keys.identity.sign(unsigned.signed_message()),
+                      manifest.created_ns).encode()
     if len(blob) > MAX_ROOT_SIZE:
         raise SnapshotError("the snapshot manifest is too large for a root")
     return blob
@@ -318,6 +384,8 @@ def open_manifest(keys: StoreKeys, blob, min_generation: int = 0) -> SnapshotMan
     manifest = SnapshotManifest.decode(plain)
     if manifest.generation != root.generation:
         raise SnapshotError("snapshot manifest belongs to another generation than its root")
+    if root.version > 1 and manifest.created_ns != root.created_ns:
+        raise SnapshotError("snapshot manifest and its root disagree on when it was made")
     manifest.root = bytes(blob)
     return manifest
 
@@ -380,10 +448,13 @@ def _filtered(table: str, key: bytes, value: bytes, flt: ExportFilter, sealer) -
         if refs is None:
             return value
         aad = record_aad(table, key)
-        fields = _CHUNK.unpack(sealer.open(value, aad))
-        return sealer.reseal(_CHUNK.pack(*fields[:4], refs), aad, value)
+        rec = ChunkRecord.unpack(sealer.open(value, aad))
+        rec.refs = refs
+        return sealer.reseal(rec.pack_bytes(), aad, value)
     if table == "packroots":
         return None if int.from_bytes(key, "big") in flt.skip_packs else value
+    if table == "retired":
+        return None if key in flt.skip_chunks else value
     if table == "packs":
         pack_id = int.from_bytes(key, "big")
         if pack_id in flt.skip_packs:
@@ -403,8 +474,9 @@ def _filtered(table: str, key: bytes, value: bytes, flt: ExportFilter, sealer) -
 
 def _stream(records, skip_packs: set[int], needed: _RangeBuilder, counts: list[int],
             flt: ExportFilter | None = None, sealer=None):
-    """Yield the record stream of a read view, piece by piece; `counts[0]` gets the records.
-    `flt` (with the records sealer) leaves out what stays local."""
+    """Yield the record stream of a read view, piece by piece; `counts` gets the records, and
+    (given the records sealer) the regular files and their bytes. `flt` (with the records
+    sealer) leaves out what stays local."""
     yield STREAM_MAGIC
     n = 0
     filtering = flt is not None and flt.active
@@ -421,6 +493,11 @@ def _stream(records, skip_packs: set[int], needed: _RangeBuilder, counts: list[i
                 if pack_id in skip_packs:
                     raise SnapshotError("a data chunk is recorded in a metadata pack")
                 needed.add(pack_id)
+            elif table == "inodes" and sealer is not None and len(counts) > 2:
+                attr = Attr.unpack(0, sealer.open(value, record_aad(table, key)))
+                if stat.S_ISREG(attr.mode):
+                    counts[1] += 1
+                    counts[2] += attr.size
             why = _check_shape(table, key, value)
             if why:
                 raise SnapshotError(f"the index cannot be snapshotted: {why}")
@@ -573,7 +650,21 @@ def _root_key(generation: int) -> bytes:
 
 def retained_generations(index: Index) -> list[int]:
     """Generations of the snapshots this store keeps, oldest first."""
-    return [int.from_bytes(key[1:], "big") for key, _ in index.snapshot_records(b"r")]
+    return [int.from_bytes(key[1:], "big") for key in index.snapshot_keys(b"r")]
+
+
+def retained_root(index: Index, generation: int) -> bytes | None:
+    """The signed root of a retained snapshot."""
+    return index.get_snapshot_record(_root_key(generation))
+
+
+def root_created(index: Index, keys: StoreKeys, generation: int) -> int:
+    """When a retained snapshot was made (ns), from its root (its manifest for a version 1 root)."""
+    blob = index.get_snapshot_record(_root_key(generation))
+    if blob is None:
+        return 0
+    root = SignedRoot.decode(blob)
+    return root.created_ns if root.version > 1 else open_manifest(keys, blob).created_ns
 
 
 def retained_roots(index: Index) -> list[tuple[int, bytes]]:
@@ -583,8 +674,8 @@ def retained_roots(index: Index) -> list[tuple[int, bytes]]:
 
 def latest_root(index: Index) -> bytes | None:
     """The signed root of the newest retained snapshot (what partners should hold), if any."""
-    roots = index.snapshot_records(b"r")
-    return roots[-1][1] if roots else None
+    gens = retained_generations(index)
+    return retained_root(index, gens[-1]) if gens else None
 
 
 def metadata_packs(index: Index) -> set[int]:
@@ -635,16 +726,18 @@ def _release(index: Index, keys: StoreKeys, generation: int) -> list[int]:
 
 
 # ----- export -----------------------------------------------------------------------------------
-def export_snapshot(index: Index, keys: StoreKeys, packs: PackStore, *, keep: int = KEEP_SNAPSHOTS,
-                    clock=time.time_ns) -> SnapshotManifest:
+def export_snapshot(index: Index, keys: StoreKeys, packs: PackStore, *, policy: RetentionPolicy | None = None,
+                    partners: bytes = b"", clock=time.time_ns) -> SnapshotManifest:
     """Snapshot the index as of now: write its new metadata chunks, sign a root, retain it.
 
     Blocking, and nothing else may use the index meanwhile (an offline store, or a caller that
     holds the daemon's apply lock). Returns the manifest; `.root` is the signed root to hand
-    to partners. The `keep` newest snapshots stay retained; older ones are released.
+    to partners. Retained snapshots the `policy` (`history`) no longer keeps are released, and
+    the retired chunks only they held are freed; `.stats` names the packs that became empty
+    (deleted here, after the commit) and sparse (for the caller's compaction). `partners` (the
+    partner list, JSON) travels sealed in the manifest.
     """
-    if keep < 1:
-        raise ValueError("keep at least one snapshot")
+    policy = policy or RetentionPolicy()
     try:
         flt, emptied = prepare_export(index, packs)  # what stays local; no local pack is needed
     except IntegrityError as e:
@@ -659,7 +752,7 @@ def export_snapshot(index: Index, keys: StoreKeys, packs: PackStore, *, keep: in
     retained = retained_generations(index)
     chunker = _chunker(keys)
     digest = hashlib.blake2b(digest_size=_HASH_SIZE)
-    needed, counts = _RangeBuilder(), [0]
+    needed, counts = _RangeBuilder(), [0, 0, 0]
     listed: list[MetaChunk] = []
     placed: dict[bytes, MetaChunk] = {}
     new_packs: list[int] = []
@@ -695,12 +788,17 @@ def export_snapshot(index: Index, keys: StoreKeys, packs: PackStore, *, keep: in
                 packs.record_roots(index)  # of the new metadata packs
             _record_chunks(index, listed, placed)
             manifest = SnapshotManifest(generation, clock(), stream_length, counts[0], digest.digest(), listed,
-                                        needed.ranges)
+                                        needed.ranges, counts[1], counts[2], partners)
             manifest.root = _sign_root(keys, manifest)
             index.put_snapshot_record(_root_key(generation), manifest.root)
-            dead = []
-            for old in (retained + [generation])[:-keep]:
+            created = {g: root_created(index, keys, g) for g in retained}
+            created[generation] = manifest.created_ns
+            kept = keep_snapshots(list(created.items()), policy) | {generation}
+            dead, released = [], [g for g in created if g not in kept]
+            for old in released:
                 dead += _release(index, keys, old)
+            freed, sparse = thin(index, sorted(kept))
+            dead += freed
     except BaseException:
         packs.seal_open(index)  # forget the pack being filled: its record was rolled back
         for pack_id in new_packs:
@@ -712,6 +810,7 @@ def export_snapshot(index: Index, keys: StoreKeys, packs: PackStore, *, keep: in
     manifest.stats = {"chunks": len(listed), "new_chunks": len(placed), "new_bytes": new_bytes,
                       "reused_chunks": sum(1 for c in listed if c.chunk_id not in placed),
                       "stream_bytes": stream_length, "records": counts[0], "released_packs": len(dead),
+                      "released_snapshots": released, "dead_packs": dead, "sparse_packs": sorted(sparse - set(dead)),
                       "left_out_files": len(flt.ignored), "left_out_packs": len(flt.skip_packs)}
     return manifest
 
@@ -765,6 +864,34 @@ def _record_chunks(index: Index, listed: list[MetaChunk], placed: dict[bytes, Me
             pack.live_bytes += chunk.sealed_length
             index.put_pack(chunk.pack, pack)
             index.put_snapshot_record(_pack_key(chunk.pack), b"")
+
+
+def adopt_root(index: Index, keys: StoreKeys, packs: PackStore, blob) -> SnapshotManifest:
+    """Retain a snapshot this store made before (a recovered store taking back its history from
+    a partner): check the root, then record it and its metadata chunks as export does. Every
+    metadata pack it names must be in the packs folder already; each becomes a sealed pack of the
+    store (with its tree root, queued for replication: the partners hold it already). Blocking;
+    the caller commits. Returns the manifest; a snapshot already retained is left as it is."""
+    manifest = open_manifest(keys, blob)
+    if index.get_snapshot_record(_root_key(manifest.generation)) is not None:
+        return manifest
+    for pack_id in sorted({c.pack for c in manifest.chunks}):
+        if index.get_pack(pack_id) is None:
+            try:
+                root, size = packs.root_of(pack_id)
+            except IntegrityError:
+                raise SnapshotError(f"metadata pack {pack_id:012x} of snapshot {manifest.generation} is not here") \
+                    from None
+            index.put_pack(pack_id, PackRecord(0, 0, size, False))
+            index.seal_pack(pack_id, index.get_pack(pack_id))
+            index.put_pack_root(pack_id, root, size)
+    fresh = {}
+    for chunk in manifest.chunks:
+        if index.get_snapshot_record(_chunk_key(chunk.chunk_id)) is None:
+            fresh.setdefault(chunk.chunk_id, chunk)
+    _record_chunks(index, manifest.chunks, fresh)
+    index.put_snapshot_record(_root_key(manifest.generation), bytes(blob))
+    return manifest
 
 
 # ----- rebuild ----------------------------------------------------------------------------------
@@ -864,7 +991,26 @@ def rebuild_index(new_store_dir: str, keys: StoreKeys, root_blob, fetch_chunk, *
     return manifest
 
 
-def _build(path: str, keys: StoreKeys, manifest: SnapshotManifest, fetch_chunk, pack_id_floor: int) -> dict:
+def materialize(keys: StoreKeys, packs: PackStore, blob: bytes, path: str) -> SnapshotManifest:
+    """Write the index of the snapshot whose signed root is `blob` (`retained_root`), as it
+    was, into a new LMDB environment at `path` (which must not exist), from this store's own
+    metadata chunks (blocking; it touches no index, so any thread may run it). Open it with
+    `Index(path, keys, readonly=True)`: its records are the snapshot's, sealed as they were.
+    Its chunk records give where each chunk was then; a chunk moved since (compaction) is where
+    the live index says."""
+    manifest = open_manifest(keys, blob)
+    staging = path + ".part"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        manifest.stats = _build(staging, keys, manifest, local_fetcher(packs), 0, restore_counters=False)
+        os.replace(staging, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _build(path: str, keys: StoreKeys, manifest: SnapshotManifest, fetch_chunk, pack_id_floor: int, *,
+           restore_counters: bool = True) -> dict:
     reader = _StreamReader()
     digest = hashlib.blake2b(digest_size=_HASH_SIZE)
     meta: dict[bytes, bytes] = {}
@@ -923,6 +1069,12 @@ def _build(path: str, keys: StoreKeys, manifest: SnapshotManifest, fetch_chunk, 
         def counter(name: bytes) -> int:
             return int.from_bytes(meta.get(name, bytes(8)), "big")
 
+        if not restore_counters:  # a view of the snapshot as it was
+            for key in sorted(meta):
+                writer.put("meta", key, meta[key])
+            writer.finish()
+            return {"records": reader.records, "chunks": len(manifest.chunks), "stream_bytes": manifest.stream_length,
+                    "packs": manifest.pack_count}
         # the next snapshot must outrank the root we came from, and no pack id may be reused
         meta[b"generation"] = u64(manifest.generation + 1)
         top_pack = max([counter(b"last_pack"), pack_id_floor, last_pack_record]

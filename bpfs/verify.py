@@ -131,9 +131,17 @@ class _Checker:
             except OSError:
                 pack_sizes[pack_id] = None
         checked_bytes = 0
+        retired = dict(index.all_retired())
+        for cid in retired:
+            if cid not in chunks:
+                self.problem(f"retired chunk {cid[:6].hex()} has no chunk record")
         for cid, rec in chunks.items():
             if refs.get(cid, 0) != rec.refs:
                 self.problem(f"chunk {cid[:6].hex()}: reference count {rec.refs}, expected {refs.get(cid, 0)}")
+            elif rec.refs == 0 and cid not in retired:
+                self.problem(f"chunk {cid[:6].hex()} has no reference and is not kept for a snapshot")
+            elif rec.refs > 0 and cid in retired:
+                self.problem(f"chunk {cid[:6].hex()} is in use but recorded as kept for snapshots only")
             size = pack_sizes.get(rec.pack)
             damage = None
             if rec.pack not in pack_sizes:

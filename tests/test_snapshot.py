@@ -24,6 +24,7 @@ from bpfs import keyfile
 from bpfs.chunker import Chunker
 from bpfs.index import Index
 from bpfs.packs import PackStore
+from bpfs.history import RetentionPolicy
 from bpfs.snapshot import (
     MAX_ROOT_SIZE, STREAM_MAGIC, RootRejected, SignedRoot, SnapshotError, SnapshotManifest, _cut, _StreamReader,
     create_store_from_recovery_secret, export_snapshot, latest_root, local_fetcher, metadata_packs, needed_packs,
@@ -41,6 +42,10 @@ def init_json(store: Path) -> dict:
 
 def unlock(store: Path) -> keyfile.StoreKeys:
     return keyfile.unlock(key_path(str(store)), PASSPHRASE.encode())
+
+
+KEEP_TWO = RetentionPolicy(keep_within=0, keep_daily=0, keep_weekly=0, keep_monthly=0, keep_last=2)
+KEEP_ONE = RetentionPolicy(keep_within=0, keep_daily=0, keep_weekly=0, keep_monthly=0, keep_last=1)
 
 
 def export(store: Path, **kw):
@@ -226,8 +231,8 @@ def test_snapshots_share_metadata_chunks_and_survive_compaction(tmp_path, make_m
     assert len(shared) >= 0.6 * len(second.chunks)
     assert second.stats["new_bytes"] <= 0.3 * meta_bytes
 
-    # a third snapshot releases the first (two are kept); chunks still used stay
-    third = export(old)
+    # a third snapshot releases the first (a policy keeping two); chunks still used stay
+    third = export(old, policy=KEEP_TWO)
     assert third.stats["new_chunks"] <= 3  # nothing but counters changed
     gens, live, packs_of_meta, needed = with_index(old, lambda index, keys, packs: (
         retained_generations(index), {k[1:] for k, _ in index.snapshot_records(b"c")}, metadata_packs(index),
@@ -239,17 +244,25 @@ def test_snapshots_share_metadata_chunks_and_survive_compaction(tmp_path, make_m
         assert not os.path.exists(PackStore(str(old)).path(pack_id)), "an empty metadata pack was kept"
     assert with_index(old, lambda index, keys, packs: latest_root(index)) == third.root
 
-    # delete most files: data packs are compacted and deleted, metadata chunks stay
+    # delete most files: their data stays while a retained snapshot holds it; once a snapshot
+    # after the deletion is the only one kept, data packs are compacted and deleted, metadata
+    # chunks stay
     m.mount()
     data_packs_before = set(third.packs)
     for i in range(8000):
         os.unlink(m.mnt / "many" / f"d{i % 66:03d}" / f"f{i:05d}.txt")
-    m.remount()
+    m.umount()
+    after_delete = export(old, policy=KEEP_TWO)
+    assert all(os.path.exists(PackStore(str(old)).path(p)) for p in data_packs_before), \
+        "data of deleted files went while the snapshot before the deletion is kept"
+    keep_one = export(old, policy=KEEP_ONE)
+    assert after_delete.generation in keep_one.stats["released_snapshots"] and keep_one.stats["sparse_packs"]
+    m.mount()
     assert wait_until(lambda: any(not os.path.exists(PackStore(str(old)).path(p)) for p in data_packs_before),
                       timeout=30), "compaction did not replace the data packs"
     m.umount()
     keys = unlock(old)
-    for manifest in (second, third):
+    for manifest in (keep_one,):
         for chunk, sealed in zip(manifest.chunks, meta_chunk_bytes(old, manifest)):
             open_meta_chunk(keys, chunk, sealed)
     cp = m.verify("--read-data")
@@ -267,7 +280,7 @@ def test_snapshots_share_metadata_chunks_and_survive_compaction(tmp_path, make_m
     assert fourth.stats["reused_chunks"] < fourth.stats["chunks"]
     new = tmp_path / "new"
     nkeys = new_recovered_store(new, info["recovery_secret"])
-    rebuilt = rebuild_from(old, new, nkeys, fourth.root, min_generation=third.generation + 1)
+    rebuilt = rebuild_from(old, new, nkeys, fourth.root, min_generation=keep_one.generation + 1)
     copy_packs(old, new, rebuilt.packs)
     n = make_mount(store=new, name="mnt-new")
     n.mount()
