@@ -42,11 +42,12 @@ def digest(data: bytes) -> bytes:
     return P.object_digest(data)
 
 
-def make_root(identity: Identity, generation: int, size: int = 400) -> bytes:
-    """A well-formed root signed by `identity` (the holder cannot open the manifest anyway)."""
+def make_root(identity: Identity, generation: int, size: int = 400, created: float = Clock().now) -> bytes:
+    """A well-formed root signed by `identity`, made at `created` (unix seconds; the holders
+    here run on Clock); the holder cannot open the manifest anyway."""
     sealed = os.urandom(size)
     body = _ROOT_HEAD.pack(ROOT_MAGIC, ROOT_VERSION, peer_id_bytes(identity.public_key), generation,
-                           len(sealed)) + sealed
+                           int(created * 1e9), len(sealed)) + sealed
     return body + identity.sign(_SIGN_DOMAIN + body)
 
 
@@ -204,16 +205,26 @@ def test_an_object_that_does_not_match_its_digest_is_discarded(tmp_path):
     run(body, tmp_path)
 
 
-def test_roots_must_be_signed_by_the_owner_and_newer(tmp_path):
+def test_roots_are_kept_as_history_and_must_be_signed_and_plausible(tmp_path):
+    """Every root is kept (the owner's history), older ones too; a root signed by someone else or
+    forged is refused, and so is one made in the future or whose generation jumps further than
+    the time since the newest root allows (a key in the wrong hands cannot outrank the future)."""
     async def body(holder):
         async with partner_of(holder) as conn:
-            me = conn.identity
+            me, now = conn.identity, holder.clock.now
             assert (await call(conn, P.GetRoot())).generation == 0
-            ack = await upload(conn, P.ROOT, 5, make_root(me, 5))
-            assert ack.complete
-            with pytest.raises(RemoteError) as exc:
-                await upload(conn, P.ROOT, 4, make_root(me, 4))
+            five = make_root(me, 5, created=now - 3600)
+            assert (await upload(conn, P.ROOT, 5, five)).complete
+            assert (await upload(conn, P.ROOT, 4, make_root(me, 4, created=now - 7200))).complete  # history
+            with pytest.raises(RemoteError) as exc:  # older, yet made after the newest
+                await upload(conn, P.ROOT, 3, make_root(me, 3, created=now))
             assert exc.value.code == P.Refusal.ROLLBACK
+            with pytest.raises(RemoteError) as exc:  # made in the future
+                await upload(conn, P.ROOT, 9, make_root(me, 9, created=now + 3600))
+            assert exc.value.code == P.Refusal.ROLLBACK and "future" in exc.value.message
+            with pytest.raises(RemoteError) as exc:  # an absurd jump: 2^62 one hour after generation 5
+                await upload(conn, P.ROOT, 1 << 62, make_root(me, 1 << 62, created=now))
+            assert exc.value.code == P.Refusal.ROLLBACK and "jumps" in exc.value.message
             with pytest.raises(RemoteError) as exc:  # signed by someone else
                 await upload(conn, P.ROOT, 6, make_root(Identity(os.urandom(32)), 6))
             assert exc.value.code == P.Refusal.BAD_ROOT
@@ -225,10 +236,19 @@ def test_roots_must_be_signed_by_the_owner_and_newer(tmp_path):
             good = make_root(me, 8)
             assert (await upload(conn, P.ROOT, 8, good)).complete
             info = await call(conn, P.GetRoot())
-            assert (info.generation, info.size) == (8, len(good))
+            assert (info.generation, info.size, info.digest) == (8, len(good), digest(good))
             assert (await call(conn, P.GetPiece(P.ROOT, 8, 0, P.PIECE))).data == good
-            with pytest.raises(RemoteError):  # only the newest root is kept
-                await call(conn, P.GetPiece(P.ROOT, 5, 0, 10))
+            assert (await call(conn, P.GetPiece(P.ROOT, 5, 0, P.PIECE))).data == five  # still there
+            listing = await call(conn, P.ListRoots(0, 10))
+            assert list(listing.generations) == [4, 5, 8] and list(listing.released) == [False] * 3
+            assert list(listing.digests)[1] == digest(five)
+            holder_raw = peer_id_bytes(holder.identity.public_key)
+            await call(conn, P.Release(P.ROOT, [8], me.sign(P.release_message(holder_raw, P.ROOT, [8]))))
+            assert (await call(conn, P.GetRoot())).generation == 5  # the newest not released
+            assert list((await call(conn, P.ListRoots(0, 10))).released) == [False, False, True]
+            holder.clock.now += holder.config.grace_seconds + 1
+            holder.sweep()
+            assert list((await call(conn, P.ListRoots(0, 10))).generations) == [4, 5]
 
     run(body, tmp_path)
 
@@ -241,10 +261,13 @@ def test_release_needs_the_owners_signature_and_waits_for_the_grace_period(tmp_p
                 await upload(conn, P.PACK, pid, os.urandom(1000))
             holder_raw = peer_id_bytes(holder.identity.public_key)
             with pytest.raises(RemoteError, match="not signed"):
-                await call(conn, P.Release([1], Identity(os.urandom(32)).sign(P.release_message(holder_raw, [1]))))
+                await call(conn, P.Release(P.PACK, [1], Identity(os.urandom(32)).sign(
+                    P.release_message(holder_raw, P.PACK, [1]))))
             with pytest.raises(RemoteError, match="not signed"):  # a signature for another holder
-                await call(conn, P.Release([1], me.sign(P.release_message(b"\0" * 20, [1]))))
-            done = await call(conn, P.Release([1], me.sign(P.release_message(holder_raw, [1]))))
+                await call(conn, P.Release(P.PACK, [1], me.sign(P.release_message(b"\0" * 20, P.PACK, [1]))))
+            with pytest.raises(RemoteError, match="not signed"):  # a signature for releasing roots, not packs
+                await call(conn, P.Release(P.PACK, [1], me.sign(P.release_message(holder_raw, P.ROOT, [1]))))
+            done = await call(conn, P.Release(P.PACK, [1], me.sign(P.release_message(holder_raw, P.PACK, [1]))))
             assert done.count == 1
             holder.clock.now += 30 * 86400 - 10
             assert holder.sweep() == 0
@@ -308,11 +331,12 @@ def test_oversized_frames_are_refused_before_being_read(tmp_path):
     run(body, tmp_path)
 
 
-def test_release_message_binds_holder_and_ids():
-    a = P.release_message(b"h" * 20, [1, 2])
-    assert a != P.release_message(b"g" * 20, [1, 2])
-    assert a != P.release_message(b"h" * 20, [1, 2, 3])
-    assert a != P.release_message(b"h" * 20, [2, 1])
+def test_release_message_binds_holder_kind_and_ids():
+    a = P.release_message(b"h" * 20, P.PACK, [1, 2])
+    assert a != P.release_message(b"g" * 20, P.PACK, [1, 2])
+    assert a != P.release_message(b"h" * 20, P.ROOT, [1, 2])
+    assert a != P.release_message(b"h" * 20, P.PACK, [1, 2, 3])
+    assert a != P.release_message(b"h" * 20, P.PACK, [2, 1])
     assert struct.unpack_from("<I", a, len(a) - 20)[0] == 2
 
 
@@ -342,8 +366,8 @@ def test_audits_prove_held_packs_and_say_what_is_not(tmp_path):
             assert judge(reply.proofs[0], nonce, 1, digest(packs[2]), len(packs[1]), 2) != Outcome.OK
             owner = holder.ledger.partner(conn.identity.peer_id).raw_id
             os.unlink(holder.path(owner, P.PACK, 2))
-            signed = P.release_message(peer_id_bytes(holder.identity.public_key), [3])
-            await call(conn, P.Release([3], conn.identity.sign(signed)))
+            signed = P.release_message(peer_id_bytes(holder.identity.public_key), P.PACK, [3])
+            await call(conn, P.Release(P.PACK, [3], conn.identity.sign(signed)))
             reply = await call(conn, _prove(nonce, [2, 3]))
             assert [p.status for p in reply.proofs] == [P.ProofStatus.MISSING, P.ProofStatus.RELEASED]
             with pytest.raises(RemoteError, match="audit version"):

@@ -27,7 +27,7 @@ from ..fsutil import make_private_dir
 log = logging.getLogger("bpfs.peering.control")
 
 MAX_LINE = 64 << 10
-OPS = {"id", "invite", "probe", "pair", "unpair", "peers", "status", "sync", "challenge", "reputation",
+OPS = {"id", "invite", "probe", "pair", "unpair", "peers", "status", "sync", "challenge", "reputation", "snapshots",
        "code_open", "code_wait", "code_join", "code_decide", "code_cancel"}
 _MAX_SOCKET_PATH = 100
 

@@ -3,7 +3,8 @@
 Owns STORE/hosted/PEER_ID/ (packs/XX/ID.pack with its proof sidecar ID.tree, roots/GEN.root,
 partial uploads as *.part, repair uploads as *.repair), the quota each partner may use here,
 pairing requests, answering storage audits, and deleting released data once its grace period
-is over. Everything a partner sends is untrusted: sizes are bounded by the codec,
+is over. Every root an owner sends is kept (its history) until the owner releases it; a root made
+in the future or with an implausible generation is refused (`protocol`). Everything a partner sends is untrusted: sizes are bounded by the codec,
 each object by the quota (refused with a clear message, never dropped silently), pieces must come
 in order, a finished object must match its digest, and a root must be signed by its owner and
 newer than the one we hold. A partner can only read, list or release its own objects.
@@ -34,7 +35,7 @@ from ..identity import Identity, format_peer_id, parse_peer_id, peer_id_bytes, v
 from ..net.quic import Code, RelayPath
 from ..net.rpc import Dispatcher, Reject, TokenBucket
 from ..packtree import BLOCK_SIZE, Sidecar, challenge_leaves, leaf_count, read_proof, root_of_file
-from ..snapshot import SnapshotError, verify_root
+from ..snapshot import SignedRoot, SnapshotError, verify_root
 from . import protocol as P
 from .ledger import ENDED, HostedRecord, Invite, Ledger, Partner
 
@@ -50,14 +51,15 @@ AUDIT_BURST = 8192  # ... and saved up at most (a `bpfs challenge` of 2,048 pack
 class Holder:
     def __init__(self, store_dir: str, identity: Identity, ledger: Ledger, config: Config, *,
                  listen_port: Callable[[], int], on_paired: Callable[[Partner, object], None],
-                 on_unpaired: Callable[[Partner], None], clock=time.time):
+                 on_unpaired: Callable[[Partner], None], on_beacon: Callable[[], None] = lambda: None,
+                 clock=time.time):
         self.dir = os.path.join(store_dir, "hosted")
         make_private_dir(self.dir)
         self.identity = identity
         self.ledger = ledger
         self.config = config
         self._listen_port = listen_port
-        self._on_paired, self._on_unpaired = on_paired, on_unpaired
+        self._on_paired, self._on_unpaired, self._on_beacon = on_paired, on_unpaired, on_beacon
         self._clock = clock
         self._locks: dict[tuple, trio.Lock] = {}
         self.used: dict[bytes, int] = {}
@@ -76,7 +78,9 @@ class Holder:
         d.handler(P.GetPiece)(self._get_piece)
         d.handler(P.Release)(self._release)
         d.handler(P.GetRoot)(self._get_root)
+        d.handler(P.ListRoots)(self._list_roots)
         d.handler(P.Prove)(self._prove)
+        d.handler(P.Beacon)(self._beacon)
 
     def _admit_frame(self, conn, type_id: int, length: int) -> str | None:
         """Strangers may only ask to pair (a small frame); nothing else of theirs is read."""
@@ -112,9 +116,18 @@ class Holder:
         p.last_seen = self._clock()
         return p
 
+    def _roots(self, owner_raw: bytes) -> list[tuple[int, HostedRecord]]:
+        """(generation, record) of the owner's complete roots held, oldest first (released ones too)."""
+        return [(obj, rec) for _, kind, obj, rec in self.ledger.all_hosted(owner_raw) if kind == P.ROOT and rec.complete]
+
     def _root_generation(self, owner_raw: bytes) -> int:
-        roots = [obj for _, kind, obj, rec in self.ledger.all_hosted(owner_raw) if kind == P.ROOT and rec.complete]
-        return max(roots, default=0)
+        """The owner's newest root held and not released (0: none)."""
+        return max((gen for gen, rec in self._roots(owner_raw) if not rec.released_at), default=0)
+
+    def _newest_root(self, owner_raw: bytes) -> tuple[int, int] | None:
+        """(generation, created) of the newest root held, released or not: what a new root must follow."""
+        roots = self._roots(owner_raw)
+        return (roots[-1][0], roots[-1][1].created) if roots else None
 
     def _drop(self, owner_raw: bytes, kind: int, obj_id: int, rec: HostedRecord) -> None:
         path = self.path(owner_raw, kind, obj_id)
@@ -231,7 +244,13 @@ class Holder:
         owner = self._partner(conn).raw_id
         gen = self._root_generation(owner)
         rec = self.ledger.hosted(owner, P.ROOT, gen) if gen else None
-        return P.RootInfo(gen, rec.total if rec else 0)
+        return P.RootInfo(gen, rec.total if rec else 0, rec.digest if rec else b"", rec.created if rec else 0)
+
+    async def _list_roots(self, conn, msg: P.ListRoots):
+        owner = self._partner(conn).raw_id
+        rows = [(gen, rec) for gen, rec in self._roots(owner) if gen > msg.after][:msg.limit]
+        return P.RootList([g for g, _ in rows], [r.total for _, r in rows], [r.digest for _, r in rows],
+                          [r.created for _, r in rows], [bool(r.released_at) for _, r in rows])
 
     # ----- receiving ------------------------------------------------------------------------------
     async def _put_piece(self, conn, msg: P.PutPiece):
@@ -251,9 +270,8 @@ class Holder:
                 if msg.repair and msg.kind == P.PACK:
                     return await self._repair_piece(conn, msg, rec)
                 return P.PutAck(rec.total, True)
-            if msg.kind == P.ROOT and rec is None and msg.id <= self._root_generation(owner):
-                raise Reject(f"root generation {msg.id} is not newer than the one held "
-                             f"({self._root_generation(owner)}): refusing a rollback", P.Refusal.ROLLBACK)
+            if msg.kind == P.ROOT and rec is None and msg.offset == 0:
+                self._check_root_header(owner, msg.id, msg.data)
             if rec is None:
                 if msg.offset != 0:
                     conn.close(Code.PROTOCOL_VIOLATION, "piece out of order")
@@ -328,41 +346,70 @@ class Holder:
             self._drop(owner, msg.kind, msg.id, rec)
             raise Reject("the object does not match its digest: discarded", P.Refusal.BAD_DIGEST)
         if msg.kind == P.ROOT:
-            current = self._root_generation(owner)
             try:
                 blob = await trio.to_thread.run_sync(_read_all, part)
-                root = verify_root(bytes.fromhex(p.public_key), blob, min_generation=current + 1)
+                root = verify_root(bytes.fromhex(p.public_key), blob)
                 if root.generation != msg.id:
                     raise SnapshotError("root generation does not match its id")
             except SnapshotError as e:
                 self._drop(owner, msg.kind, msg.id, rec)
                 raise Reject(f"root refused: {e}", P.Refusal.BAD_ROOT) from None
+            why = P.plausible_root(root.generation, root.created_ns, self._newest_root(owner), self._now_ns())
+            if why:
+                self._drop(owner, msg.kind, msg.id, rec)
+                raise Reject(f"root generation {root.generation} refused: {why}", P.Refusal.ROLLBACK)
+            rec.created = root.created_ns
         if tree is not None:
             await trio.to_thread.run_sync(_write_sidecar, path, tree)
         os.replace(part, path)
         fsync_dir(os.path.dirname(path))
         rec.complete, rec.digest = True, digest
         self.ledger.put_hosted(owner, msg.kind, msg.id, rec)
-        if msg.kind == P.ROOT:  # only the newest root is kept: the packs it needs are all here
-            for _, kind, obj, old in self.ledger.all_hosted(owner):
-                if kind == P.ROOT and obj != msg.id:
-                    self._drop(owner, kind, obj, old)
         return P.PutAck(rec.total, True)
+
+    def _now_ns(self) -> int:
+        return int(self._clock() * 1e9)
+
+    def _check_root_header(self, owner: bytes, generation: int, first_piece: bytes) -> None:
+        """Refuse an implausible root at its first piece, before its bytes take up space (the
+        whole root is checked again, signature and all, once it is complete)."""
+        try:
+            head = SignedRoot.decode_head(first_piece)
+        except SnapshotError as e:
+            raise Reject(f"root refused: {e}", P.Refusal.BAD_ROOT) from None
+        if head is None:
+            return  # a first piece shorter than the header: checked when complete
+        gen, created = head
+        if gen != generation:
+            raise Reject("root refused: its generation does not match its id", P.Refusal.BAD_ROOT)
+        why = P.plausible_root(gen, created, self._newest_root(owner), self._now_ns())
+        if why:
+            raise Reject(f"root generation {gen} refused: {why}", P.Refusal.ROLLBACK)
 
     # ----- releasing --------------------------------------------------------------------------------
     async def _release(self, conn, msg: P.Release):
         p = self._partner(conn)
-        signed = P.release_message(peer_id_bytes(self.identity.public_key), msg.ids)
+        signed = P.release_message(peer_id_bytes(self.identity.public_key), msg.kind, msg.ids)
         if not verify_signature(bytes.fromhex(p.public_key), signed, msg.signature):
             raise Reject("release request not signed by you", P.Refusal.BAD_REQUEST)
         now, n = self._clock(), 0
         for obj_id in msg.ids:
-            rec = self.ledger.hosted(p.raw_id, P.PACK, obj_id)
+            rec = self.ledger.hosted(p.raw_id, msg.kind, obj_id)
             if rec is not None and not rec.released_at:
                 rec.released_at = now
-                self.ledger.put_hosted(p.raw_id, P.PACK, obj_id, rec)
+                self.ledger.put_hosted(p.raw_id, msg.kind, obj_id, rec)
                 n += 1
         return P.Done(n)
+
+    async def _beacon(self, conn, msg: P.Beacon):
+        """Announce this verifier for the partner (so it can find us after losing its drive)."""
+        p = self._partner(conn, writing=True)
+        beacon = bytes(msg.verifier).hex()
+        if p.beacon != beacon:
+            p.beacon = beacon
+            self.ledger.put_partner(p)
+            self._on_beacon()
+        return P.Done(1)
 
     # ----- audits -------------------------------------------------------------------------------------
     def _budget(self, owner: bytes) -> TokenBucket:

@@ -33,7 +33,8 @@ from ..identity import parse_peer_id
 
 _TABLES = ("peers", "invites", "sent", "hosted", "audits", "health")
 _OBJ = struct.Struct(">BQ")
-_HOSTED = struct.Struct("<QBQ32s")  # total size, complete, released at (unix seconds; 0 = not), digest
+_HOSTED = struct.Struct("<QBQ32sQ")  # total size, complete, released at (unix s; 0 = not), digest, created
+_HOSTED_V1 = struct.Struct("<QBQ32s")  # before roots' creation times were kept
 _HOSTED_V0 = struct.Struct("<QBQ")  # before digests were kept
 _AUDIT = struct.Struct("<dBd")  # last audited (unix seconds), outcome, failed since (0: not failing)
 _PACK_KIND = 0  # protocol.PACK: the kind of object audits are about
@@ -56,6 +57,9 @@ class Partner:
     root_created: int = 0  # when that root was made (ns since the epoch; 0: unknown)
     observed: str | None = None  # where its last connection to us came from (its port, or a NAT's)
     pair_key: str | None = None  # hex: the secret we share for finding each other through a broker
+    beacon_slot: int | None = None  # ours: the recovery beacon slot this partner announces for us
+    beacon_sent: bool = False  # ours: it acknowledged that beacon
+    beacon: str | None = None  # theirs: hex verifier we announce so that they can find us after a disaster
 
     @property
     def addresses(self) -> list[str]:
@@ -85,17 +89,23 @@ class HostedRecord:
     complete: bool
     released_at: float  # 0: not released
     digest: bytes = b""  # the tree root the complete object was accepted by (b"": not known)
+    created: int = 0  # a root's creation time as it says (ns since the epoch; 0 for packs)
 
     def pack(self) -> bytes:
-        return _HOSTED.pack(self.total, self.complete, int(self.released_at), self.digest.ljust(32, b"\0"))
+        return _HOSTED.pack(self.total, self.complete, int(self.released_at), self.digest.ljust(32, b"\0"),
+                            self.created)
 
     @classmethod
     def unpack(cls, raw: bytes) -> "HostedRecord":
         if len(raw) == _HOSTED_V0.size:
             total, complete, released = _HOSTED_V0.unpack(raw)
             return cls(total, bool(complete), released)
-        total, complete, released, digest = _HOSTED.unpack(raw)
-        return cls(total, bool(complete), released, digest if any(digest) else b"")
+        if len(raw) == _HOSTED_V1.size:
+            total, complete, released, digest = _HOSTED_V1.unpack(raw)
+            created = 0
+        else:
+            total, complete, released, digest, created = _HOSTED.unpack(raw)
+        return cls(total, bool(complete), released, digest if any(digest) else b"", created)
 
 
 class Outcome:

@@ -7,7 +7,11 @@ touches disk or keys; `holder` serves these messages, `replicator` and `recovery
 What is exchanged is opaque to the holder: *objects* of two kinds, identified by the owner:
   PACK  a pack file of sealed chunks (id = the owner's pack id), at most MAX_OBJECT bytes;
   ROOT  a signed snapshot root (id = its generation); the holder checks its signature against
-        the owner's public key and refuses one that is not newer than the root it holds.
+        the owner's public key, and keeps every root it is given (the owner's history) until
+        the owner releases it; it refuses a root made in the future (beyond CLOCK_SKEW) or one
+        whose generation jumps further past the newest root held than the time between them
+        allows (GENERATIONS_PER_SECOND, plus GENERATION_SLACK): a key in the wrong hands cannot
+        make a root that outranks every future one.
 Objects are uploaded in pieces of at most PIECE bytes, in order (offset = bytes the holder has);
 the last piece carries the object's digest: its tree root (`bpfs.packtree`, a Merkle tree over
 2 KiB leaves), checked before the holder calls it complete and kept by the holder. So a pack is
@@ -33,9 +37,11 @@ Messages (request -> reply); every request but PairRequest needs an active partn
   PutPiece(kind, id, total, offset, data, digest?) -> PutAck(held, complete)
   ListHeld(kind, after, limit)            -> HeldList(ids, sizes, complete, digests)
   GetPiece(kind, id, offset, length)      -> PieceData(data)
-  Release(ids, signature)                 -> Done: delete these packs after the grace period
-  GetRoot()                               -> RootInfo(generation, size)
+  Release(kind, ids, signature)           -> Done: delete these packs or roots after the grace period
+  GetRoot()                               -> RootInfo(generation, size, digest, created): the newest
+  ListRoots(after, limit)                 -> RootList(generations, sizes, digests, created, released)
   Prove(version, nonce, packs, leaves)    -> Proofs(one PackProof per pack: status, size, leaves, paths)
+  Beacon(verifier)                        -> Done: announce this verifier for me (`rendezvous.beacon`)
 """
 
 from __future__ import annotations
@@ -67,7 +73,7 @@ class Refusal:
     QUOTA = 18  # the object would exceed the quota granted to the asker
     NO_SPACE = 19  # the holder's disk is full
     BAD_DIGEST = 20  # the finished object does not match its digest: it is discarded
-    ROLLBACK = 21  # a root that is not newer than the one held
+    ROLLBACK = 21  # a root whose generation or time is not plausible (see ROOT above)
     BAD_ROOT = 22  # a root whose signature or format is wrong
     NOT_FOUND = 23  # GetPiece of something not held
     BAD_REQUEST = 24  # a well-formed request that makes no sense (e.g. total changed)
@@ -178,6 +184,7 @@ class PieceData:
 
 @PARTNER.message(0x1E)
 class Release:
+    kind: int = field(_KIND)
     ids: list = field(List(_ID, MAX_IDS))
     signature: bytes = field(Bytes(SIGNATURE_SIZE, min_len=SIGNATURE_SIZE))
 
@@ -191,6 +198,23 @@ class GetRoot:
 class RootInfo:
     generation: int = field(UInt())  # 0: no root held
     size: int = field(_SIZE)
+    digest: bytes = field(Bytes(DIGEST_SIZE))  # b"": no root
+    created: int = field(UInt())  # ns since the epoch, as the root says
+
+
+@PARTNER.message(0x23)
+class ListRoots:
+    after: int = field(UInt())  # generations greater than this
+    limit: int = field(UInt(MAX_IDS))
+
+
+@PARTNER.message(0x24)
+class RootList:
+    generations: list = field(List(_ID, MAX_IDS))
+    sizes: list = field(List(UInt(MAX_OBJECT), MAX_IDS))
+    digests: list = field(List(Bytes(DIGEST_SIZE), MAX_IDS))
+    created: list = field(List(UInt(), MAX_IDS))
+    released: list = field(List(Bool(), MAX_IDS))  # released by the owner: kept for the grace period
 
 
 AUDIT_VERSION = 1
@@ -231,14 +255,40 @@ class Proofs:
     proofs: list = field(List(Record(PackProof), MAX_AUDIT_PACKS))
 
 
+@PARTNER.message(0x25)
+class Beacon:
+    verifier: bytes = field(Bytes(DIGEST_SIZE, min_len=DIGEST_SIZE))
+
+
 def object_digest(data) -> bytes:
     """The digest of an object held in memory (a root): its tree root."""
     return root_of_bytes(data)
 
 
-_RELEASE_DOMAIN = b"bpfs release v1\0"
+_RELEASE_DOMAIN = b"bpfs release v2\0"
+CLOCK_SKEW = 600 * 10**9  # ns a root's creation time may lie ahead of the holder's clock
+GENERATIONS_PER_SECOND = 10_000  # how fast a store's generation may grow (commits; ~4,000/s at most here)
+GENERATION_SLACK = 1_000_000
 
 
-def release_message(holder_peer_id: bytes, ids: list[int]) -> bytes:
-    """What the owner signs to release packs at one holder (so it cannot be replayed elsewhere)."""
-    return _RELEASE_DOMAIN + holder_peer_id + struct.pack(f"<I{len(ids)}Q", len(ids), *ids)
+def release_message(holder_peer_id: bytes, kind: int, ids: list[int]) -> bytes:
+    """What the owner signs to release objects at one holder (so it cannot be replayed elsewhere)."""
+    return _RELEASE_DOMAIN + holder_peer_id + struct.pack(f"<BI{len(ids)}Q", kind, len(ids), *ids)
+
+
+def plausible_root(generation: int, created: int, newest: tuple[int, int] | None, now_ns: int) -> str | None:
+    """Why a new root of `generation` made at `created` (ns) is not plausible next to the newest
+    root held, (generation, created); None when it is."""
+    if created > now_ns + CLOCK_SKEW:
+        return f"it was made {(created - now_ns) / 1e9:.0f} s in the future"
+    if newest is None:
+        return None
+    top, top_created = newest
+    if generation > top:
+        seconds = max(0, created - top_created) / 1e9 if top_created else float("inf")
+        if generation - top > GENERATIONS_PER_SECOND * seconds + GENERATION_SLACK:
+            return (f"its generation {generation} jumps {generation - top} past the newest held ({top}), "
+                    f"more than {seconds:.0f} s allow")
+    elif top_created and created > top_created + CLOCK_SKEW:
+        return f"it is older than generation {top} but made after it"
+    return None

@@ -47,6 +47,7 @@ from . import protocol as P
 from .holdings import Holdings
 from .ledger import Ledger, Partner
 from .links import Links, Unreachable
+from ..rendezvous.beacon import free_slot
 from .reputation import Standing
 
 log = logging.getLogger("bpfs.peering.replicator")
@@ -76,6 +77,8 @@ class Progress:
     state: str = "idle"  # idle | sending | offline | quota full | waiting for window | error | not assigned
     last_error: str | None = None
     failing_packs: int = 0  # packs that failed an audit there and are not repaired yet
+    root_alarm: str | None = None  # the partner holds a root we did not make, or refused ours
+    foreign_root: int = 0  # the newest such root's generation (0: none)
     _window: collections.deque = field(default_factory=collections.deque, repr=False)
 
     def record(self, nbytes: int, now: float) -> None:
@@ -100,7 +103,7 @@ class Progress:
                 "eta": round(self.pending_bytes / rate) if rate > 0 and self.pending_bytes else (
                     0 if not self.pending_bytes else None),
                 "root_generation": self.root_generation, "state": self.state, "last_error": self.last_error,
-                "failing_packs": self.failing_packs}
+                "failing_packs": self.failing_packs, "root_alarm": self.root_alarm}
 
 
 class ByteLimiter:
@@ -295,10 +298,8 @@ class Replicator:
             if len(reply.ids) < P.MAX_IDS:
                 break
             after = reply.ids[-1]
-        usage = await request(conn, P.Usage(), registry=P.PARTNER)
-        if usage.root_generation != partner.root_generation:
-            partner.root_generation = usage.root_generation
-            partner.root_created = self.source.root_created(usage.root_generation)
+        await self._reconcile_roots(conn, partner)
+        await self._send_beacon(conn, partner)
         known = set(self.source.replicable())
         confirmed = set()
         for pid, digest in listed.items():
@@ -307,6 +308,65 @@ class Replicator:
                 if root is not None and root[0] == digest:
                     confirmed.add(pid)
         self.holdings.reconcile(partner.peer_id, confirmed, known)
+
+    async def _send_beacon(self, conn, partner: Partner) -> None:
+        """Give the partner a recovery beacon slot of its own and the verifier to announce for
+        it, so that a recovery finds it through a broker (`rendezvous.beacon`)."""
+        if partner.beacon_slot is None:
+            taken = {p.beacon_slot for p in self.ledger.partners() if p.beacon_slot is not None and p.active}
+            partner.beacon_slot = free_slot(taken)
+            if partner.beacon_slot is None:
+                return  # every slot is taken: found by address or pair key only
+            partner.beacon_sent = False
+        if not partner.beacon_sent:
+            await request(conn, P.Beacon(self.source.beacon_verifier(partner.beacon_slot)), registry=P.PARTNER)
+            partner.beacon_sent = True
+            self.ledger.put_partner(partner)
+
+    async def _reconcile_roots(self, conn, partner: Partner) -> None:
+        """Which of our roots the partner holds, checked digest by digest. A root of ours held
+        with another digest, or a root newer than any we made (signed with our key all the
+        same), is an alarm in `status`; our next snapshot then takes a generation above it, so
+        the partner's newest root is ours again."""
+        prog = self.progress.setdefault(partner.peer_id, Progress(partner.peer_id))
+        theirs: dict[int, bytes] = {}
+        after = 0
+        while True:
+            reply = await request(conn, P.ListRoots(after, P.MAX_IDS), registry=P.PARTNER)
+            theirs.update((g, bytes(d)) for g, d, released in zip(reply.generations, reply.digests, reply.released,
+                                                                  strict=True) if not released)
+            if len(reply.generations) < P.MAX_IDS:
+                break
+            after = reply.generations[-1]
+        ours = {r.generation: r for r in self.source.retained()}
+        made = self.source.generation()
+        held, alarms = set(), []
+        prog.foreign_root = 0
+        stale = set()  # ours, no longer retained here: to release there
+        for gen, digest in sorted(theirs.items()):
+            root = ours.get(gen)
+            if root is not None:
+                if root.digest == digest:
+                    held.add(gen)
+                else:
+                    alarms.append(f"holds another root than ours for generation {gen}")
+                    prog.foreign_root = max(prog.foreign_root, gen)
+            elif gen >= made:
+                alarms.append(f"holds root generation {gen}, which this store did not make (signed with its key: "
+                              "was the key used elsewhere?)")
+                prog.foreign_root = max(prog.foreign_root, gen)
+            else:
+                stale.add(gen)
+        if prog.foreign_root >= made:
+            self.source.raise_generation(prog.foreign_root + 1)
+        prog.root_alarm = "; ".join(alarms) or None
+        if alarms:
+            log.warning("%s %s", partner.peer_id, prog.root_alarm)
+        self.ledger.replace_sent(partner.peer_id, P.ROOT, held | stale)
+        newest = max(held, default=0)
+        if newest != partner.root_generation:
+            partner.root_generation = newest
+            partner.root_created = ours[newest].created_ns if newest in ours else 0
 
     def _count_pending(self, partner: Partner, prog: Progress) -> list[tuple[int, int, int]]:
         packs = self.source.replicable()
@@ -330,18 +390,51 @@ class Replicator:
             await self._upload_packs(conn, partner, prog, todo)
             worked = True
             self._count_pending(partner, prog)
-        root = self.source.latest_root()
-        if root is not None and root.generation > partner.root_generation and root.needed <= self.held(partner.peer_id):
-            prog.state = "sending"
-            await self._upload(conn, partner, prog, P.ROOT, root.generation, _BytesObject(root.blob),
-                               digest=P.object_digest(root.blob))
-            partner.root_generation = prog.root_generation = root.generation
-            partner.root_created = root.created_ns
-            self.ledger.put_partner(partner)
-            worked = True
-            log.info("%s holds our root generation %d", partner.peer_id, root.generation)
+        worked |= await self._send_roots(conn, partner, prog)
+        worked |= await self._release_roots(conn, partner)
         worked |= await self._release(conn, partner)
         return worked
+
+    async def _send_roots(self, conn, partner: Partner, prog: Progress) -> bool:
+        """Every retained root the partner lacks, newest first, once it holds every pack that root
+        needs (an older root whose packs went from here before the partner got them stays away)."""
+        sent = self.ledger.sent(partner.peer_id, P.ROOT)
+        held = self.held(partner.peer_id)
+        worked = False
+        for root in self.source.retained():
+            if root.generation in sent or not root.needed <= held:
+                continue
+            prog.state = "sending"
+            try:
+                await self._upload(conn, partner, prog, P.ROOT, root.generation, _BytesObject(root.blob),
+                                   digest=P.object_digest(root.blob))
+            except RemoteError as e:
+                if e.code != P.Refusal.ROLLBACK:
+                    raise
+                prog.root_alarm = f"refused our root generation {root.generation}: {e.message}"
+                log.warning("%s %s", partner.peer_id, prog.root_alarm)
+                continue
+            sent.add(root.generation)
+            self.ledger.mark_sent(partner.peer_id, P.ROOT, [root.generation])
+            worked = True
+            if root.generation > partner.root_generation:
+                partner.root_generation = prog.root_generation = root.generation
+                partner.root_created = root.created_ns
+                self.ledger.put_partner(partner)
+                log.info("%s holds our root generation %d", partner.peer_id, root.generation)
+        return worked
+
+    async def _release_roots(self, conn, partner: Partner) -> bool:
+        """Roots the partner holds that we no longer keep (the retention policy thinned them) are
+        released there: signed, and kept by the partner for its grace period."""
+        sent = self.ledger.sent(partner.peer_id, P.ROOT)
+        gone = sorted(sent - {r.generation for r in self.source.retained()})
+        for i in range(0, len(gone), P.MAX_IDS):
+            batch = gone[i:i + P.MAX_IDS]
+            sig = self.identity.sign(P.release_message(partner.raw_id, P.ROOT, batch))
+            await request(conn, P.Release(P.ROOT, batch, sig), registry=P.PARTNER)
+            self.ledger.mark_sent(partner.peer_id, P.ROOT, batch, held=False)
+        return bool(gone)
 
     async def _upload_packs(self, conn, partner: Partner, prog: Progress, todo) -> None:
         queue = [pid for _, pid, _ in todo]
@@ -406,16 +499,19 @@ class Replicator:
                 raise TransportError("partner did not complete an object it has whole")
 
     async def _release(self, conn, partner: Partner) -> bool:
+        """Packs deleted here are released at the partner once it holds a newer root and no
+        retained snapshot needs them (history stays recoverable from every partner)."""
         tombs = self.source.tombstones()
         if not tombs:
             return False
         held = self.held(partner.peer_id)
-        ids = sorted(pid for pid, gen in tombs.items() if pid in held and partner.root_generation > gen)
+        history = self.source.needed_by_history()
+        ids = sorted(pid for pid, gen in tombs.items()
+                     if pid in held and partner.root_generation > gen and pid not in history)
         for i in range(0, len(ids), P.MAX_IDS):
             batch = ids[i:i + P.MAX_IDS]
-            holder_raw = partner.raw_id
-            sig = self.identity.sign(P.release_message(holder_raw, batch))
-            await request(conn, P.Release(batch, sig), registry=P.PARTNER)
+            sig = self.identity.sign(P.release_message(partner.raw_id, P.PACK, batch))
+            await request(conn, P.Release(P.PACK, batch, sig), registry=P.PARTNER)
             self.holdings.released(partner.peer_id, batch)
         still_held = set()
         for p in self.ledger.partners():
@@ -440,18 +536,21 @@ class Replicator:
             conn = self.links.connection(p.peer_id)
             for i in range(0, len(held), P.MAX_IDS):
                 batch = held[i:i + P.MAX_IDS]
-                sig = self.identity.sign(P.release_message(p.raw_id, batch))
-                await request(conn, P.Release(batch, sig), registry=P.PARTNER, timeout=REQUEST_TIMEOUT)
+                sig = self.identity.sign(P.release_message(p.raw_id, P.PACK, batch))
+                await request(conn, P.Release(P.PACK, batch, sig), registry=P.PARTNER, timeout=REQUEST_TIMEOUT)
                 self.holdings.released(p.peer_id, batch)
             log.info("released %d packs at %s, no longer needed there (it keeps them for its grace period)",
                      len(held), p.peer_id)
 
     # ----- sync and status ------------------------------------------------------------------------------
     def holds_root(self, p: Partner, generation: int) -> bool:
-        """Whether `p` holds root `generation` (or newer) and, as counted, every pack the latest root needs."""
+        """Whether `p` holds root `generation` (or newer) as its newest, and, as counted, every pack
+        the latest root needs."""
         root = self.source.latest_root()
         needed = root.needed if root is not None else set()
-        return p.root_generation >= generation and needed <= self.held(p.peer_id)
+        prog = self.progress.get(p.peer_id)
+        foreign = prog.foreign_root if prog is not None else 0
+        return p.root_generation >= generation > foreign and needed <= self.held(p.peer_id)
 
     def synced(self, generation: int) -> tuple[bool, list[str]]:
         """Whether the target is met: enough partners in good standing hold root `generation` and
@@ -508,7 +607,8 @@ class Replicator:
                 prog.state = "not assigned"
             row = prog.as_dict(now)
             st = self.standing(p.peer_id)
-            row.update(assigned=p.peer_id in assigned, trust=st.level, trust_reason=st.reason, counts=st.good)
+            row.update(assigned=p.peer_id in assigned, trust=st.level, trust_reason=st.reason, counts=st.good,
+                       roots_held=len(self.ledger.sent(p.peer_id, P.ROOT)))
             if p.peer_id not in assigned:
                 row.update(eta=None)
             out.append(row)

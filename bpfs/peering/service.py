@@ -15,6 +15,7 @@ flushing every buffered write, holding the data store's apply lock).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -28,6 +29,7 @@ from ..index import OUTBOX_PRIORITY, PackRecord, record_aad
 from ..net.quic import RelayPath, TransportConfig, TransportError, open_endpoint
 from ..net.rpc import RemoteError, request
 from .. import snapshot as snap
+from ..history import RetentionPolicy, snapshot_names
 from . import protocol as P
 from .protocol import PARTNER_IDLE_TIMEOUT
 from .auditor import Auditor
@@ -37,6 +39,7 @@ from .ledger import ENDED, Ledger, Partner
 from .links import Links, Unreachable
 from .replicator import Replicator, SyncTimeout
 from .reputation import Reputations, summary
+from ..rendezvous.beacon import beacon_verifier
 from ..rendezvous.brokers import BrokerClient
 from ..rendezvous.codepair import CodePairing
 from ..rendezvous.dialer import Dialer, NoRoute, token_for
@@ -55,10 +58,14 @@ class PeeringError(BpfsError):
 
 @dataclass
 class RootInfo:
+    """One of our retained snapshots' signed root: its generation, bytes, the packs it needs,
+    when it was made, and its digest (as partners acknowledge it)."""
+
     generation: int
     blob: bytes
     needed: set
     created_ns: int = 0
+    digest: bytes = b""
 
 
 class PackObject:
@@ -82,11 +89,21 @@ class PackObject:
 
 
 class StoreSource:
-    def __init__(self, index, packs, keys, data=None):
+    """The store side of replication: what to send, snapshots, and counts read from the index.
+
+    Attributes:
+      index, packs, keys: the open store.
+      data: the mount's `DataStore` (None for a store served without a mount).
+      policy: which snapshots to keep (`history.RetentionPolicy`).
+    """
+
+    def __init__(self, index, packs, keys, data=None, policy: RetentionPolicy | None = None):
         self.index, self.packs, self.keys, self.data = index, packs, keys, data
+        self.policy = policy or RetentionPolicy()
         self._cache_txn = None
         self._cache: dict[int, tuple[int, int]] = {}
-        self._root: RootInfo | None = None
+        self._roots: dict[int, RootInfo] = {}
+        self._manifests: dict[int, snap.SnapshotManifest] = {}
 
     def _committed_txn(self) -> int:
         return self.index.env.info()["last_txnid"]
@@ -130,22 +147,57 @@ class StoreSource:
             self.index.put_pack_root(pack_id, root, size)
         return root, size
 
+    def retained(self) -> list[RootInfo]:
+        """Every retained snapshot's root, newest first (each opened once)."""
+        gens = snap.retained_generations(self.index)
+        for gen in set(self._roots) - set(gens):
+            del self._roots[gen]
+            self._manifests.pop(gen, None)
+        for gen in gens:
+            if gen not in self._roots:
+                blob = snap.retained_root(self.index, gen)
+                manifest = snap.open_manifest(self.keys, blob)
+                needed = set(manifest.packs) | {c.pack for c in manifest.chunks}
+                self._roots[gen] = RootInfo(manifest.generation, blob, needed, manifest.created_ns,
+                                            P.object_digest(blob))
+        return [self._roots[g] for g in reversed(gens)]
+
+    def manifest_of(self, generation: int) -> "snap.SnapshotManifest":
+        """The manifest of a retained snapshot (opened once)."""
+        cached = self._manifests.get(generation)
+        if cached is None:
+            cached = self._manifests[generation] = snap.open_manifest(self.keys, snap.retained_root(self.index, generation))
+        return cached
+
     def latest_root(self) -> RootInfo | None:
-        blob = snap.latest_root(self.index)
-        if blob is None:
-            return None
-        if self._root is None or self._root.blob != blob:
-            manifest = snap.open_manifest(self.keys, blob)
-            needed = set(manifest.packs) | {c.pack for c in manifest.chunks}
-            self._root = RootInfo(manifest.generation, blob, needed, manifest.created_ns)
-        return self._root
+        roots = self.retained()
+        return roots[0] if roots else None
+
+    def needed_by_history(self) -> set[int]:
+        """Every pack some retained snapshot needs: none of these is released at a partner."""
+        out: set[int] = set()
+        for root in self.retained():
+            out |= root.needed
+        return out
 
     def root_created(self, generation: int) -> int:
         """When our retained snapshot of this generation was made (ns), 0 if it is not retained."""
-        for gen, blob in snap.retained_roots(self.index):
-            if gen == generation:
-                return snap.open_manifest(self.keys, blob).created_ns
-        return 0
+        root = next((r for r in self.retained() if r.generation == generation), None)
+        return root.created_ns if root is not None else 0
+
+    def beacon_verifier(self, slot: int) -> bytes:
+        """What the partner in recovery beacon slot `slot` is asked to announce for us."""
+        return beacon_verifier(self.keys, slot)
+
+    def generation(self) -> int:
+        """The index's generation counter: every root we made is of a lower generation."""
+        return self.index.generation
+
+    def raise_generation(self, floor: int) -> None:
+        """Make our next snapshot's generation at least `floor` (above a root a partner holds)."""
+        if self.index.generation < floor:
+            log.warning("raising our generation to %d, above a root a partner holds", floor)
+            self.index.put_counter("generation", floor)
 
     def tombstones(self) -> dict[int, int]:
         with self.index.read_view() as records:
@@ -159,20 +211,25 @@ class StoreSource:
         retained = snap.retained_generations(self.index)
         return self.index.dirty or not retained or self.index.generation > retained[-1] + 1
 
-    async def snapshot(self) -> int:
-        """Flush everything written so far, then snapshot the index if it changed; the generation."""
+    async def snapshot(self, partners: bytes = b"") -> int:
+        """Flush everything written so far, then snapshot the index if it changed; the generation.
+        `partners`: the partner list the snapshot carries (JSON, see `partner_list`)."""
         if self.data is not None:
             await self.data.flush_all()
             async with self.data._apply_lock:
-                return self._export()
-        return self._export()
+                return self._export(partners)
+        return self._export(partners)
 
-    def _export(self) -> int:
+    def _export(self, partners: bytes) -> int:
         if self.changed_since_snapshot():
             started = time.monotonic()
-            manifest = snap.export_snapshot(self.index, self.keys, self.packs)
-            log.info("snapshot generation %d: %d new metadata chunks of %d, %.3f s", manifest.generation,
-                     manifest.stats["new_chunks"], manifest.stats["chunks"], time.monotonic() - started)
+            manifest = snap.export_snapshot(self.index, self.keys, self.packs, policy=self.policy, partners=partners)
+            stats = manifest.stats
+            if self.data is not None:
+                self.data.note_packs(sparse=stats["sparse_packs"])  # data the released snapshots alone held
+            log.info("snapshot generation %d: %d new metadata chunks of %d, %.3f s%s", manifest.generation,
+                     stats["new_chunks"], stats["chunks"], time.monotonic() - started,
+                     f"; released snapshots {stats['released_snapshots']}" if stats["released_snapshots"] else "")
             return manifest.generation
         return snap.retained_generations(self.index)[-1]
 
@@ -188,7 +245,7 @@ class StoreSource:
         when their root was made) hold: every pack of the file, and a root made after its last
         change. Files a .backupignore keeps local are counted apart. Blocking: reads every
         inode, extent and chunk record of the last checkpoint."""
-        from ..index import Attr, _CHUNK, _EXTENT
+        from ..index import _EXTENT, Attr, ChunkRecord
         import stat as stat_mod
 
         sealer = self.keys.records
@@ -197,7 +254,7 @@ class StoreSource:
             ignored = {int.from_bytes(k, "big") for k, _ in records("ignored")}
             pack_of = {}
             for key, raw in records("chunks"):
-                pack_of[key] = _CHUNK.unpack(sealer.open(raw, record_aad("chunks", key)))[0]
+                pack_of[key] = ChunkRecord.unpack(sealer.open(raw, record_aad("chunks", key))).pack
             extents = records("extents")
             ext = next(extents, None)
             for key, raw in records("inodes"):
@@ -248,7 +305,8 @@ class PartnerService:
         self.durability: dict = {}  # the last count of files below the replica target (`status`)
         self._nursery = None
         self.holder = Holder(store_dir, self.identity, self.ledger, config, listen_port=self._listen_port,
-                             on_paired=self._paired, on_unpaired=self._partners_changed)
+                             on_paired=self._paired, on_unpaired=self._partners_changed,
+                             on_beacon=self._announce_again)
         self.ready = trio.Event()
         self._paired_event = trio.Event()
 
@@ -334,7 +392,15 @@ class PartnerService:
         return [bytes.fromhex(k) for k in dict.fromkeys(keys)]
 
     def _verifiers(self) -> list[bytes]:
-        return [verifier(lookup_token(k, self.identity.public_key)) for k in self._pair_keys()]
+        """What our announcements list: one verifier per pairing, and the recovery beacons our
+        partners asked us to announce for them (`rendezvous.beacon`)."""
+        pairs = [verifier(lookup_token(k, self.identity.public_key)) for k in self._pair_keys()]
+        beacons = [bytes.fromhex(p.beacon) for p in self.ledger.partners() if p.active and p.beacon]
+        return list(dict.fromkeys(pairs + beacons))
+
+    def _announce_again(self) -> None:
+        if self.broker is not None:
+            self.broker.changed()
 
     async def _dial_partner(self, peer: str, addresses: list[str]):
         p = self.ledger.partner(peer)
@@ -427,7 +493,7 @@ class PartnerService:
             await trio.sleep(self.config.snapshot_interval)
             try:
                 if self.source.changed_since_snapshot() and any(p.active for p in self.ledger.partners()):
-                    await self.source.snapshot()
+                    await self.source.snapshot(partner_list(self.ledger))
                     self._changed()
                 self.source.commit()
             except Exception:
@@ -624,6 +690,18 @@ class PartnerService:
         return {**result.as_dict(), "trust": st.level, "trust_reason": st.reason,
                 "held": len(self.holdings.held(peer)), "failing": len(self.holdings.failing(peer))}
 
+    def op_snapshots(self) -> list[dict]:
+        """Retained snapshots, oldest first: name, generation, when, files, bytes, which partners
+        hold each."""
+        if self.source is None:
+            return []
+        held = {p.peer_id: self.ledger.sent(p.peer_id, P.ROOT) for p in self.ledger.partners() if p.active}
+        manifests = [self.source.manifest_of(r.generation) for r in reversed(self.source.retained())]
+        names = snapshot_names((m.generation, m.created_ns) for m in manifests)
+        return [{"name": names[m.generation], "generation": m.generation, "created": m.created_ns / 1e9,
+                 "files": m.files, "bytes": m.file_bytes,
+                 "partners": sorted(peer for peer, gens in held.items() if m.generation in gens)} for m in manifests]
+
     def op_reputation(self) -> list[dict]:
         """Partners by score, with what makes it up."""
         assigned = {p.peer_id for p in self.replicator.assigned()} if self.replicator else set()
@@ -636,7 +714,7 @@ class PartnerService:
         if not self.replicator.active():
             raise PeeringError("no partners: pair with one first (bpfs pair --direct ...)")
         started = time.monotonic()
-        generation = await self.source.snapshot()
+        generation = await self.source.snapshot(partner_list(self.ledger))
         self.source.commit()
         self._changed()
         left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
@@ -672,6 +750,18 @@ async def start_service(nursery, make_service, listen: str | None, *, explicit: 
                                    "(choose another with --listen HOST:PORT, or --listen none)") from None
             log.warning("cannot listen on %s (%s): using a free port instead", address, err.strerror or err)
     raise AssertionError("unreachable")
+
+
+PARTNER_LIST_FIELDS = ("peer_id", "public_key", "address", "observed", "we_keep", "they_keep", "pair_key", "paired_at")
+
+
+def partner_list(ledger: Ledger) -> bytes:
+    """The active partners as a snapshot carries them (sealed in its manifest): enough for a
+    recovered store to know, find and use all of them again."""
+    from dataclasses import asdict
+
+    rows = [{k: v for k, v in asdict(p).items() if k in PARTNER_LIST_FIELDS} for p in ledger.partners() if p.active]
+    return json.dumps(rows, sort_keys=True).encode()
 
 
 def reputation_rows(ledger: Ledger, holdings: Holdings, reputations: Reputations, assigned: set[str],
