@@ -70,14 +70,15 @@ def _parse_options(values: tuple[str, ...]) -> dict[str, str | None]:
 
 
 MOUNT_OPTIONS = {"listen", "broker", "allow_other", "allow_root", "ro", "rw", "debug", "keyfile", "default_permissions", "noatime",
-                 "relatime", "nosuid", "nodev", "noexec", "suid", "dev", "exec"}
+                 "relatime", "nosuid", "nodev", "noexec", "suid", "dev", "exec", "snapdir"}
 
 
 @cli.command()
 @click.argument("args", nargs=-1, metavar="[STORE] MOUNTPOINT")
 @click.option("-f", "--foreground", is_flag=True, help="stay in the foreground (logs to stderr)")
 @click.option("-o", "options", multiple=True, metavar="OPTIONS",
-              help="comma-separated: keyfile=PATH, listen=HOST:PORT, broker=HOST[:PORT], allow_other, ro, debug")
+              help="comma-separated: keyfile=PATH, listen=HOST:PORT, broker=HOST[:PORT], allow_other, ro, debug, "
+                   "snapdir=visible (list .snapshots in the root folder; by default it is reached by name only)")
 @click.option("--passphrase-file", type=click.Path(dir_okay=False), help="read the passphrase from this file")
 @click.option("--listen", default=None, metavar="HOST:PORT",
               help=f"UDP address to serve partners on (default from bpfs.toml, else {DEFAULT_LISTEN}; 'none': do not listen)")
@@ -100,11 +101,18 @@ def mount(args, foreground, options, passphrase_file, listen, brokers):
     unknown = sorted(set(opts) - MOUNT_OPTIONS)
     if unknown:
         raise BpfsError(f"unknown mount option: {unknown[0]}", exit_code=2)
+    snapdir = opts.pop("snapdir", "hidden")
+    if snapdir not in ("hidden", "visible"):
+        raise BpfsError(f"snapdir must be hidden or visible, not {snapdir}", exit_code=2)
     store = require_store(store)
     keyfile_path = opts.pop("keyfile", None) or passphrase_file
     keys = keyfile.unlock(key_path(store), read_passphrase(keyfile_path))
     debug = "debug" in opts
     fuse_opts = {k for k in opts if k in ("allow_other", "allow_root", "ro", "nosuid", "nodev", "noexec")}
+    if snapdir == "visible":
+        from .daemon import SNAPDIR_VISIBLE
+
+        fuse_opts.add(SNAPDIR_VISIBLE)
     listen_at, explicit = _listen_address(store, listen)
     sys.exit(do_mount(store, mountpoint, keys, fuse_opts, foreground, debug, listen_at, explicit))
 
@@ -214,6 +222,77 @@ def show_id(store, store_opt, as_json):
     if out.get("broker"):
         text += f"\n  broker {out['broker']}" + (f" sees us at {out['observed']}" if out.get("observed") else "")
     _emit(as_json, out, text)
+
+
+@cli.command()
+@click.argument("store", required=False)
+@click.option("--store", "store_opt", default=None, help=STORE_HELP)
+@click.option("--passphrase-file", type=click.Path(dir_okay=False),
+              help="read the passphrase from this file (needed only without a running daemon)")
+@click.option("--json", "as_json", is_flag=True,
+              help="print [{name, generation, created, files, bytes, partners}] as JSON")
+def snapshots(store, store_opt, passphrase_file, as_json):
+    """List the retained snapshots, oldest first: name (in .snapshots/), time, files, bytes and
+    the partners holding each."""
+    from .peering.commands import _daemon
+
+    store = require_store(_store_arg(store or store_opt))
+    try:
+        sock = _daemon(store)
+    except BpfsError:  # a daemon that cannot be asked (a read-only mount): the index is readable
+        sock = None
+    if sock:
+        from .peering import control
+        from .history import unique_names
+
+        rows = control.call(sock, "snapshots")
+        names = unique_names((r["generation"], r["name"]) for r in rows)
+        rows = [dict(r, name=names[r["generation"]]) for r in sorted(rows, key=lambda r: r["generation"])]
+    else:
+        rows = _offline_snapshots(store, keyfile.unlock(key_path(store), read_passphrase(passphrase_file)))
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    if not rows:
+        click.echo("no snapshots yet: one is made by `bpfs sync`, and automatically every few minutes while "
+                   "data changes (with partners)")
+        return
+    import time
+
+    from .config import format_size
+
+    for r in rows:
+        held = ", ".join(r["partners"]) if r["partners"] else "no partner yet"
+        click.echo(f"{r['name']}  generation {r['generation']}  "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S %Z', time.localtime(r['created']))}  "
+                   f"{r['files']} files  {format_size(r['bytes'])}  held by: {held}")
+
+
+def _offline_snapshots(store: str, keys) -> list[dict]:
+    """The rows of `bpfs snapshots`, read from the index (read-only) and the partner ledger."""
+    from . import snapshot
+    from .index import Index
+    from .peering import protocol
+    from .peering.ledger import Ledger
+    from .history import snapshot_names
+
+    index = Index(os.path.join(store, "index"), keys, readonly=True)
+    try:
+        manifests = [snapshot.open_manifest(keys, blob) for _, blob in snapshot.retained_roots(index)]
+    finally:
+        index.close()
+    held: dict[str, set[int]] = {}
+    if os.path.isdir(os.path.join(store, "partners")):
+        ledger = Ledger(store)
+        try:
+            held = {p.peer_id: ledger.sent(p.peer_id, protocol.ROOT) for p in ledger.partners() if p.active}
+        finally:
+            ledger.close()
+    names = snapshot_names((m.generation, m.created_ns) for m in manifests)
+    return [{"name": names[m.generation], "generation": m.generation, "created": m.created_ns / 1e9,
+             "files": m.files, "bytes": m.file_bytes,
+             "partners": sorted(peer for peer, gens in held.items() if m.generation in gens)}
+            for m in sorted(manifests, key=lambda m: m.generation)]
 
 
 from .peering.commands import register as _register_peering  # noqa: E402

@@ -25,12 +25,14 @@ import trio
 from .errors import BpfsError, first_error
 from .filedata import DataStore
 from .fs import BpfsOperations
+from .snapview import SnapshotViews
 from .store import (OpenStore, clear_daemon_info, is_locked, read_daemon_info, require_store,
                     write_daemon_info)
 
 log = logging.getLogger("bpfs")
 
 READ_AHEAD_KB = 1024
+SNAPDIR_VISIBLE = "snapdir=visible"  # an option of ours (list `.snapshots` in the root), not FUSE's
 M_ARENA_MAX = -8
 M_MMAP_THRESHOLD = -3
 
@@ -137,10 +139,12 @@ def _set_read_ahead(mountpoint: str) -> None:
 
 def _partner_service(store: OpenStore, data: DataStore, listen: str | None):
     from .config import load_config
+    from .history import RetentionPolicy
     from .peering.service import PartnerService, StoreSource
 
     config = load_config(store.dir)
-    return PartnerService(store.dir, store.keys, config, StoreSource(store.index, store.packs, store.keys, data),
+    source = StoreSource(store.index, store.packs, store.keys, data, RetentionPolicy.of(config))
+    return PartnerService(store.dir, store.keys, config, source,
                           listen=listen)
 
 
@@ -163,7 +167,11 @@ async def _serve(store: OpenStore, mountpoint: str | None, options: set[str], re
     def copies(pack_ids, changed_ns):
         return services_started[0].copies(pack_ids, changed_ns) if services_started else None
 
-    ops = BpfsOperations(store.index, data, store.dir, copies=copies)
+    show_snapshots = SNAPDIR_VISIBLE in options
+    options = options - {SNAPDIR_VISIBLE}
+    # the `.snapshots` folder of a mount (a read-only mount too: it only reads the store)
+    views = SnapshotViews(store.dir, store.index, store.packs, store.keys) if mountpoint is not None else None
+    ops = BpfsOperations(store.index, data, store.dir, copies=copies, views=views, show_snapshots=show_snapshots)
     repaired = store.repair_after_crash(ops.destroy_inode)
     if any(repaired.values()):
         log.info("cleaned up after an unclean stop: %s", repaired)
@@ -209,6 +217,9 @@ async def _serve(store: OpenStore, mountpoint: str | None, options: set[str], re
             except Exception:
                 pass
         raise
+    finally:
+        if views is not None:
+            views.close()  # the FUSE session is closed: no request uses them any more
     log.info("%s %s cleanly", "unmounted" if mountpoint else "stopped serving", mountpoint or store.dir)
 
 

@@ -16,6 +16,21 @@ this module only finds the packs a file's chunks live in. It is not listed by li
 Lifetime of an inode: it lives while it has a name (nlink > 0), the kernel still knows it
 (lookup count > 0) or it is open. When its last name goes while it is still known, it is
 recorded as an orphan and deleted on release/forget, or at the next mount after a crash.
+
+Snapshots: with a `snapview.SnapshotViews` (the daemon passes one), the root folder has a
+read-only `.snapshots` folder of the retained snapshots. Its inode numbers are virtual (at or
+above `snapview.VIRTUAL_BASE`): every read-side request for one is the view's to answer, and
+this module refuses every change to them with EROFS (create, mkdir, mknod, symlink, link,
+unlink, rmdir, rename from or into, setattr, open for writing or truncating, setxattr,
+removexattr); the kernel's forget of them touches nothing here. The name `.snapshots` in the
+root folder is reserved: creating it (create, mkdir, mknod, symlink, link, rename onto it)
+fails with EEXIST, removing or renaming it away with EPERM (the root folder itself is
+writable: the operation, not the filesystem, is refused). By default the root folder's
+listing does not show it (as ZFS's `snapdir=hidden`): `ls`, `cd`, `cp` and `rsync` reach it by
+name, while `rsync -a`, `cp -a`, `du` or `find` of the whole mount do not walk every snapshot.
+`-o snapdir=visible` lists it, last, at readdir offset `SNAPDIR_OFFSET` (above every offset of
+a live entry), so offsets stay valid. A live entry named `.snapshots` made before this existed
+is shadowed (it is still in the snapshots of its time).
 """
 
 from __future__ import annotations
@@ -33,6 +48,8 @@ from .errors import IntegrityError
 from .filedata import DataStore
 from .index import ROOT_INO, Attr, Index
 from .lanes import Lanes, load_priority_patterns
+from .snapview import DIR_NAME as SNAPDIR_NAME
+from .snapview import SNAPSHOTS_INO, SnapshotViews, is_virtual
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +61,7 @@ BLKSIZE = 1 << 17
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 COPIES_XATTR = b"user.bpfs.copies"
+SNAPDIR_OFFSET = 1 << 62  # readdir offset of `.snapshots` in the root: after every live entry's
 
 
 def _boundary(handler=None, *, atomic=False):
@@ -100,14 +118,28 @@ class _Handle:
 
 
 class BpfsOperations(pyfuse3.Operations):
+    """The mount's request handlers.
+
+    Attributes:
+        index, data, store_dir: the live index, the file-data layer, the store's folder.
+        views: the `.snapshots` folder (None: no such folder, as in the CLI's in-process use).
+        show_snapshots: whether the root folder's listing shows `.snapshots` (`snapdir=visible`).
+    """
+
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, index: Index, data: DataStore, store_dir: str, copies=None):
+    def __init__(self, index: Index, data: DataStore, store_dir: str, copies=None,
+                 views: SnapshotViews | None = None, show_snapshots: bool = False):
         super().__init__()
         self.index = index
         self.data = data
         self.store_dir = store_dir
+        self.views = views
+        self.show_snapshots = show_snapshots and views is not None
+        if views is not None and index.lookup(ROOT_INO, SNAPDIR_NAME) is not None:
+            log.warning("the root folder holds a %s of its own: the snapshots folder hides it (rename it from "
+                        "a mount of an older version, or copy it out of a snapshot)", SNAPDIR_NAME.decode())
         # (pack ids, changed at ns) -> (partners holding them, target), or None: not known here
         self._copies = copies
         self._handles: dict[int, _Handle] = {}
@@ -119,6 +151,20 @@ class BpfsOperations(pyfuse3.Operations):
         data.lanes = self.lanes
 
     # ----- helpers -------------------------------------------------------------------------
+    def _is_snapdir(self, parent_ino: int, name: bytes) -> bool:
+        """Whether (parent, name) is the reserved `.snapshots` name in the root folder."""
+        return self.views is not None and parent_ino == ROOT_INO and name == SNAPDIR_NAME
+
+    def _writable(self, *inos: int) -> None:
+        """EROFS for a change to anything in `.snapshots`."""
+        if any(is_virtual(ino) for ino in inos):
+            _fail(errno.EROFS)
+
+    def _views(self) -> SnapshotViews:
+        if self.views is None:
+            _fail(errno.ENOENT)
+        return self.views
+
     def _attr(self, ino: int) -> Attr:
         attr = self.index.get_attr(ino)
         if attr is None:
@@ -138,7 +184,7 @@ class BpfsOperations(pyfuse3.Operations):
         e.entry_timeout = CACHE_TIMEOUT
         e.attr_timeout = CACHE_TIMEOUT
         e.st_mode = attr.mode
-        e.st_nlink = attr.nlink
+        e.st_nlink = attr.nlink + (attr.ino == ROOT_INO and self.show_snapshots)  # `.snapshots` is a subfolder
         e.st_uid = attr.uid
         e.st_gid = attr.gid
         e.st_rdev = attr.rdev
@@ -183,6 +229,9 @@ class BpfsOperations(pyfuse3.Operations):
 
     def _link_new(self, parent_ino: int, name: bytes, mode: int, ctx, rdev: int = 0) -> Attr:
         _check_name(name)
+        self._writable(parent_ino)
+        if self._is_snapdir(parent_ino, name):
+            _fail(errno.EEXIST)
         parent = self._dir_attr(parent_ino)
         if self.index.lookup(parent_ino, name) is not None:
             _fail(errno.EEXIST)
@@ -230,6 +279,12 @@ class BpfsOperations(pyfuse3.Operations):
     @_boundary
     async def lookup(self, parent_inode, name, ctx=None):
         _check_name(name)
+        if is_virtual(parent_inode):
+            if parent_inode == SNAPSHOTS_INO and name == b"..":
+                return self._looked_up(self._attr(ROOT_INO))
+            return await self._views().lookup(parent_inode, name)
+        if self._is_snapdir(parent_inode, name):
+            return await self.views.folder_entry()
         if name == b".":
             return self._looked_up(self._dir_attr(parent_inode))
         if name == b"..":
@@ -244,6 +299,8 @@ class BpfsOperations(pyfuse3.Operations):
     async def forget(self, inode_list):
         try:
             for ino, nlookup in inode_list:
+                if is_virtual(ino):  # the views keep nothing per kernel reference
+                    continue
                 left = self._lookups.get(ino, 0) - nlookup
                 if left > 0:
                     self._lookups[ino] = left
@@ -256,10 +313,13 @@ class BpfsOperations(pyfuse3.Operations):
 
     @_boundary
     async def getattr(self, inode, ctx=None):
+        if is_virtual(inode):
+            return await self._views().getattr(inode)
         return self._entry(self._attr(inode))
 
     @_boundary
     async def setattr(self, inode, attr, fields, fh, ctx):
+        self._writable(inode)
         a = self._attr(inode)
         now = time.time_ns()
         if fields.update_size:
@@ -293,6 +353,8 @@ class BpfsOperations(pyfuse3.Operations):
 
     @_boundary
     async def readlink(self, inode, ctx):
+        if is_virtual(inode):
+            return await self._views().readlink(inode)
         target = self.index.get_symlink(inode)
         if target is None:
             _fail(errno.EINVAL)
@@ -316,6 +378,11 @@ class BpfsOperations(pyfuse3.Operations):
 
     @_boundary
     async def access(self, inode, mode, ctx):
+        if is_virtual(inode):
+            await self._views().getattr(inode)
+            if mode & os.W_OK:
+                _fail(errno.EROFS)
+            return True
         self._attr(inode)
         return True
 
@@ -347,6 +414,9 @@ class BpfsOperations(pyfuse3.Operations):
     @_boundary(atomic=True)
     async def link(self, inode, new_parent_inode, new_name, ctx):
         _check_name(new_name)
+        self._writable(inode, new_parent_inode)
+        if self._is_snapdir(new_parent_inode, new_name):
+            _fail(errno.EEXIST)
         attr = self._attr(inode)
         if stat.S_ISDIR(attr.mode):
             _fail(errno.EPERM)
@@ -366,8 +436,12 @@ class BpfsOperations(pyfuse3.Operations):
         return self._looked_up(attr)
 
     def _named(self, parent_inode: int, name: bytes) -> tuple[Attr, Attr]:
-        """(directory, child) for an existing name, or ENOENT/ENOTDIR/ENAMETOOLONG."""
+        """(directory, child) for an existing name, or ENOENT/ENOTDIR/ENAMETOOLONG; EROFS in
+        `.snapshots`, EPERM for `.snapshots` itself (to remove or move away)."""
         _check_name(name)
+        self._writable(parent_inode)
+        if self._is_snapdir(parent_inode, name):
+            _fail(errno.EPERM)
         parent = self._dir_attr(parent_inode)
         ino = self.index.lookup(parent_inode, name)
         if ino is None:
@@ -404,7 +478,10 @@ class BpfsOperations(pyfuse3.Operations):
     @_boundary(atomic=True)
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         _check_name(name_new)
+        self._writable(parent_inode_old, parent_inode_new)
         old_parent, attr = self._named(parent_inode_old, name_old)
+        if self._is_snapdir(parent_inode_new, name_new):
+            _fail(errno.EPERM if flags & RENAME_EXCHANGE else errno.EEXIST)
         ino = attr.ino
         new_parent = self._dir_attr(parent_inode_new) if parent_inode_new != parent_inode_old else old_parent
         target_ino = self.index.lookup(parent_inode_new, name_new)
@@ -471,26 +548,43 @@ class BpfsOperations(pyfuse3.Operations):
     # ----- directories -----------------------------------------------------------------------
     @_boundary
     async def opendir(self, inode, ctx):
+        if is_virtual(inode):
+            await self._views().opendir(inode)
+            return inode
         self._dir_attr(inode)
         return inode
 
     @_boundary
     async def readdir(self, fh, start_id, token):
+        if is_virtual(fh):
+            return await self._views().readdir(fh, start_id, token)
+        snapdir = None
+        if fh == ROOT_INO and self.views is not None:
+            if start_id >= SNAPDIR_OFFSET:
+                return
+            if self.show_snapshots:
+                snapdir = await self.views.folder_entry()  # before the listing: no await inside it
         for next_id, name, ino in self.index.list_entries(fh, start_id):
+            if fh == ROOT_INO and name == SNAPDIR_NAME and self.views is not None:
+                continue  # shadowed by the snapshots folder
             attr = self.index.get_attr(ino)
             if attr is None:
                 log.error("directory entry points to a missing inode %d", ino)
                 continue
             if not pyfuse3.readdir_reply(token, name, self._entry(attr), next_id):
-                break
+                return
             self._lookups[ino] = self._lookups.get(ino, 0) + 1
             self.lanes.seen(fh, name, ino, attr.mode)
+        if snapdir is not None:
+            pyfuse3.readdir_reply(token, SNAPDIR_NAME, snapdir, SNAPDIR_OFFSET)
 
     async def releasedir(self, fh):
         pass
 
     @_boundary
     async def fsyncdir(self, fh, datasync):
+        if is_virtual(fh):
+            return
         await self.data.sync()
 
     # ----- files -------------------------------------------------------------------------
@@ -503,6 +597,12 @@ class BpfsOperations(pyfuse3.Operations):
 
     @_boundary
     async def open(self, inode, flags, ctx):
+        if is_virtual(inode):
+            await self._views().open(inode, flags)
+            fh = self._next_fh
+            self._next_fh += 1
+            self._handles[fh] = _Handle(inode)
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True)  # a snapshot never changes
         attr = self._attr(inode)
         if stat.S_ISDIR(attr.mode):
             _fail(errno.EISDIR)
@@ -520,12 +620,15 @@ class BpfsOperations(pyfuse3.Operations):
     @_boundary
     async def read(self, fh, off, size):
         h = self._handles[fh]
+        if is_virtual(h.ino):
+            return await self._views().read(h.ino, off, size)
         attr = self._attr(h.ino)
         return await self.data.read(h.ino, off, size, attr.size)
 
     @_boundary
     async def write(self, fh, off, buf):
         h = self._handles[fh]
+        self._writable(h.ino)
         await self.data.write(h.ino, off, buf)
         h.wrote = True
         if h.ino in self.lanes.ignore_files:
@@ -543,6 +646,8 @@ class BpfsOperations(pyfuse3.Operations):
     @_boundary
     async def flush(self, fh):
         h = self._handles[fh]
+        if is_virtual(h.ino):
+            return
         if h.wrote:
             await self.data.flush(h.ino)
             h.wrote = False
@@ -552,12 +657,18 @@ class BpfsOperations(pyfuse3.Operations):
     @_boundary
     async def fsync(self, fh, datasync):
         h = self._handles[fh]
+        if is_virtual(h.ino):
+            return
         await self.data.flush_buffer(h.ino)
         await self.data.sync()
 
     @_boundary
     async def release(self, fh):
         h = self._handles.pop(fh)
+        if is_virtual(h.ino):
+            if self.views is not None:
+                self.views.release(h.ino)
+            return
         left = self._open.get(h.ino, 0) - 1
         if left > 0:
             self._open[h.ino] = left
@@ -568,6 +679,7 @@ class BpfsOperations(pyfuse3.Operations):
     # ----- extended attributes ----------------------------------------------------------
     @_boundary(atomic=True)
     async def setxattr(self, inode, name, value, ctx):
+        self._writable(inode)
         if name.startswith(b"system."):
             _fail(errno.EOPNOTSUPP)
         if name == COPIES_XATTR:
@@ -583,6 +695,8 @@ class BpfsOperations(pyfuse3.Operations):
 
     @_boundary
     async def getxattr(self, inode, name, ctx):
+        if is_virtual(inode):  # user.bpfs.copies is about live files: not offered here (ENODATA)
+            return await self._views().getxattr(inode, name)
         attr = self._attr(inode)
         if name == COPIES_XATTR:
             return self._copies_of(attr)
@@ -606,11 +720,14 @@ class BpfsOperations(pyfuse3.Operations):
 
     @_boundary
     async def listxattr(self, inode, ctx):
+        if is_virtual(inode):
+            return await self._views().listxattr(inode)
         self._attr(inode)
         return self.index.list_xattrs(inode)
 
     @_boundary(atomic=True)
     async def removexattr(self, inode, name, ctx):
+        self._writable(inode)
         if name == COPIES_XATTR:
             _fail(errno.EPERM)
         attr = self._attr(inode)

@@ -40,6 +40,15 @@ class _OpenPack:
         self.id, self.fd, self.size = pack_id, fd, 0
 
 
+class _ReadFd:
+    """A cached read descriptor and how many threads are reading through it."""
+
+    __slots__ = ("fd", "users", "retired")
+
+    def __init__(self, fd: int):
+        self.fd, self.users, self.retired = fd, 0, False
+
+
 class PackStore:
     def __init__(self, store_dir: str, target_size: int = PACK_TARGET):
         self.dir = os.path.join(store_dir, "packs")
@@ -49,7 +58,7 @@ class PackStore:
         self._lock = threading.Lock()
         self._unsynced: dict[int, int] = {}  # pack id -> write fd with data not yet fdatasync'ed
         self._dirs_to_sync: set[str] = set()
-        self._read_fds: OrderedDict[int, int] = OrderedDict()
+        self._read_fds: OrderedDict[int, _ReadFd] = OrderedDict()
         self._writers: dict[int, int] = {}  # pack id -> reservations not yet finished
         self._dirty: set[int] = set()  # packs written since their last fdatasync
         self.local_ids: set[int] = set()  # local-lane packs started here (DataStore adds the older ones)
@@ -208,26 +217,51 @@ class PackStore:
         return bool(self._dirty) or bool(self._dirs_to_sync) or bool(self._sizes)
 
     # ----- reading -------------------------------------------------------------------------
-    def _read_fd(self, pack_id: int) -> int:
+    def _take_fd(self, pack_id: int) -> _ReadFd:
+        """An open read descriptor of the pack, in use until `_give_fd`: one evicted from the
+        cache (at most _MAX_READ_FDS stay open) or deleted meanwhile is closed only when its
+        last reader is done with it, never under a pread of another thread."""
         with self._lock:
-            fd = self._read_fds.get(pack_id)
-            if fd is not None:
+            entry = self._read_fds.get(pack_id)
+            if entry is not None:
                 self._read_fds.move_to_end(pack_id)
-                return fd
+                entry.users += 1
+                return entry
         fd = os.open(self.path(pack_id), os.O_RDONLY | os.O_CLOEXEC)
         with self._lock:
-            self._read_fds[pack_id] = fd
-            while len(self._read_fds) > _MAX_READ_FDS:
-                _, old = self._read_fds.popitem(last=False)
-                os.close(old)
-        return fd
+            entry = self._read_fds.get(pack_id)
+            if entry is not None:  # another thread opened it meanwhile: use that one
+                os.close(fd)
+            else:
+                entry = self._read_fds[pack_id] = _ReadFd(fd)
+                while len(self._read_fds) > _MAX_READ_FDS:
+                    _, old = self._read_fds.popitem(last=False)
+                    self._retire_fd(old)
+            entry.users += 1
+            return entry
+
+    def _give_fd(self, entry: _ReadFd) -> None:
+        with self._lock:
+            entry.users -= 1
+            if entry.retired and entry.users == 0:
+                os.close(entry.fd)
+
+    def _retire_fd(self, entry: _ReadFd) -> None:
+        """(lock held) Out of the cache: closed now if nobody reads through it, else by its last reader."""
+        entry.retired = True
+        if entry.users == 0:
+            os.close(entry.fd)
 
     def read(self, pack_id: int, offset: int, length: int) -> bytes:
         """Read one entry (blocking). A missing or short pack is an IntegrityError."""
         try:
-            data = os.pread(self._read_fd(pack_id), length, offset)
+            entry = self._take_fd(pack_id)
         except FileNotFoundError:
             raise IntegrityError(f"pack {pack_id:012x} is missing") from None
+        try:
+            data = os.pread(entry.fd, length, offset)
+        finally:
+            self._give_fd(entry)
         if len(data) != length:
             raise IntegrityError(f"pack {pack_id:012x} is truncated")
         return data
@@ -247,9 +281,9 @@ class PackStore:
     def delete(self, pack_id: int) -> None:
         with self._lock:
             self._roots.pop(pack_id, None)
-            fd = self._read_fds.pop(pack_id, None)
-            if fd is not None:
-                os.close(fd)
+            entry = self._read_fds.pop(pack_id, None)
+            if entry is not None:
+                self._retire_fd(entry)
         try:
             os.unlink(self.path(pack_id))
         except FileNotFoundError:
@@ -257,7 +291,9 @@ class PackStore:
 
     def close(self) -> None:
         with self._lock:
-            for fd in list(self._read_fds.values()) + list(self._unsynced.values()):
+            for entry in self._read_fds.values():
+                self._retire_fd(entry)
+            for fd in self._unsynced.values():
                 os.close(fd)
             self._read_fds.clear()
             self._unsynced.clear()
