@@ -1,16 +1,20 @@
 """bpfs networking: QUIC transport, peer authentication, message codec, request/response.
 
-Modules, bottom up (each imports only modules listed before it):
+Modules, bottom up (each imports only modules listed before it; no circle):
 
 - `errors`:  exceptions and application error codes.
-- `machine`: aioquic's QuicConnection adapted (consumption-based credit, stream limits,
-  pacing), the per-process TLS certificate and the channel binding. The only module
-  that touches aioquic internals.
-- `stream`:  one QUIC stream: bounded buffered reads, bounded writes, reset.
-- `quic`:    `Endpoint` (one trio UDP socket; dials and listens), `Connection`,
-  `open_endpoint`, `TransportConfig`; every resource bounded.
-- `auth`:    mutual Ed25519 authentication bound to the connection (stream 0).
 - `codec`:   typed, versioned, size-bounded messages; `encode` / `decode` / `ProtocolError`.
+- `relay`:   datagrams beside QUIC on the same socket: relay frames (`RelayPath`), punch probes.
+- `machine`: aioquic's QuicConnection adapted (`BpfsQuic`: consumption-based credit, stream
+  limits, pacing), the per-connection receive credit (`Credit`), the per-process TLS
+  certificate and the channel binding. The only module that touches aioquic internals,
+  each behind a named helper; `check_aioquic` verifies them at import.
+- `auth`:    mutual Ed25519 authentication bound to the connection (stream 0).
+- `stream`:  one QUIC stream: bounded buffered reads, bounded writes, reset; `StreamHost`,
+  the interface a stream needs from its connection.
+- `quic`:    `Endpoint` (one trio UDP socket; dials and listens), `Connection` (implements
+  `StreamHost`), `open_endpoint`, `TransportConfig`; every resource bounded. Re-exports
+  the errors, `RelayPath` and `Stream`.
 - `rpc`:     one request per stream; `Dispatcher` with per-peer rate limits.
 
 Networking only: nothing here knows about files, chunks or stores.

@@ -41,8 +41,12 @@ class StreamClosed(TransportError):
     """The local side already finished or reset this stream."""
 
 
-# Application error codes (CONNECTION_CLOSE / RESET_STREAM / STOP_SENDING).
 class Code:
+    """Application error codes (CONNECTION_CLOSE / RESET_STREAM / STOP_SENDING), as
+    class attributes: `NO_ERROR`, `PROTOCOL_VIOLATION`, `AUTH_FAILED`, `REFUSED`,
+    `TIMEOUT`, `SHUTDOWN`, `INTERNAL` (connection), `STREAM_CANCELLED`, `STREAM_REFUSED`
+    (stream)."""
+
     NO_ERROR = 0x0
     PROTOCOL_VIOLATION = 0x1
     AUTH_FAILED = 0x2

@@ -1,17 +1,43 @@
 """The QUIC state machine: aioquic's `QuicConnection`, adapted, and its TLS material.
 
-This module is the only one that touches aioquic internals; `check_aioquic()` verifies at
-import time that they are still there, so an aioquic upgrade fails loudly instead of
-silently losing a bound. What we change, and why:
+Owns everything that depends on aioquic internals (`BpfsQuic`, `export_binding` and the
+helpers below), the receive-credit policy (`Credit`), the per-process TLS certificate
+and the wire constants (`ALPN`, `CID_LENGTH`, `TIMER_GRANULARITY`). It imports nothing
+else from `bpfs.net` but `errors`: `stream` and `quic` build on it, never the reverse.
+`check_aioquic()` verifies at import time that the internals listed below are still
+there, so an aioquic upgrade fails loudly instead of silently losing a bound.
 
-- Receive credit (`_write_connection_limits`, `_write_stream_limits`): aioquic doubles a
-  window whenever half of it has *arrived*, so memory grows with whatever the peer sends.
-  We grant credit as the application *consumes*: limit = consumed + window, raised in
-  steps of a quarter window, never for a stream the peer's MAX_STREAMS still blocks.
-- Stream limits: the peer may open `max_streams` bidirectional streams at a time and no
-  unidirectional ones (`_local_max_streams_bidi/_uni`).
-- Pacing (`_Pacer`): bursts of `TIMER_GRANULARITY` worth of the pacing rate, because a
-  trio sleep lasts at least a millisecond (see the class).
+What we change, and why:
+
+- Receive credit (`Credit`; `_write_connection_limits`, `_write_stream_limits`): aioquic
+  doubles a window whenever half of it has *arrived*, so memory grows with whatever the
+  peer sends. We grant credit as the application *consumes*: limit = consumed + window,
+  raised in steps of a quarter window, never for a stream the peer's MAX_STREAMS still
+  blocks.
+- Stream limits (`_limit_peer_streams`): the peer may open `max_streams` bidirectional
+  streams at a time and no unidirectional ones.
+- Pacing (`_Pacer`, `_install_pacer`): bursts of `TIMER_GRANULARITY` worth of the pacing
+  rate, because a trio sleep lasts at least a millisecond (see the class).
+
+aioquic internals used (all here, all checked by `check_aioquic`)
+-------------------------------------------------------------------
+- `QuicConnection._write_connection_limits` / `_write_stream_limits` (overridden),
+  `QuicConnection._local_max_data` (a `Limit`: `value`, `sent`, `used`): the MAX_DATA
+  and MAX_STREAM_DATA hooks of `BpfsQuic`, and `BpfsQuic.credit_due`.
+- `QuicConnection._streams` (`QuicStream.max_stream_data_local`, `is_blocked`,
+  `receiver.highest_offset`, `sender.highest_offset`): `BpfsQuic._write_stream_limits`,
+  `BpfsQuic.credit_due`, `BpfsQuic.sent_offset`, `BpfsQuic.received_offset`.
+- `QuicConnection._local_max_streams_bidi` / `_local_max_streams_uni`: `_limit_peer_streams`.
+- `QuicConnection._loss._pacer` (a `QuicPacketPacer`: `update_rate`, `bucket_max`) and
+  `QuicConnection._max_datagram_size`: `_install_pacer`, `_Pacer`.
+- `QuicConnection.tls` (`tls.Context.key_schedule`, `session_resumed`;
+  `tls.KeySchedule.generation`, `derive_secret`): `export_binding`. (`tls` only exists
+  once a handshake starts, so `check_aioquic` checks the `tls` classes instead.)
+
+Everything else (`quic` and `stream`) uses aioquic's public API only: `connect`,
+`receive_datagram`, `datagrams_to_send`, `next_event`, `get_timer`, `handle_timer`,
+`close`, `host_cid`, `get_next_available_stream_id`, `send_stream_data`, `reset_stream`,
+`stop_stream`, the events, and `pull_quic_header` for routing.
 
 Channel binding (`export_binding`)
 ----------------------------------
@@ -39,16 +65,14 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ssl
-from typing import TYPE_CHECKING
 
+from aioquic import tls
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.recovery import QuicPacketPacer
+from aioquic.quic.stream import QuicStream
 
 from .errors import AuthenticationError
-
-if TYPE_CHECKING:
-    from .quic import Connection
 
 ALPN = "bpfs/1"
 CID_LENGTH = 8
@@ -86,10 +110,14 @@ def process_certificate():
 
 
 def export_binding(quic: QuicConnection) -> bytes:
-    """The channel binding of a completed handshake (see the module docstring)."""
-    tls = quic.tls
-    schedule = tls.key_schedule
-    if schedule is None or schedule.generation != 3 or tls.session_resumed:
+    """The channel binding of a completed handshake (see the module docstring).
+
+    aioquic internals: `quic.tls` (`Context.key_schedule`, `Context.session_resumed`) and
+    the key schedule's `generation` and `derive_secret`; also the public
+    `original_destination_connection_id`."""
+    tls_context = quic.tls
+    schedule = tls_context.key_schedule
+    if schedule is None or schedule.generation != 3 or tls_context.session_resumed:
         raise AuthenticationError("no full TLS 1.3 handshake to bind to")
     exporter = schedule.derive_secret(b"bpfs cbind v1")
     odcid = quic.original_destination_connection_id
@@ -99,48 +127,189 @@ def export_binding(quic: QuicConnection) -> bytes:
 
 
 def check_aioquic() -> None:
+    """`ImportError` unless the installed aioquic has every internal this module relies
+    on (listed in the module docstring)."""
+
+    def unsupported(what: str) -> ImportError:
+        return ImportError(f"bpfs.net: unsupported aioquic (no {what})")
+
     for attr in ("_write_connection_limits", "_write_stream_limits", "get_timer", "handle_timer"):
         if not callable(getattr(QuicConnection, attr, None)):
-            raise ImportError(f"bpfs.net: unsupported aioquic (no QuicConnection.{attr})")
+            raise unsupported(f"QuicConnection.{attr}")
     probe = QuicConnection(configuration=QuicConfiguration(is_client=True))
-    for attr in ("_local_max_data", "_local_max_streams_bidi", "_local_max_streams_uni", "_streams", "_loss"):
+    for attr in ("_local_max_data", "_local_max_streams_bidi", "_local_max_streams_uni", "_streams", "_loss",
+                 "_max_datagram_size", "original_destination_connection_id"):
         if not hasattr(probe, attr):
-            raise ImportError(f"bpfs.net: unsupported aioquic (no QuicConnection.{attr})")
+            raise unsupported(f"QuicConnection.{attr}")
+    for limit in ("_local_max_data", "_local_max_streams_bidi", "_local_max_streams_uni"):
+        for attr in ("value", "sent", "used"):
+            if not hasattr(getattr(probe, limit), attr):
+                raise unsupported(f"QuicConnection.{limit}.{attr}")
     if not isinstance(getattr(probe._loss, "_pacer", None), QuicPacketPacer):
-        raise ImportError("bpfs.net: unsupported aioquic (no QuicPacketRecovery._pacer)")
+        raise unsupported("QuicPacketRecovery._pacer")
+    if not hasattr(probe._loss._pacer, "bucket_max") or not callable(getattr(QuicPacketPacer, "update_rate", None)):
+        raise unsupported("QuicPacketPacer.bucket_max / update_rate")
+    stream = QuicStream(stream_id=0)
+    for attr in ("max_stream_data_local", "is_blocked", "receiver.highest_offset", "sender.highest_offset"):
+        obj = stream
+        for part in attr.split("."):
+            if not hasattr(obj, part):
+                raise unsupported(f"QuicStream.{attr}")
+            obj = getattr(obj, part)
+    # `QuicConnection.tls` itself only exists once a handshake starts: check its class.
+    if not hasattr(tls.Context(is_client=True), "key_schedule"):
+        raise unsupported("tls.Context.key_schedule")
+    if not isinstance(getattr(tls.Context, "session_resumed", None), property):
+        raise unsupported("tls.Context.session_resumed")
+    if not callable(getattr(tls.KeySchedule, "derive_secret", None)):
+        raise unsupported("tls.KeySchedule.derive_secret")
+    if not hasattr(tls.KeySchedule(tls.CipherSuite.AES_128_GCM_SHA256), "generation"):
+        raise unsupported("tls.KeySchedule.generation")
 
 
 check_aioquic()
 
+
+# --------------------------------------------------------------------------- credit
+
+class Credit:
+    """Receive credit of one connection: what its application consumed, and how far
+    beyond that the peer may send. Owned by the connection (`quic.Connection`); its
+    streams record consumption here (`take`, `drop`) and `BpfsQuic` turns it into
+    MAX_DATA / MAX_STREAM_DATA frames, so credit is granted only as the reader takes
+    data. Plain bookkeeping: no aioquic, no I/O.
+
+    Attributes:
+        conn_window:   bytes the peer may have sent on the connection beyond `consumed`.
+        stream_window: bytes the peer may have sent on one stream beyond what its
+                       reader consumed.
+        consumed:      bytes of the connection consumed: read by the application, or
+                       dropped unread (abandoned or reset streams, streams forgotten).
+
+    Per-stream consumption is kept for the streams the connection tracks, from `open`
+    to `forget`; a stream not tracked gets no more stream credit.
+    """
+
+    __slots__ = ("_streams", "conn_window", "consumed", "stream_window")
+
+    def __init__(self, window: int):
+        self.conn_window = window
+        self.stream_window = window
+        self.consumed = 0
+        self._streams: dict[int, int] = {}  # stream id -> bytes its reader consumed
+
+    def widen(self, conn_window: int, stream_window: int) -> None:
+        """Set the windows (the post-authentication ones)."""
+        self.conn_window = conn_window
+        self.stream_window = stream_window
+
+    def open(self, stream_id: int) -> None:
+        """Start tracking the consumption of `stream_id`."""
+        self._streams[stream_id] = 0
+
+    def forget(self, stream_id: int) -> None:
+        """Stop tracking `stream_id` (both directions and the peer's are over)."""
+        self._streams.pop(stream_id, None)
+
+    def take(self, stream_id: int, n: int) -> None:
+        """The reader of `stream_id` consumed `n` bytes: credit the stream and the connection."""
+        self.consumed += n
+        if stream_id in self._streams:
+            self._streams[stream_id] += n
+
+    def drop(self, n: int) -> None:
+        """`n` bytes of the connection nobody will read: credit the connection only."""
+        self.consumed += n
+
+    def connection_limit(self) -> int:
+        """The MAX_DATA the consumption so far allows."""
+        return self.consumed + self.conn_window
+
+    def stream_limit(self, stream_id: int) -> int | None:
+        """The MAX_STREAM_DATA the consumption of `stream_id` allows (None if not tracked)."""
+        consumed = self._streams.get(stream_id)
+        return None if consumed is None else consumed + self.stream_window
+
+
+# --------------------------------------------------------------------------- aioquic hooks
 
 class _Pacer(QuicPacketPacer):
     """aioquic's pacer allows bursts of at most 16 packets, then asks to wait a few
     microseconds; a trio sleep lasts at least a millisecond (epoll), which capped a
     stream at ~20 MB/s. Allow bursts worth `TIMER_GRANULARITY` of the pacing rate, as
     kernel pacing with a coarse timer does (the congestion window still bounds what is
-    in flight)."""
+    in flight). Relies on `QuicPacketPacer.update_rate` and `bucket_max`."""
 
     def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
         super().update_rate(congestion_window=congestion_window, smoothed_rtt=smoothed_rtt)
         self.bucket_max = max(self.bucket_max, TIMER_GRANULARITY)
 
 
-class BpfsQuic(QuicConnection):
-    """QuicConnection with consumption-based receive credit and our stream limits."""
+def _install_pacer(quic: QuicConnection) -> None:
+    """Replace the pacer of `quic`'s loss recovery by `_Pacer`. aioquic internals:
+    `QuicConnection._loss._pacer`, `QuicConnection._max_datagram_size`."""
+    quic._loss._pacer = _Pacer(max_datagram_size=quic._max_datagram_size)
 
-    def __init__(self, owner: "Connection", **kwargs):
+
+def _limit_peer_streams(quic: QuicConnection, *, bidi: int, uni: int) -> None:
+    """Let the peer open at most `bidi` bidirectional and `uni` unidirectional streams at
+    a time (announced in the transport parameters). aioquic internals:
+    `QuicConnection._local_max_streams_bidi` / `_local_max_streams_uni` (`Limit.value`,
+    `Limit.sent`)."""
+    for limit, value in ((quic._local_max_streams_bidi, bidi), (quic._local_max_streams_uni, uni)):
+        limit.value = limit.sent = value
+
+
+class BpfsQuic(QuicConnection):
+    """aioquic's `QuicConnection` with consumption-based receive credit, our stream
+    limits and our pacer; the named helpers (`credit_due`, `sent_offset`,
+    `received_offset`) are the only way the rest of `bpfs.net` looks inside it.
+
+    Attributes:
+        credit: the owning connection's `Credit`; MAX_DATA / MAX_STREAM_DATA follow it.
+    """
+
+    def __init__(self, credit: Credit, *, max_streams: int, **kwargs):
         super().__init__(**kwargs)
-        self._owner = owner
-        cfg = owner._cfg
-        for limit, value in ((self._local_max_streams_bidi, cfg.max_streams), (self._local_max_streams_uni, 0)):
-            limit.value = limit.sent = value
-        self._loss._pacer = _Pacer(max_datagram_size=self._max_datagram_size)
+        self.credit = credit
+        _limit_peer_streams(self, bidi=max_streams, uni=0)
+        _install_pacer(self)
+
+    # ---- helpers (aioquic internals: `_streams`, `_local_max_data`)
+
+    def credit_due(self, stream_id: int) -> bool:
+        """Whether a quarter of a window was consumed since the last MAX_STREAM_DATA of
+        `stream_id` or the last MAX_DATA, i.e. a transmit now would raise a limit.
+        aioquic internals: `_streams` (`QuicStream.max_stream_data_local`), `_local_max_data`."""
+        credit = self.credit
+        qs = self._streams.get(stream_id)
+        if qs is not None and qs.max_stream_data_local:
+            target = credit.stream_limit(stream_id)
+            if target is not None and target - qs.max_stream_data_local >= credit.stream_window // 4:
+                return True
+        return credit.connection_limit() - self._local_max_data.value >= credit.conn_window // 4
+
+    def sent_offset(self, stream_id: int) -> int | None:
+        """How far into stream `stream_id` aioquic has sent (each byte at least once);
+        None once aioquic has dropped the stream. aioquic internals: `_streams`
+        (`QuicStream.sender.highest_offset`)."""
+        qs = self._streams.get(stream_id)
+        return qs.sender.highest_offset if qs is not None else None
+
+    def received_offset(self, stream_id: int) -> int | None:
+        """The highest offset received on stream `stream_id` (its final size once the peer
+        reset it); None once aioquic has dropped the stream. aioquic internals: `_streams`
+        (`QuicStream.receiver.highest_offset`)."""
+        qs = self._streams.get(stream_id)
+        return qs.receiver.highest_offset if qs is not None else None
+
+    # ---- overridden aioquic hooks
 
     def _write_connection_limits(self, builder, space) -> None:
-        owner = self._owner
+        credit = self.credit
         limit = self._local_max_data
-        target = owner._consumed + owner._conn_window
-        if target - limit.value >= owner._conn_window // 4:
+        target = credit.connection_limit()
+        if target - limit.value >= credit.conn_window // 4:
             limit.value = target
         used, limit.used = limit.used, 0  # disable aioquic's "double when half used"
         try:
@@ -152,12 +321,10 @@ class BpfsQuic(QuicConnection):
         # Never for a stream still blocked by the peer's MAX_STREAMS: the frame would
         # open it at the peer beyond its limit (STREAM_LIMIT_ERROR).
         if stream.max_stream_data_local and not stream.is_blocked:
-            owner = self._owner
-            ours = owner._streams.get(stream.stream_id)
-            if ours is not None:
-                target = ours._consumed + owner._stream_window
-                if target - stream.max_stream_data_local >= owner._stream_window // 4:
-                    stream.max_stream_data_local = target
+            credit = self.credit
+            target = credit.stream_limit(stream.stream_id)
+            if target is not None and target - stream.max_stream_data_local >= credit.stream_window // 4:
+                stream.max_stream_data_local = target
         receiver = stream.receiver
         highest, receiver.highest_offset = receiver.highest_offset, 0  # disable doubling
         try:
@@ -166,23 +333,23 @@ class BpfsQuic(QuicConnection):
             receiver.highest_offset = highest
 
 
-
-
-def make_quic(owner, *, is_client: bool, odcid: bytes | None, max_datagram_size: int | None = None) -> BpfsQuic:
-    """The QUIC machine of `owner` (a `quic.Connection`), configured from `owner._cfg`
-    with the pre-authentication windows (and a smaller datagram size if given)."""
-    cfg = owner._cfg
+def make_quic(credit: Credit, *, is_client: bool, odcid: bytes | None, idle_timeout: float,
+              max_datagram_size: int, congestion_control: str, max_streams: int) -> BpfsQuic:
+    """A QUIC machine granting receive credit from `credit` (its current windows are the
+    initial ones: the pre-authentication windows), letting the peer open `max_streams`
+    bidirectional streams, with our ALPN, connection id length and, on the server side,
+    the process certificate."""
     qcfg = QuicConfiguration(
         is_client=is_client,
         alpn_protocols=[ALPN],
         connection_id_length=CID_LENGTH,
-        idle_timeout=cfg.idle_timeout,
-        max_datagram_size=max_datagram_size or cfg.max_datagram_size,
-        max_data=cfg.preauth_window,
-        max_stream_data=cfg.preauth_window,
-        congestion_control_algorithm=cfg.congestion_control,
+        idle_timeout=idle_timeout,
+        max_datagram_size=max_datagram_size,
+        max_data=credit.conn_window,
+        max_stream_data=credit.stream_window,
+        congestion_control_algorithm=congestion_control,
         verify_mode=ssl.CERT_NONE,  # the certificate is not identity; see auth
     )
     if not is_client:
         qcfg.certificate, qcfg.private_key = process_certificate()
-    return BpfsQuic(owner, configuration=qcfg, original_destination_connection_id=odcid)
+    return BpfsQuic(credit, max_streams=max_streams, configuration=qcfg, original_destination_connection_id=odcid)

@@ -1,9 +1,12 @@
 """QUIC transport: aioquic's sans-IO `QuicConnection` driven by trio UDP sockets.
 
 This module owns the UDP socket, connection demultiplexing, timers, connection state and
-every resource bound; `machine` adapts aioquic itself (and is the only module touching
-its internals), `stream` is one stream, `auth` authenticates the peer on stream 0 before
-a connection is handed to the application. Nothing here knows about files.
+every resource bound. It sits on top of the other transport modules and none of them
+imports it: `machine` adapts aioquic itself (the only module touching its internals) and
+keeps the receive credit, `stream` is one stream (`Connection` implements its
+`stream.StreamHost` interface), `relay` frames relayed datagrams, `auth` authenticates the
+peer on stream 0 before a connection is handed to the application. Nothing here knows
+about files.
 
 Objects
 -------
@@ -17,6 +20,7 @@ Objects
              `wait_closed()`, `peer_id`, `peer_public_key`, `channel_binding`.
 `Stream`     see `stream`: `send(data, end=False)`, `send_eof()`, `receive_some()`,
              `receive_exactly(n)`, `receive_all(limit)`, `reset()`, `aclose()`.
+`TransportConfig`  every bound and window (below).
 
 Concurrency: everything runs in the endpoint's nursery: one task reads the socket (in
 batches, then lets each touched connection process events and transmit), one drains the
@@ -33,7 +37,8 @@ Bounds (`TransportConfig`)
 - concurrent peer-opened streams per connection (`max_streams`; no unidirectional ones).
 - bytes buffered per stream (`max_stream_data`) and per connection (`max_data`): credit
   follows what the application consumed, so a slow reader throttles the sender (see
-  `machine`). Until the peer is authenticated both windows are `preauth_window`.
+  `machine.Credit`, one per connection). Until the peer is authenticated both windows
+  are `preauth_window`.
 - bytes queued for sending per stream (`send_buffer`): `Stream.send` waits.
 
 Authentication (see `auth` and `machine.export_binding`): the client opens stream 0 and
@@ -63,12 +68,12 @@ from .errors import (AuthenticationError, Code, ConnectionClosed, LimitExceeded,
                      StreamReset, TransportError)
 from .machine import CID_LENGTH
 from .relay import RELAY_OVERHEAD, RelayPath, is_quic, parse_relay_frame, relay_frame
-from .stream import Stream
+from .stream import Stream, StreamHost
 
 __all__ = [
     "AuthenticationError", "Code", "Connection", "ConnectionClosed", "Endpoint", "LimitExceeded",
-    "PeerRefused", "RelayPath", "Stream", "StreamClosed", "StreamReset", "TransportConfig", "TransportError",
-    "open_endpoint",
+    "PeerRefused", "RelayPath", "Stream", "StreamClosed", "StreamHost", "StreamReset", "TransportConfig",
+    "TransportError", "open_endpoint",
 ]
 
 log = logging.getLogger("bpfs.net")
@@ -81,6 +86,27 @@ _MAX_RELAY_SESSIONS = 256  # relay sessions an endpoint accepts frames for (the 
 
 @dataclass(frozen=True)
 class TransportConfig:
+    """The bounds and windows of an `Endpoint` and its connections (immutable; checked
+    on construction).
+
+    Attributes:
+        max_datagram_size:    UDP payload size, 1200..65527 (a relayed connection keeps
+                              its datagrams, relay header included, within it).
+        idle_timeout:         seconds without any packet from the peer before the
+                              connection ends.
+        handshake_timeout:    seconds for the QUIC handshake plus authentication.
+        max_data:             receive window per connection (bytes buffered, unread).
+        max_stream_data:      receive window per stream.
+        preauth_window:       both windows until the peer is authenticated.
+        send_buffer:          unsent bytes queued per stream before `Stream.send` waits.
+        max_connections:      connections per endpoint, in any state.
+        max_pending:          accepted but not yet authenticated connections per endpoint.
+        max_pending_per_host: of those, from one IP address (a relay counts as its host).
+        max_streams:          concurrent streams the peer may open per connection.
+        socket_buffer:        SO_RCVBUF / SO_SNDBUF of the endpoint's socket.
+        congestion_control:   "reno" or "cubic".
+    """
+
     max_datagram_size: int = 1452  # UDP payload: fills a 1500-byte MTU over IPv6 (40 + 8 bytes of headers)
     idle_timeout: float = 30.0  # seconds without any packet from the peer
     handshake_timeout: float = 10.0  # QUIC handshake + authentication, seconds
@@ -111,7 +137,24 @@ class TransportConfig:
 # --------------------------------------------------------------------------- connection
 
 class Connection:
-    """A QUIC connection to one authenticated peer."""
+    """A QUIC connection to one authenticated peer (made by `Endpoint.connect` /
+    `Endpoint.accept`, never directly).
+
+    Attributes:
+        is_client:       True if we dialled.
+        remote_address:  the peer's (host, port), or a `RelayPath` if relayed.
+        peer_id:         the authenticated peer's id (None until authenticated).
+        peer_public_key: its Ed25519 public key (32 bytes; None until authenticated).
+        channel_binding: 32 bytes bound to this connection's TLS handshake (see
+                         `machine.export_binding`); None before the handshake completes.
+        closed:          (property) closed or closing.
+        close_info:      (property) the `ConnectionClosed` saying why, once closed.
+
+    It owns its QUIC machine (`machine.BpfsQuic`), its receive credit (`machine.Credit`)
+    and its streams, and implements `stream.StreamHost` for them: `terminated`,
+    `send_waiters`, `check_open()`, `transmit()`, `release_stream()` (transport
+    plumbing; applications need only the methods below and `Stream`'s).
+    """
 
     def __init__(self, endpoint: "Endpoint", *, is_client: bool, address, odcid: bytes | None = None,
                  accept: Callable[[bytes], bool] | None = None):
@@ -120,12 +163,10 @@ class Connection:
         self.is_client = is_client
         self.remote_address = address
         self._accept = accept
-        self._conn_window = cfg.preauth_window
-        self._stream_window = cfg.preauth_window
-        self._consumed = 0
+        self._credit = machine.Credit(cfg.preauth_window)  # both windows: preauth until authenticated
         self._streams: dict[int, Stream] = {}
         self._retired = RangeSet()  # peer-initiated stream indices we are done with
-        self._send_waiters: set[Stream] = set()
+        self.send_waiters: set[Stream] = set()  # streams waiting in send() for room
         self._in_send, self._in_recv = trio.open_memory_channel(cfg.max_streams)
         self._auth_stream: Stream | None = None
         self._early: list[Stream] = []  # server streams received before we verified it
@@ -145,11 +186,18 @@ class Connection:
         self.peer_id: str | None = None
         # A relayed datagram carries the relay frame's header too: keep it within the same size.
         size = cfg.max_datagram_size - (RELAY_OVERHEAD if isinstance(address, RelayPath) else 0)
-        self._quic = machine.make_quic(self, is_client=is_client, odcid=odcid, max_datagram_size=size)
+        self._quic = machine.make_quic(self._credit, is_client=is_client, odcid=odcid, idle_timeout=cfg.idle_timeout,
+                                       max_datagram_size=size, congestion_control=cfg.congestion_control,
+                                       max_streams=cfg.max_streams)
 
     def __repr__(self) -> str:
         who = self.peer_id or "unauthenticated"
         return f"<Connection {'to' if self.is_client else 'from'} {self.remote_address} {who}>"
+
+    @property
+    def _consumed(self) -> int:
+        """Bytes of the connection consumed so far (`machine.Credit.consumed`; kept for tests)."""
+        return self._credit.consumed
 
     # ---- public API
 
@@ -164,7 +212,7 @@ class Connection:
     async def open_stream(self) -> Stream:
         """A new outgoing stream (the peer sees it when we first send on it)."""
         await trio.lowlevel.checkpoint()
-        self._check_open()
+        self.check_open()
         if not self._authenticated:
             raise TransportError("connection is not authenticated yet")
         return self._open_stream_now()
@@ -193,7 +241,7 @@ class Connection:
         if self._close_info is None:
             self._close_info = ConnectionClosed(error_code, reason, by_peer=False)
         self._quic.close(error_code=error_code, reason_phrase=reason[:200])
-        self._transmit()
+        self.transmit()
         self._wake_all()
 
     async def aclose(self, error_code: int = Code.NO_ERROR, reason: str = "") -> None:
@@ -206,51 +254,74 @@ class Connection:
         await self._terminated_event.wait()
         return self._close_info
 
-    # ---- internals: streams
+    # ---- stream.StreamHost (what our streams use)
 
-    def _open_stream_now(self) -> Stream:
-        sid = self._quic.get_next_available_stream_id()
-        self._quic.send_stream_data(sid, b"")  # creates it inside aioquic
-        stream = self._streams[sid] = Stream(self, sid)
-        return stream
+    @property
+    def terminated(self) -> bool:
+        """The connection's state is torn down: the QUIC machine takes no more calls."""
+        return self._terminated
 
-    def _peer_initiated(self, sid: int) -> bool:
-        return (sid & 1) == (1 if self.is_client else 0)
+    def check_open(self) -> None:
+        """Raise the reason (`ConnectionClosed`) if the connection is closed or closing."""
+        if self._close_info is not None:
+            raise self._close_info
+        if self._terminated:
+            raise ConnectionClosed(reason="terminated")
 
-    def _maybe_forget(self, stream: Stream) -> None:
+    def transmit(self) -> None:
+        """Send what the QUIC machine has to send, wake writers that have room again,
+        re-arm the timer if it moved earlier."""
+        if self._terminated:
+            return
+        quic = self._quic
+        sendto = self._ep._sendto
+        for data, addr in quic.datagrams_to_send(now=trio.current_time()):
+            sendto(data, addr)
+        if self.send_waiters:
+            for stream in list(self.send_waiters):
+                stream.on_transmit()
+        timer = quic.get_timer()
+        if timer is not None and timer < self._armed:
+            self._timer_wake.set()
+
+    def release_stream(self, stream: Stream) -> None:
         """Drop our state once both directions are over (and the peer's, so late data
         or a RESET_STREAM can still be credited to the connection window)."""
-        if (
-            stream._recv_done and stream._send_done and (stream._eof or stream._peer_reset)
-            and self._streams.get(stream.stream_id) is stream
-        ):
+        if stream.finished and self._streams.get(stream.stream_id) is stream:
             del self._streams[stream.stream_id]
+            self._credit.forget(stream.stream_id)
             if self._peer_initiated(stream.stream_id):
                 i = stream.stream_id >> 2
                 self._retired.add(i, i + 1)
 
-    def _credit_check(self, stream: Stream) -> None:
-        """Send MAX_DATA / MAX_STREAM_DATA soon when a quarter of a window was read."""
-        qs = self._quic._streams.get(stream.stream_id)
-        if qs is not None and qs.max_stream_data_local and (
-            stream._consumed + self._stream_window - qs.max_stream_data_local >= self._stream_window // 4
-        ):
-            self._transmit()
-        elif self._consumed + self._conn_window - self._quic._local_max_data.value >= self._conn_window // 4:
-            self._transmit()
+    # ---- internals: streams
+
+    def _new_stream(self, sid: int) -> Stream:
+        self._credit.open(sid)
+        stream = self._streams[sid] = Stream(self, sid, quic=self._quic, credit=self._credit,
+                                             send_buffer=self._cfg.send_buffer)
+        return stream
+
+    def _open_stream_now(self) -> Stream:
+        sid = self._quic.get_next_available_stream_id()
+        self._quic.send_stream_data(sid, b"")  # creates it inside aioquic
+        return self._new_stream(sid)
+
+    def _peer_initiated(self, sid: int) -> bool:
+        return (sid & 1) == (1 if self.is_client else 0)
 
     def _on_stream_data(self, ev: events.StreamDataReceived) -> None:
         sid = ev.stream_id
         stream = self._streams.get(sid)
         if stream is None:
             if not self._peer_initiated(sid) or (sid >> 2) in self._retired:
-                self._consumed += len(ev.data)  # a stream we already dropped
+                self._credit.drop(len(ev.data))  # a stream we already dropped
                 return
             if not self._authenticated and not self.is_client and (sid != 0 or self._auth_stream is not None):
                 # a client opens stream 0 only, and others once it has our hello
                 self._protocol_violation("stream opened before authentication")
                 return
-            stream = self._streams[sid] = Stream(self, sid)
+            stream = self._new_stream(sid)
             if not self._authenticated and not self.is_client:
                 self._auth_stream = stream
                 self._auth_stream_ready.set()
@@ -263,19 +334,13 @@ class Connection:
                     self._in_send.send_nowait(stream)
                 except (trio.WouldBlock, trio.ClosedResourceError):
                     stream.reset(Code.STREAM_REFUSED)
-        stream._on_data(ev.data, ev.end_stream)
+        stream.on_data(ev.data, ev.end_stream)
 
     def _protocol_violation(self, reason: str) -> None:
         log.info("closing %r: %s", self, reason)
         self.close(Code.PROTOCOL_VIOLATION, reason)
 
     # ---- internals: the QUIC machine
-
-    def _check_open(self) -> None:
-        if self._close_info is not None:
-            raise self._close_info
-        if self._terminated:
-            raise ConnectionClosed(reason="terminated")
 
     def _handle_events(self) -> None:
         quic = self._quic
@@ -286,12 +351,12 @@ class Connection:
             elif kind is events.StreamReset:
                 stream = self._streams.get(ev.stream_id)
                 if stream is not None:
-                    stream._on_reset(ev.error_code)
+                    stream.on_reset(ev.error_code)
             elif kind is events.StopSendingReceived:
                 stream = self._streams.get(ev.stream_id)
                 if stream is not None:
-                    stream._on_send_error(StreamReset(ev.error_code))
-                    self._maybe_forget(stream)
+                    stream.on_stop_sending(ev.error_code)
+                    self.release_stream(stream)
             elif kind is events.HandshakeCompleted:
                 try:
                     self.channel_binding = machine.export_binding(quic)
@@ -318,33 +383,16 @@ class Connection:
     def _wake_all(self) -> None:
         exc = self._close_info or ConnectionClosed(reason="terminated")
         for stream in list(self._streams.values()):
-            stream._on_recv_error(exc)
-            if stream._send_wake is not None:
-                stream._send_wake.set()
+            stream.on_connection_lost(exc)
         self._in_send.close()
         self._handshake_done.set()
         self._auth_stream_ready.set()
         self._established.set()
         self._timer_wake.set()
 
-    def _transmit(self) -> None:
-        if self._terminated:
-            return
-        quic = self._quic
-        sendto = self._ep._sendto
-        for data, addr in quic.datagrams_to_send(now=trio.current_time()):
-            sendto(data, addr)
-        if self._send_waiters:
-            for stream in list(self._send_waiters):
-                if stream._send_room() or stream._send_done or stream._send_error:
-                    stream._send_wake.set()
-        timer = quic.get_timer()
-        if timer is not None and timer < self._armed:
-            self._timer_wake.set()
-
     def _after_input(self) -> None:
         self._handle_events()
-        self._transmit()
+        self.transmit()
 
     async def _timer_loop(self) -> None:
         quic = self._quic
@@ -355,7 +403,7 @@ class Connection:
             if timer is not None and now >= timer:
                 quic.handle_timer(now=now)
                 self._handle_events()
-                self._transmit()
+                self.transmit()
                 overdue += 1
                 if overdue > 100:  # a timer that does not move: do not spin
                     overdue = 0
@@ -376,15 +424,14 @@ class Connection:
         self.peer_public_key = key
         self.peer_id = peer_id(key)
         self._authenticated = True
-        self._conn_window = self._cfg.max_data
-        self._stream_window = self._cfg.max_stream_data
+        self._credit.widen(self._cfg.max_data, self._cfg.max_stream_data)
         for stream in self._early:  # server streams that overtook the server's hello
             try:
                 self._in_send.send_nowait(stream)
             except (trio.WouldBlock, trio.ClosedResourceError):
                 stream.reset(Code.STREAM_REFUSED)
         self._early.clear()
-        self._transmit()  # announce the larger windows now
+        self.transmit()  # announce the larger windows now
         if not self.is_client:
             try:
                 self._ep._incoming_send.send_nowait(self)
@@ -397,22 +444,22 @@ class Connection:
         try:
             with trio.fail_after(self._cfg.handshake_timeout):
                 await self._handshake_done.wait()
-                self._check_open()
+                self.check_open()
                 if self.is_client:
                     stream = self._open_stream_now()
                     if stream.stream_id != 0:
                         raise TransportError("authentication stream is not stream 0")
                 else:
                     await self._auth_stream_ready.wait()
-                    self._check_open()
+                    self.check_open()
                     stream = self._auth_stream
                 key = await ep._authenticator.authenticate(self, stream, accept=self._accept or (lambda key: True))
                 # From here to _on_authenticated() nothing may await: the peer may use
                 # the connection as soon as our last hello is out.
-                self._check_open()
+                self.check_open()
                 if not isinstance(key, bytes) or len(key) != 32:
                     raise AuthenticationError("authenticator returned no Ed25519 key")
-                if not (stream._send_done and stream._recv_done):
+                if not stream.closed:
                     stream.reset()
         except trio.TooSlowError:
             self.close(Code.TIMEOUT, "handshake or authentication timed out")
@@ -437,7 +484,15 @@ class Connection:
 # --------------------------------------------------------------------------- endpoint
 
 class Endpoint:
-    """One UDP socket: dials and (if `listen`) accepts authenticated QUIC connections."""
+    """One UDP socket: dials and (if `listen`) accepts authenticated QUIC connections.
+    Made by `open_endpoint`.
+
+    Attributes:
+        local_address:     the socket's (host, port).
+        socket_buffers:    (SO_RCVBUF, SO_SNDBUF) as the kernel granted them.
+        dropped_datagrams: datagrams dropped as garbage, unroutable or unwanted.
+        connections:       (property) the live connections, in any state.
+    """
 
     def __init__(self, sock: socket.socket, authenticator, config: TransportConfig, nursery: trio.Nursery, *,
                  listen: bool, accept_peer: Callable[[str], bool] | None,
@@ -487,7 +542,7 @@ class Endpoint:
         self._register(conn._quic.host_cid, conn)
         self._nursery.start_soon(conn._timer_loop)
         self._nursery.start_soon(conn._establish)
-        conn._transmit()
+        conn.transmit()
         await conn._established.wait()
         if not conn._authenticated:
             info = conn._close_info
