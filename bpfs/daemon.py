@@ -13,6 +13,7 @@ import ctypes
 import logging
 import logging.handlers
 import os
+import resource
 import re
 import signal
 import subprocess
@@ -23,6 +24,7 @@ import pyfuse3
 import trio
 
 from .errors import BpfsError, first_error
+from .passphrase import scrub_environment
 from .filedata import DataStore
 from .fs import BpfsOperations
 from .snapview import SnapshotViews
@@ -52,6 +54,26 @@ def _tune_runtime() -> None:
         libc.mallopt(M_ARENA_MAX, 2)
     except (OSError, AttributeError):
         pass
+
+
+PR_SET_DUMPABLE = 4
+
+
+def _guard_secrets() -> None:
+    """The daemon holds the store's keys for its whole life: no core dumps (they would write the
+    keys to disk), not dumpable (other processes of the user cannot read its memory or
+    /proc/PID/environ), and the passphrase gone from its environment.
+
+    Not done: locking memory out of swap. The keys are Python objects anywhere in the heap, so
+    only mlockall() would cover them, and it would also lock every page of the index that LMDB
+    maps (a file as large as the index) in RAM; an encrypted swap (the default with full-disk
+    encryption) is the way to keep them off a disk in the clear (README, Security model)."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    scrub_environment()
 
 
 def _setup_logging(store_dir: str, foreground: bool, debug: bool) -> None:
@@ -240,6 +262,7 @@ def run_daemon(store_dir: str, keys, mountpoint: str | None, options: set[str], 
     reports the start's outcome once."""
     _tune_runtime()
     _setup_logging(store_dir, foreground, debug)
+    _guard_secrets()
     try:
         store = OpenStore(store_dir, keys)
     except BpfsError as e:

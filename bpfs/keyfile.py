@@ -31,6 +31,12 @@ KDF_PROFILES = {
 }
 
 
+# What `unlock` accepts from a key file: the costs of the profiles above, nothing else (an edited
+# file could otherwise make unlocking use all memory, or make the passphrase cheap to guess).
+_OPS_RANGE = (min(p[0] for p in KDF_PROFILES.values()), max(p[0] for p in KDF_PROFILES.values()))
+_MEM_RANGE = (min(p[1] for p in KDF_PROFILES.values()), max(p[1] for p in KDF_PROFILES.values()))
+
+
 class StoreKeys:
     """All keys of one store, derived from its root secret. Never logged, never sent."""
 
@@ -114,6 +120,10 @@ def unlock(path: str, passphrase: bytes) -> StoreKeys:
         opslimit, memlimit = int(kdf["opslimit"]), int(kdf["memlimit"])
     except (KeyError, ValueError, TypeError):
         raise BpfsError(f"key file {path} is damaged", exit_code=2) from None
+    if not (_OPS_RANGE[0] <= opslimit <= _OPS_RANGE[1] and _MEM_RANGE[0] <= memlimit <= _MEM_RANGE[1]
+            and len(salt) == nacl.pwhash.argon2id.SALTBYTES):
+        raise BpfsError(f"key file {path} asks for an Argon2id cost bpfs never uses (opslimit {opslimit}, memlimit "
+                        f"{memlimit}): refusing it (was the file edited?)", exit_code=2)
     try:
         root = _kek(passphrase, salt, opslimit, memlimit).open(wrapped, FORMAT.encode() + public_key)
     except IntegrityError:
