@@ -347,3 +347,21 @@ def test_challenge_errors_are_one_line(stores, tmp_path):
     h["B"].kill9()
     cp = a.bpfs("challenge", h["B"].peer_id, check=False, timeout=120)
     assert cp.returncode == 1 and "reach" in cp.stderr and len(cp.stderr.strip().splitlines()) == 1, cp.stderr
+
+
+@pytest.mark.timeout(300)
+def test_sync_spot_checks_partners_before_saying_the_data_is_safe(stores, tmp_path):
+    """Audits are hourly here, yet `bpfs sync` does not trust a partner that lost everything
+    since its last audit: the audit sync makes before it returns catches it, and sync fails
+    saying the target cannot be met (no spare)."""
+    a, h = setup(stores, tmp_path, names=("B", "C"))
+    (a.path / "bpfs.toml").write_text(TRUST_TOML.format(repair_after=3600).replace("audit_interval = 2",
+                                                                                    "audit_interval = 3600"))
+    a.umount()
+    a.mount()
+    b = h["B"]
+    write_packs(a, 2)
+    Tamper(b, a.peer_id).delete(1.0, data_only=False)
+    cp = a.sync(timeout=60, check=False)
+    assert cp.returncode == 1 and "cannot be met" in cp.stderr, cp.stderr
+    assert reputation(a, b.peer_id)["level"] == "failed"

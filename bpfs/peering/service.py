@@ -717,17 +717,41 @@ class PartnerService:
         generation = await self.source.snapshot(partner_list(self.ledger))
         self.source.commit()
         self._changed()
-        left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
-        try:
-            await self.replicator.sync(generation, left)
-        except SyncTimeout as e:
-            raise PeeringError(f"sync timed out: {e}") from None
-        return {"generation": generation, "partners": [p.peer_id for p in self.replicator.assigned()],
+        for _ in range(SYNC_SPOT_CHECKS):
+            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+            try:
+                await self.replicator.sync(generation, left)
+            except SyncTimeout as e:
+                raise PeeringError(f"sync timed out: {e}") from None
+            if not await self._spot_check():
+                break
+        else:
+            raise PeeringError("sync: partners keep failing their audits; see bpfs status and bpfs reputation")
+        return {"generation": generation, "partners": [p.peer_id for p in self.replicator.counting()],
                 "seconds": round(time.monotonic() - started, 3)}
+
+    async def _spot_check(self) -> bool:
+        """Before `sync` says the data is safe, each partner counted on proves a scheduled audit's
+        worth of packs now (so a partner that lost everything since its last audit is caught
+        here, not an hour later). True if any proof failed (what failed is being repaired)."""
+        failed = False
+        for p in self.replicator.counting():
+            count = max(1, round(self.auditor.plan_for(p.peer_id).per_audit))
+            try:
+                result = await self.auditor.audit(p.peer_id, self.auditor.choose(p.peer_id, count))
+            except (Unreachable, TransportError, trio.TooSlowError) as e:
+                log.info("sync: could not audit %s: %s", p.peer_id, e or type(e).__name__)
+                continue
+            except RemoteError as e:
+                log.info("sync: %s refused an audit: %s", p.peer_id, e.message)
+                continue
+            failed |= bool(result.failures)
+        return failed
 
 
 RESTART_PAUSE = 5.0
 DURABILITY_GAP = 2.0
+SYNC_SPOT_CHECKS = 3  # rounds of replicate-then-audit a sync makes before it gives up
 
 
 async def start_service(nursery, make_service, listen: str | None, *, explicit: bool,
