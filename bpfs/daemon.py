@@ -25,8 +25,9 @@ import trio
 
 from .errors import BpfsError, first_error
 from .passphrase import scrub_environment
-from .filedata import DataStore
+from .data import DataStore
 from .fs import BpfsOperations
+from .lanes import load_priority_patterns
 from .snapview import SnapshotViews
 from .store import (OpenStore, clear_daemon_info, is_locked, read_daemon_info, require_store,
                     write_daemon_info)
@@ -183,7 +184,8 @@ async def _start_partners(nursery, store: OpenStore, data: DataStore, listen: st
 
 async def _serve(store: OpenStore, mountpoint: str | None, options: set[str], ready, listen: str | None,
                  explicit_listen: bool) -> None:
-    data = DataStore(store.index, store.packs, store.keys, _space_reserve(store.dir))
+    data = DataStore(store.index, store.packs, store.keys, _space_reserve(store.dir),
+                     priority_patterns=load_priority_patterns(store.dir))
     services_started: list = []  # the partner service, once it runs: it counts each file's copies
 
     def copies(pack_ids, changed_ns):
@@ -201,8 +203,7 @@ async def _serve(store: OpenStore, mountpoint: str | None, options: set[str], re
         fuse_options = set(pyfuse3.default_options) | {f"fsname={store.dir}", "subtype=bpfs"} | options
         pyfuse3.init(ops, mountpoint, fuse_options)
     try:
-        async with trio.open_nursery() as drains:
-            data.nursery = drains
+        async with data.background():
             async with trio.open_nursery() as services:
                 addresses, control_path = [], None
                 if "ro" not in options:  # a read-only mount changes nothing in the store, partners' data included

@@ -44,10 +44,9 @@ import time
 
 import pyfuse3
 
+from .data import DataStore
 from .errors import IntegrityError
-from .filedata import DataStore
 from .index import ROOT_INO, Attr, Index
-from .lanes import Lanes, load_priority_patterns
 from .snapview import DIR_NAME as SNAPDIR_NAME
 from .snapview import SNAPSHOTS_INO, SnapshotViews, is_virtual
 
@@ -147,8 +146,7 @@ class BpfsOperations(pyfuse3.Operations):
         self._lookups: dict[int, int] = {}
         self._open: dict[int, int] = {}
         self._durable_now = False  # set by a handler whose change must be durable on return
-        self.lanes = Lanes(index, data, load_priority_patterns(store_dir))
-        data.lanes = self.lanes
+        self.lanes = data.lanes
 
     # ----- helpers -------------------------------------------------------------------------
     def _is_snapdir(self, parent_ino: int, name: bytes) -> bool:

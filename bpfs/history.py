@@ -3,7 +3,7 @@
 Owns the retention policy (in the manner of restic's `forget --keep-*`) and what follows from it
 for chunks. A chunk whose last reference goes (a file deleted or overwritten) is not freed while
 a retained snapshot holds it: the file layer marks it *retired* instead (refcount 0, the
-generation it died at in the index's `retired` table; see `filedata`). A chunk is in snapshot g
+generation it died at in the index's `retired` table; see `chunkmap`). A chunk is in snapshot g
 exactly when born < g <= died (both are generation counters: it was stored in a transaction
 after `born` was committed, and lost its last reference in one after `died`). When snapshots are
 released, `thin` frees the retired chunks no retained snapshot holds any more, so their packs

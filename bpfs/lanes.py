@@ -141,7 +141,7 @@ class Lanes:
     """Lane decisions of one mounted store: caches, markers, re-evaluation.
 
     `fs.BpfsOperations` tells it about names (lookups, creations, links, renames, removals);
-    `filedata.DataStore` asks `lane_of(ino)` on every drain (a dict lookup once known).
+    `data.DataStore` asks `lane_of(ino)` on every drain (a dict lookup once known).
     """
 
     def __init__(self, index: Index, data, priority_patterns):
@@ -508,16 +508,9 @@ def move_chunk_now(index: Index, packs, cid: bytes, rec: ChunkRecord, lane: int)
     """Copy one sealed entry into the open pack of `lane` and point its record there (blocking).
     Returns whether its old pack became empty (its record is then deleted: delete the file
     after the next commit)."""
-    old_pack = rec.pack
     new_pack, new_offset = packs.reserve(index, rec.sealed_length, lane)
     try:
         packs.write(new_pack, new_offset, packs.read(rec.pack, rec.offset, rec.sealed_length))
     finally:
         packs.finish(new_pack)
-    rec.pack, rec.offset = new_pack, new_offset
-    index.put_chunk(cid, rec, old_pack)
-    target = index.get_pack(new_pack)
-    target.live_chunks += 1
-    target.live_bytes += rec.sealed_length
-    index.put_pack(new_pack, target)
-    return chunkmap.pack_lost(index, old_pack, rec.sealed_length) == chunkmap.DEAD
+    return chunkmap.move_chunk(index, cid, rec, new_pack, new_offset) == chunkmap.DEAD

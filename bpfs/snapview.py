@@ -54,9 +54,9 @@ import pyfuse3
 import trio
 
 from . import snapshot
+from .data import read_chunk
 from .errors import IntegrityError
 from .history import snapshot_names
-from .filedata import read_chunk
 from .index import ROOT_INO, Attr, Index, record_aad, u64
 
 log = logging.getLogger(__name__)

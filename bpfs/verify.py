@@ -15,8 +15,8 @@ import stat
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from .data import read_chunk
 from .errors import IntegrityError
-from .filedata import read_chunk
 from .index import ROOT_INO, Index
 from .packs import PackStore
 from .store import StoreLock

@@ -216,7 +216,7 @@ class StoreSource:
         `partners`: the partner list the snapshot carries (JSON, see `partner_list`)."""
         if self.data is not None:
             await self.data.flush_all()
-            async with self.data._apply_lock:
+            async with self.data.quiet():
                 return self._export(partners)
         return self._export(partners)
 

@@ -1,0 +1,186 @@
+"""Reading file contents: extents, chunks from the packs, the chunk cache, the buffers' bytes.
+
+Owns `read_chunk` (read, authenticate and unpad one chunk; also used by `verify` and
+`snapview`), the cache of decrypted chunks (`ChunkCache`), and `Reader`: a read combines the
+index's extents with whatever is still buffered (so a reader always sees every accepted
+write), loads each chunk once however many readers want it, and starts decrypting the next
+chunk of a file while the kernel copies this one (sequential reads).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import trio
+
+from ..crypto import padme
+from ..errors import IntegrityError
+from ..index import ChunkRecord, Extent, Index
+from ..packs import PackStore
+from .buffers import Buffers
+
+CACHE_BYTES = 32 << 20
+
+
+def read_chunk(packs: PackStore, keys, cid: bytes, rec: ChunkRecord) -> bytes:
+    """Read, authenticate and unpad one chunk (blocking)."""
+    sealed = packs.read(rec.pack, rec.offset, rec.sealed_length)
+    plain = keys.data.open(sealed, cid)
+    if len(plain) != padme(rec.length) or any(plain[rec.length:rec.length + 64]):
+        raise IntegrityError("chunk has the wrong length")
+    del plain[rec.length:]  # the padding
+    return bytes(plain) if len(plain) < 65536 else plain
+
+
+class ChunkCache:
+    """Decrypted chunks, least recently used dropped first, bounded in bytes."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.size = 0
+        self._items: OrderedDict[bytes, bytes] = OrderedDict()
+
+    def get(self, cid: bytes) -> bytes | None:
+        data = self._items.get(cid)
+        if data is not None:
+            self._items.move_to_end(cid)
+        return data
+
+    def put(self, cid: bytes, data: bytes) -> None:
+        if cid in self._items or len(data) > self.capacity // 4:
+            return
+        self._items[cid] = data
+        self.size += len(data)
+        while self.size > self.capacity:
+            _, old = self._items.popitem(last=False)
+            self.size -= len(old)
+
+    def drop(self, cid: bytes) -> None:
+        data = self._items.pop(cid, None)
+        if data is not None:
+            self.size -= len(data)
+
+
+class Reader:
+    """The reads of a mounted store.
+
+    Attributes:
+        index, packs: the live index and the pack files.
+        cache: decrypted chunks (the chunk bookkeeping drops freed ones).
+        buffers: the write buffers, whose bytes overlay the stored ones.
+        nursery: where prefetches start (None: no prefetch).
+    """
+
+    def __init__(self, index: Index, packs: PackStore, keys, cache: ChunkCache, buffers: Buffers):
+        self.index = index
+        self.packs = packs
+        self._keys = keys
+        self.cache = cache
+        self.buffers = buffers
+        self.nursery: trio.Nursery | None = None
+        self._loading: dict[bytes, trio.Event] = {}
+
+    async def read(self, ino: int, offset: int, size: int, file_size: int) -> bytes:
+        end = min(offset + size, file_size)
+        if offset >= end:
+            return b""
+        overlays = []
+        buf = self.buffers.get(ino)
+        if buf is not None:  # snapshot buffered bytes now: a drain may finish while we wait
+            for run_start, run, length in buf.runs():
+                a, b = max(offset, run_start), min(end, run_start + length)
+                if a < b:
+                    with run.view(a - run_start, b - run_start) as window:
+                        overlays.append((a, bytes(window)))
+        located = []
+        for e in self.index.extents(ino, offset, end):
+            rec = self.index.get_chunk(e.chunk_id)
+            if rec is None:
+                raise IntegrityError("extent refers to a missing chunk")
+            located.append((e, rec))
+        if located:
+            self._prefetch_after(ino, located[-1][0], file_size)
+        if len(located) == 1 and not overlays:
+            e, rec = located[0]
+            if e.offset <= offset and e.end >= end:
+                plain = await self._load_chunk(e.chunk_id, rec)
+                lo = e.chunk_offset + offset - e.offset
+                return memoryview(plain)[lo:lo + end - offset]  # pyfuse3 takes any buffer: no copy
+        out = bytearray(end - offset)
+        for e, rec in located:
+            plain = await self._load_chunk(e.chunk_id, rec)
+            a, b = max(offset, e.offset), min(end, e.end)
+            lo = e.chunk_offset + a - e.offset
+            out[a - offset:b - offset] = memoryview(plain)[lo:lo + b - a]
+        for a, data in overlays:
+            out[a - offset:a - offset + len(data)] = data
+        return bytes(out)
+
+    def _prefetch_after(self, ino: int, last: Extent, file_size: int) -> None:
+        """Sequential reads: start decrypting the next chunk while the kernel copies this one."""
+        if self.nursery is None or last.end >= file_size:
+            return
+        following = self.index.extents(ino, last.end, last.end + 1)
+        if not following:
+            return
+        nxt = following[0]
+        if self.cache.get(nxt.chunk_id) is not None or nxt.chunk_id in self._loading:
+            return
+        rec = self.index.get_chunk(nxt.chunk_id)
+        if rec is not None:
+            self.nursery.start_soon(self._prefetch, nxt.chunk_id, rec)
+
+    async def _prefetch(self, cid: bytes, rec: ChunkRecord) -> None:
+        try:
+            await self._load_chunk(cid, rec)
+        except Exception:
+            pass  # the read that needs it will report the error
+
+    async def _load_chunk(self, cid: bytes, rec: ChunkRecord) -> bytes:
+        while True:
+            data = self.cache.get(cid)
+            if data is not None:
+                return data
+            loading = self._loading.get(cid)
+            if loading is None:
+                break
+            await loading.wait()
+        self._loading[cid] = event = trio.Event()
+        try:
+            try:
+                data = await trio.to_thread.run_sync(self.read_chunk, cid, rec)
+            except IntegrityError:
+                current = self.index.get_chunk(cid)  # compaction may have moved it meanwhile
+                if current is None or (current.pack, current.offset) == (rec.pack, rec.offset):
+                    raise
+                data = await trio.to_thread.run_sync(self.read_chunk, cid, current)
+            self.cache.put(cid, data)
+            return data
+        finally:
+            del self._loading[cid]
+            event.set()
+
+    def read_chunk(self, cid: bytes, rec: ChunkRecord) -> bytes:
+        return read_chunk(self.packs, self._keys, cid, rec)
+
+    def read_small(self, ino: int, size: int) -> bytes:
+        """The first `size` bytes of `ino` as a reader would see them, read synchronously
+        (for `.backupignore` files: small, and needed inside synchronous handlers)."""
+        out = bytearray(size)
+        for e in self.index.extents(ino, 0, size):
+            rec = self.index.get_chunk(e.chunk_id)
+            if rec is None:
+                raise IntegrityError("extent refers to a missing chunk")
+            plain = self.cache.get(e.chunk_id)
+            if plain is None:
+                plain = self.read_chunk(e.chunk_id, rec)
+            a, b = e.offset, min(size, e.end)
+            out[a:b] = memoryview(plain)[e.chunk_offset:e.chunk_offset + b - a]
+        buf = self.buffers.get(ino)
+        if buf is not None:
+            for run_start, run, length in buf.runs():
+                a, b = max(0, run_start), min(size, run_start + length)
+                if a < b:
+                    with run.view(a - run_start, b - run_start) as window:
+                        out[a:b] = window
+        return bytes(out)
