@@ -40,6 +40,7 @@ A crash leaves the state as of the last checkpoint plus every saved batch, never
 
 from __future__ import annotations
 
+import stat
 import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -665,6 +666,30 @@ class Index:
         """(key, opened value) of the snapshot records whose key starts with `prefix`."""
         return [(bytes(key), self._sealer.open(raw, self._aad("snapshots", key)))
                 for key, raw in list(self._scan_prefix("snapshots", prefix))]
+
+    def committed_files(self):
+        """Yield (attributes, pack ids its data lives in, kept local) of every regular file as of
+        the last checkpoint. Its own read transaction: any thread may run it (it blocks: every
+        inode, extent and chunk record is read and opened)."""
+        sealer = self._sealer
+        with self.read_view() as records:
+            ignored = {_U64.unpack(k)[0] for k, _ in records("ignored")}
+            pack_of = {key: ChunkRecord.unpack(sealer.open(raw, record_aad("chunks", key))).pack
+                       for key, raw in records("chunks")}
+            extents = records("extents")
+            ext = next(extents, None)
+            for key, raw in records("inodes"):
+                ino = _U64.unpack(key)[0]
+                attr = Attr.unpack(ino, sealer.open(raw, record_aad("inodes", key)))
+                packs = set()
+                while ext is not None and _U64.unpack(ext[0][:8])[0] <= ino:
+                    if _U64.unpack(ext[0][:8])[0] == ino:
+                        cid = _EXTENT.unpack(sealer.open(ext[1], record_aad("extents", ext[0])))[0]
+                        if cid in pack_of:
+                            packs.add(pack_of[cid])
+                    ext = next(extents, None)
+                if stat.S_ISREG(attr.mode):
+                    yield attr, packs, ino in ignored
 
     @contextmanager
     def read_view(self):

@@ -2,8 +2,9 @@
 
 Owns the per-partner upload loops, the bandwidth limit, the daily window, `sync`, and the
 progress figures `status` shows. What to send comes from a `Source` (the store's side, see
-`service.StoreSource`): the sealed packs in the index's outbox (committed, with nothing still
-writing into them), the latest signed root and the packs it needs, and tombstones of deleted packs.
+`service.StoreSource`): the sealed packs in the outbox (`bpfs.outbox`: committed, with nothing
+still writing into them), the retained signed roots and the packs they need, and tombstones of
+deleted packs.
 
 Policy:
   - Each pack goes to the first `replicas` active partners in good standing (in pairing order;
@@ -300,7 +301,7 @@ class Replicator:
             after = reply.ids[-1]
         await self._reconcile_roots(conn, partner)
         await self._send_beacon(conn, partner)
-        known = set(self.source.replicable())
+        known = set(self.source.outbox.pending())
         confirmed = set()
         for pid, digest in listed.items():
             if pid in known:
@@ -369,14 +370,14 @@ class Replicator:
             partner.root_created = ours[newest].created_ns if newest in ours else 0
 
     def _count_pending(self, partner: Partner, prog: Progress) -> list[tuple[int, int, int]]:
-        packs = self.source.replicable()
+        packs = self.source.outbox.pending()
         held = self.held(partner.peer_id)
-        todo = sorted(((prio, pid, size) for pid, (prio, size) in packs.items() if pid not in held),
-                      key=lambda t: (-t[0], t[1]))
+        todo = sorted(((q.priority, pid, q.size) for pid, q in packs.items() if pid not in held),
+                      key=lambda t: (not t[0], t[1]))
         prog.pending_packs = len(todo)
         prog.pending_bytes = sum(t[2] for t in todo)
         prog.replicated_packs = sum(1 for pid in packs if pid in held)
-        prog.replicated_bytes = sum(size for pid, (_, size) in packs.items() if pid in held)
+        prog.replicated_bytes = sum(q.size for pid, q in packs.items() if pid in held)
         prog.root_generation = partner.root_generation
         prog.failing_packs = len(self.holdings.failing(partner.peer_id))
         return todo
@@ -452,17 +453,16 @@ class Replicator:
                 if root is None:
                     continue  # deleted meanwhile: nothing to send
                 try:
-                    obj = self.source.open_pack(pid)
+                    obj = self.source.outbox.upload(pid)
                 except FileNotFoundError:
                     continue
                 repair = pid in failing
-                with obj:
-                    if obj.size != root[1]:
-                        log.error("our pack %012x has %d bytes, %d when it was sealed: not sent (bpfs verify "
-                                  "names what it damaged)", pid, obj.size, root[1])
-                        continue
-                    await self._upload(conn, partner, prog, P.PACK, pid, obj, 0 if repair else have.get(pid, 0),
-                                       digest=root[0], repair=repair)
+                if obj.size != root[1]:
+                    log.error("our pack %012x has %d bytes, %d when it was sealed: not sent (bpfs verify "
+                              "names what it damaged)", pid, obj.size, root[1])
+                    continue
+                await self._upload(conn, partner, prog, P.PACK, pid, obj, 0 if repair else have.get(pid, 0),
+                                   digest=root[0], repair=repair)
                 if repair:
                     log.info("repaired pack %012x at %s", pid, partner.peer_id)
                 self.holdings.acknowledged(partner.peer_id, [pid])
@@ -501,7 +501,7 @@ class Replicator:
     async def _release(self, conn, partner: Partner) -> bool:
         """Packs deleted here are released at the partner once it holds a newer root and no
         retained snapshot needs them (history stays recoverable from every partner)."""
-        tombs = self.source.tombstones()
+        tombs = self.source.outbox.tombstones()
         if not tombs:
             return False
         held = self.held(partner.peer_id)
@@ -517,7 +517,7 @@ class Replicator:
         for p in self.ledger.partners():
             if p.active:
                 still_held |= self.held(p.peer_id)
-        self.source.forget_tombstones([pid for pid in tombs if pid not in still_held])
+        self.source.outbox.forget_tombstones([pid for pid in tombs if pid not in still_held])
         return bool(ids)
 
     async def _release_surplus(self) -> None:

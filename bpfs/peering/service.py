@@ -25,7 +25,7 @@ import trio
 
 from ..config import Config, format_address, parse_address
 from ..errors import BpfsError, first_error
-from ..index import OUTBOX_PRIORITY, PackRecord, record_aad
+from ..outbox import Outbox
 from ..net.quic import RelayPath, TransportConfig, TransportError, open_endpoint
 from ..net.rpc import RemoteError, request
 from .. import snapshot as snap
@@ -68,63 +68,22 @@ class RootInfo:
     digest: bytes = b""
 
 
-class PackObject:
-    """One sealed pack opened for upload."""
-
-    def __init__(self, path: str):
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        self.size = os.fstat(self.fd).st_size
-
-    def read(self, offset: int, length: int) -> bytes:
-        data = os.pread(self.fd, length, offset)
-        if len(data) != length:
-            raise OSError(f"pack shorter than expected ({offset + len(data)} of {self.size} bytes)")
-        return data
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        os.close(self.fd)
-
-
 class StoreSource:
     """The store side of replication: what to send, snapshots, and counts read from the index.
 
     Attributes:
       index, packs, keys: the open store.
       data: the mount's `DataStore` (None for a store served without a mount).
+      outbox: the packs that replicate (`bpfs.outbox`).
       policy: which snapshots to keep (`history.RetentionPolicy`).
     """
 
     def __init__(self, index, packs, keys, data=None, policy: RetentionPolicy | None = None):
         self.index, self.packs, self.keys, self.data = index, packs, keys, data
         self.policy = policy or RetentionPolicy()
-        self._cache_txn = None
-        self._cache: dict[int, tuple[int, int]] = {}
+        self.outbox = Outbox(index, packs)
         self._roots: dict[int, RootInfo] = {}
         self._manifests: dict[int, snap.SnapshotManifest] = {}
-
-    def _committed_txn(self) -> int:
-        return self.index.env.info()["last_txnid"]
-
-    def replicable(self) -> dict[int, tuple[int, int]]:
-        """pack id -> (priority, size) of sealed packs to replicate, as last committed."""
-        txn_id = self._committed_txn()
-        if txn_id != self._cache_txn:
-            out = {}
-            with self.index.read_view() as records:
-                outbox = {int.from_bytes(k, "big"): (1 if v == OUTBOX_PRIORITY else 0)
-                          for k, v in records("outbox")}
-                for key, raw in records("packs"):
-                    pid = int.from_bytes(key, "big")
-                    if pid in outbox:
-                        out[pid] = (outbox[pid], PackRecord.unpack(raw).size)
-            self._cache, self._cache_txn = out, txn_id
-        return {pid: v for pid, v in self._cache.items() if not self.packs.busy(pid)}
-
-    def open_pack(self, pack_id: int) -> PackObject:
-        return PackObject(self.packs.path(pack_id))
 
     def known_pack_root(self, pack_id: int) -> tuple[bytes, int] | None:
         """(tree root, size) of a pack as recorded in the index, if it is."""
@@ -199,14 +158,6 @@ class StoreSource:
             log.warning("raising our generation to %d, above a root a partner holds", floor)
             self.index.put_counter("generation", floor)
 
-    def tombstones(self) -> dict[int, int]:
-        with self.index.read_view() as records:
-            return {int.from_bytes(k, "big"): int.from_bytes(v, "big") for k, v in records("tombstones")}
-
-    def forget_tombstones(self, ids) -> None:
-        for pid in ids:
-            self.index.delete_tombstone(pid)
-
     def changed_since_snapshot(self) -> bool:
         retained = snap.retained_generations(self.index)
         return self.index.dirty or not retained or self.index.generation > retained[-1] + 1
@@ -244,38 +195,15 @@ class StoreSource:
         """Files (and their bytes) that fewer than `target` of `holders` (packs counted as held,
         when their root was made) hold: every pack of the file, and a root made after its last
         change. Files a .backupignore keeps local are counted apart. Blocking: reads every
-        inode, extent and chunk record of the last checkpoint."""
-        from ..index import _EXTENT, Attr, ChunkRecord
-        import stat as stat_mod
-
-        sealer = self.keys.records
+        file's records of the last checkpoint."""
         files = nbytes = below = below_bytes = local = local_bytes = 0
-        with self.index.read_view() as records:
-            ignored = {int.from_bytes(k, "big") for k, _ in records("ignored")}
-            pack_of = {}
-            for key, raw in records("chunks"):
-                pack_of[key] = ChunkRecord.unpack(sealer.open(raw, record_aad("chunks", key))).pack
-            extents = records("extents")
-            ext = next(extents, None)
-            for key, raw in records("inodes"):
-                ino = int.from_bytes(key, "big")
-                attr = Attr.unpack(ino, sealer.open(raw, record_aad("inodes", key)))
-                packs = set()
-                while ext is not None and int.from_bytes(ext[0][:8], "big") <= ino:
-                    if int.from_bytes(ext[0][:8], "big") == ino:
-                        cid = _EXTENT.unpack(sealer.open(ext[1], record_aad("extents", ext[0])))[0]
-                        if cid in pack_of:
-                            packs.add(pack_of[cid])
-                    ext = next(extents, None)
-                if not stat_mod.S_ISREG(attr.mode):
-                    continue
-                if ino in ignored:
-                    local, local_bytes = local + 1, local_bytes + attr.size
-                    continue
-                files, nbytes = files + 1, nbytes + attr.size
-                n = sum(1 for held, created in holders if created >= attr.ctime_ns and held.issuperset(packs))
-                if n < target:
-                    below, below_bytes = below + 1, below_bytes + attr.size
+        for attr, packs, kept_local in self.index.committed_files():
+            if kept_local:
+                local, local_bytes = local + 1, local_bytes + attr.size
+                continue
+            files, nbytes = files + 1, nbytes + attr.size
+            if sum(1 for held, made in holders if made >= attr.ctime_ns and held.issuperset(packs)) < target:
+                below, below_bytes = below + 1, below_bytes + attr.size
         return {"files": files, "bytes": nbytes, "below_target_files": below, "below_target_bytes": below_bytes,
                 "local_files": local, "local_bytes": local_bytes, "target": target}
 
