@@ -178,7 +178,7 @@ async def _start_partners(nursery, store: OpenStore, data: DataStore, listen: st
 
     service = await start_service(nursery, lambda address: _partner_service(store, data, address), listen,
                                   explicit=explicit, surviving=True)
-    path = await nursery.start(control.serve, service, control.socket_path(store.dir))
+    path = await nursery.start(control.serve, service.operations(), control.socket_path(store.dir))
     return service, path
 
 

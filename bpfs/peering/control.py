@@ -7,7 +7,8 @@ connect: the folder is 0700, the socket 0600, and the peer's uid is checked (SO_
 One request per connection, one JSON line each way (at most MAX_LINE bytes):
     {"op": "pair", "args": {...}}   ->   {"ok": true, "result": ...}
                                          {"ok": false, "error": "one line", "exit_code": 1}
-Operations are the `op_*` methods of `service.PartnerService`; nothing else can be called.
+Operations are what the daemon hands `serve`: a mapping of names to callables
+(`PartnerService.operations()`); nothing else can be called.
 """
 
 from __future__ import annotations
@@ -18,17 +19,16 @@ import logging
 import os
 import socket
 import struct
+from collections.abc import Callable, Mapping
 
 import trio
 
 from ..errors import BpfsError
 from ..fsutil import make_private_dir
 
-log = logging.getLogger("bpfs.peering.control")
+log = logging.getLogger(__name__)
 
 MAX_LINE = 64 << 10
-OPS = {"id", "invite", "probe", "pair", "unpair", "peers", "status", "sync", "challenge", "reputation", "snapshots",
-       "code_open", "code_wait", "code_join", "code_decide", "code_cancel"}
 _MAX_SOCKET_PATH = 100
 
 
@@ -44,7 +44,9 @@ class ControlError(BpfsError):
     pass
 
 
-async def serve(service, path: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve(operations: Mapping[str, Callable], path: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Answer the CLI on the Unix socket at `path`: `operations` maps each operation's name to
+    what runs it (keyword arguments from the request; a result or an awaitable of one)."""
     make_private_dir(os.path.dirname(path))
     try:
         os.unlink(path)
@@ -63,7 +65,7 @@ async def serve(service, path: str, *, task_status=trio.TASK_STATUS_IGNORED) -> 
         async with trio.open_nursery() as nursery:
             while True:
                 stream = await listener.accept()
-                nursery.start_soon(_handle, service, stream)
+                nursery.start_soon(_handle, operations, stream)
     finally:
         try:
             os.unlink(path)
@@ -88,7 +90,7 @@ async def _read_line(stream) -> bytes:
     return bytes(buf.split(b"\n", 1)[0])
 
 
-async def _handle(service, stream) -> None:
+async def _handle(operations: Mapping[str, Callable], stream) -> None:
     async with stream:
         try:
             uid = _peer_uid(stream)
@@ -98,9 +100,9 @@ async def _handle(service, stream) -> None:
                 line = await _read_line(stream)
             req = json.loads(line)
             op, args = req.get("op"), req.get("args") or {}
-            if op not in OPS or not isinstance(args, dict):
+            if op not in operations or not isinstance(args, dict):
                 raise ControlError(f"unknown operation {op!r}", exit_code=2)
-            result = getattr(service, f"op_{op}")(**args)
+            result = operations[op](**args)
             if hasattr(result, "__await__"):
                 result = await result
             reply = {"ok": True, "result": result}

@@ -428,6 +428,14 @@ class PartnerService:
                 log.exception("periodic snapshot failed")
 
     # ----- operations (the CLI's, through control or in-process) --------------------------------------
+    def operations(self) -> dict:
+        """What the CLI may ask the running daemon for (`control`), by name."""
+        return {"id": self.op_id, "invite": self.op_invite, "probe": self.op_probe, "pair": self.op_pair,
+                "unpair": self.op_unpair, "peers": self.op_peers, "status": self.op_status, "sync": self.op_sync,
+                "challenge": self.op_challenge, "reputation": self.op_reputation, "snapshots": self.op_snapshots,
+                "code_open": self.op_code_open, "code_wait": self.op_code_wait, "code_join": self.op_code_join,
+                "code_decide": self.op_code_decide, "code_cancel": self.op_code_cancel}
+
     def op_id(self) -> dict:
         b = self.broker
         return {"peer_id": self.identity.peer_id, "addresses": self.addresses,
