@@ -19,7 +19,11 @@ Owns `serve()` (the whole broker as one trio task) and `Broker` (what `serve` ha
 - every `sweep_interval`: expiry (`state.expire`, `relay.expire`) and an fsync of the LMDB;
   every `stats_interval`: a `relay_stats` log line.
 
-Logs (`broker.logs`): one event per line; never tokens, sides, verifiers, keys or bodies.
+Logs (`broker.logs`): one event per line; never tokens, sides, verifiers, keys or bodies, and
+never who paired, looked up or relayed to whom, nor where a store is: announcements, lookups,
+mailboxes and relay sessions are debug events without peer ids or addresses, summed up in the
+periodic `relay_stats` line. Peer ids appear only where an operator must act on one: a refused
+request (rate limits, caps) and an internal error.
 """
 
 from __future__ import annotations
@@ -131,7 +135,7 @@ class Broker:
                 continue
             info = self._conns[conn] = _ConnInfo(conn, source)
             self._per_source[source] += 1
-            event("connect", logging.DEBUG, peer=conn.peer_id, addr=info.observed)
+            event("connect", logging.DEBUG)
             self._nursery.start_soon(self._serve_connection, info)
 
     async def _serve_connection(self, info: _ConnInfo) -> None:
@@ -145,8 +149,7 @@ class Broker:
     async def _watch(self, info: _ConnInfo) -> None:
         closed = await info.conn.wait_closed()
         self._forget(info)
-        event("disconnect", logging.DEBUG, peer=info.conn.peer_id, addr=info.observed,
-              reason=closed.reason if closed is not None else "")
+        event("disconnect", logging.DEBUG, reason=closed.reason if closed is not None else "")
 
     def _forget(self, info: _ConnInfo) -> None:
         if info.gone:
@@ -177,7 +180,7 @@ class Broker:
             return
         if self._pushes >= self.config.max_pushes:
             self.pushes_dropped += 1
-            event("push_dropped", logging.DEBUG, what=what, peer=conn.peer_id)
+            event("push_dropped", logging.DEBUG, what=what)
             return
         try:
             self._nursery.start_soon(self._push_task, conn, msg, what)
@@ -188,16 +191,15 @@ class Broker:
     async def _push_task(self, conn: Connection, msg, what: str) -> None:
         try:
             await request(conn, msg, registry=P.BROKER, timeout=self.config.push_timeout)
-            event(what, logging.DEBUG, peer=conn.peer_id)
+            event(what, logging.DEBUG)
         except (TransportError, ProtocolError, trio.TooSlowError) as exc:
-            event("push_failed", logging.DEBUG, what=what, peer=conn.peer_id, error=type(exc).__name__)
+            event("push_failed", logging.DEBUG, what=what, error=type(exc).__name__)
         finally:
             self._pushes -= 1
 
     def _relay_closed(self, legs, reason: str) -> None:
         session = legs[0].session
-        event("relay_close", peer=legs[0].conn.peer_id, target=legs[1].conn.peer_id, bytes=session.bytes,
-              frames=session.frames, reason=reason)
+        event("relay_close", logging.DEBUG, bytes=session.bytes, frames=session.frames, reason=reason)
         for leg in legs:
             self._push(leg.conn, P.RelayClosed(leg.session_id, reason[:200]), "relay_closed_push")
 
@@ -244,8 +246,7 @@ class Broker:
                                   observed=observed)
         self._presence[record.public_key] = conn
         info.keys.add(record.public_key)
-        event("announce", peer=conn.peer_id, addr=observed, addresses=len(record.addresses),
-              partners=len(record.verifiers), expires=int(ann.expires))
+        event("announce", logging.DEBUG, addresses=len(record.addresses), partners=len(record.verifiers))
         return P.Announced(observed, int(ann.expires))
 
     async def _lookup(self, conn: Connection, info: _ConnInfo, msg: P.Lookup):
@@ -255,7 +256,7 @@ class Broker:
         observed = format_address(target.remote_address) if online else ann.observed
         if online and target is not conn:
             self._push(target, P.Punch(info.observed, list(msg.addresses)), "punch")
-        event("lookup", logging.DEBUG, peer=conn.peer_id, online=online)
+        event("lookup", logging.DEBUG, online=online)
         return P.Found(list(ann.record.addresses), observed, online)
 
     async def _relay_open(self, conn: Connection, info: _ConnInfo, msg: P.RelayOpen):
@@ -273,22 +274,22 @@ class Broker:
                           timeout=self.config.push_timeout)
         except (TransportError, ProtocolError, trio.TooSlowError) as exc:
             self.relay.close(mine.session, "offer failed", notify=False)
-            event("relay_offer_failed", peer=conn.peer_id, target=target.peer_id, error=type(exc).__name__)
+            event("relay_offer_failed", error=type(exc).__name__)
             raise Refused(P.Refusal.RELAY_REFUSED, "the store you asked for did not take the relay offer; "
                           "retry later") from None
         if self.relay.leg(mine.session_id) is None:  # a connection closed meanwhile
             raise Refused(P.Refusal.RELAY_REFUSED, "the relay session ended before it started; retry")
-        event("relay_open", peer=conn.peer_id, target=target.peer_id, sessions=len(self.relay.sessions))
+        event("relay_open", logging.DEBUG, sessions=len(self.relay.sessions))
         return P.RelayOpened(mine.session_id, int(expires))
 
     async def _mailbox_open(self, conn: Connection, info: _ConnInfo, msg: P.MailboxOpen):
         mb, side = self.state.mailbox_open(source=info.source, identity=conn.peer_id)
-        event("mailbox_open", peer=conn.peer_id, open=self.state.stats()["mailboxes"])
+        event("mailbox_open", logging.DEBUG, open=self.state.stats()["mailboxes"])
         return P.MailboxOpened(mb.nameplate, side, int(mb.expires))
 
     async def _mailbox_join(self, conn: Connection, info: _ConnInfo, msg: P.MailboxJoin):
         mb, side = self.state.mailbox_join(msg.nameplate, source=info.source, identity=conn.peer_id)
-        event("mailbox_join", peer=conn.peer_id)
+        event("mailbox_join", logging.DEBUG)
         self._wake(msg.nameplate)
         return P.MailboxJoined(side, int(mb.expires))
 
@@ -320,7 +321,7 @@ class Broker:
 
     async def _mailbox_close(self, conn: Connection, info: _ConnInfo, msg: P.MailboxClose):
         gone = self.state.mailbox_close(msg.nameplate, msg.side, source=info.source, identity=conn.peer_id)
-        event("mailbox_close", logging.DEBUG, peer=conn.peer_id, gone=gone)
+        event("mailbox_close", logging.DEBUG, gone=gone)
         self._wake(msg.nameplate)
         return P.Ok()
 

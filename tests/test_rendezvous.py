@@ -261,3 +261,22 @@ def test_a_broker_that_points_to_an_impostor_cannot_make_us_pair_with_it(tmp_pat
         for s in (a, b, c):
             stop(s)
         liar.stop()
+
+
+def test_the_brokers_log_does_not_say_who_paired_with_whom(tmp_path, broker):
+    """A pairing by code, lookups and announcements: even at debug level, the broker's log names
+    neither store (no peer id, no address) on any event but a refusal or an error, so its logs
+    cannot tell who paired with, looked up or relayed to whom, or where a store is."""
+    with serving(tmp_path, broker.where, "a", "b") as (a, b):
+        proc, code = start_code(a)
+        b.bpfs("pair", code, "--yes", "--json", timeout=120)
+        rc, _, err = finish(proc)
+        assert rc == 0, err
+        assert wait_until(lambda: broker.events("announce"), timeout=30)  # both announce, now partners
+    events = broker.events()
+    assert any(e["event"] == "mailbox_join" for e in events), "the pairing went through this broker"
+    names = {a.peer_id, b.peer_id}
+    leaks = [e for e in events if e["event"] not in ("refused", "internal_error", "listening")
+             and (names & {str(v) for v in e.values()} or any(":" in str(v) and str(v)[0].isdigit()
+                                                               for k, v in e.items() if k in ("addr", "target")))]
+    assert not leaks, leaks[:5]
