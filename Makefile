@@ -31,7 +31,7 @@ BENCH_STAMP := $(VENV)/.bpfs-bench-installed
 # Debian packages: FUSE runtime + headers (pyfuse3 is built from source), a compiler,
 # and the tools the tests/benchmarks compare against or use (iproute2, iptables: the tests'
 # network namespaces with loss and partitions).
-DEB_PKGS := fuse3 libfuse3-dev pkg-config gcc rsync sqlite3 attr gocryptfs restic iproute2 iptables
+DEB_PKGS := fuse3 libfuse3-dev pkg-config gcc rsync sqlite3 attr acl gocryptfs restic iproute2 iptables
 # Only for `make bench`: the rsync-over-ssh reference runs a private sshd on 127.0.0.1 (see
 # bench/replication.py). Debian starts the system's sshd when it installs the package; a
 # copy installed here is stopped and disabled again, so benchmarking opens no port 22.

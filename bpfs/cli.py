@@ -70,7 +70,8 @@ def _parse_options(values: tuple[str, ...]) -> dict[str, str | None]:
 
 
 MOUNT_OPTIONS = {"listen", "broker", "allow_other", "allow_root", "ro", "rw", "debug", "keyfile", "default_permissions", "noatime",
-                 "relatime", "nosuid", "nodev", "noexec", "suid", "dev", "exec", "snapdir"}
+                 "relatime", "nosuid", "nodev", "noexec", "suid", "dev", "exec", "snapdir", "fsname", "subtype"}
+NAMING_OPTIONS = ("fsname", "subtype")  # what mount tables show (source, type fuse.SUBTYPE): the daemon's defaults
 
 
 @cli.command()
@@ -78,7 +79,8 @@ MOUNT_OPTIONS = {"listen", "broker", "allow_other", "allow_root", "ro", "rw", "d
 @click.option("-f", "--foreground", is_flag=True, help="stay in the foreground (logs to stderr)")
 @click.option("-o", "options", multiple=True, metavar="OPTIONS",
               help="comma-separated: keyfile=PATH, listen=HOST:PORT, broker=HOST[:PORT], allow_other, ro, debug, "
-                   "snapdir=visible (list .snapshots in the root folder; by default it is reached by name only)")
+                   "snapdir=visible (list .snapshots in the root folder; by default it is reached by name only), "
+                   "fsname=NAME, subtype=TYPE (what mount tables show; default: the store, bpfs)")
 @click.option("--passphrase-file", type=click.Path(dir_okay=False), help="read the passphrase from this file")
 @click.option("--listen", default=None, metavar="HOST:PORT",
               help=f"UDP address to serve partners on (default from bpfs.toml, else {DEFAULT_LISTEN}; 'none': do not listen)")
@@ -104,11 +106,19 @@ def mount(args, foreground, options, passphrase_file, listen, brokers):
     snapdir = opts.pop("snapdir", "hidden")
     if snapdir not in ("hidden", "visible"):
         raise BpfsError(f"snapdir must be hidden or visible, not {snapdir}", exit_code=2)
+    naming = set()
+    for k in NAMING_OPTIONS:
+        if k in opts:
+            value = opts.pop(k)
+            if not value:
+                raise BpfsError(f"{k}= needs a value", exit_code=2)
+            naming.add(f"{k}={value}")
     store = require_store(store)
     keyfile_path = opts.pop("keyfile", None) or passphrase_file
     keys = keyfile.unlock(key_path(store), read_passphrase(keyfile_path))
     debug = "debug" in opts
     fuse_opts = {k for k in opts if k in ("allow_other", "allow_root", "ro", "nosuid", "nodev", "noexec")}
+    fuse_opts |= naming
     if snapdir == "visible":
         from .daemon import SNAPDIR_VISIBLE
 

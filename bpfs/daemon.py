@@ -10,6 +10,7 @@ SIGINT) persists every buffered byte, commits, and removes daemon.json last, whi
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import logging.handlers
 import os
@@ -24,6 +25,7 @@ import pyfuse3
 import trio
 
 from .errors import BpfsError, first_error
+from .fsutil import make_private_dir, run_dir, write_private_file
 from .passphrase import scrub_environment
 from .data import DataStore
 from .fs import BpfsOperations
@@ -97,18 +99,47 @@ def _decode_mountinfo(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def _bpfs_mount(mountpoint: str) -> tuple[str, str] | None:
-    """(store, device "major:minor") of the bpfs mount at `mountpoint`, from mountinfo.
+def _registry_path(mountpoint: str) -> str:
+    """Where a daemon notes which store it mounted at `mountpoint` (for mounts whose fsname or
+    subtype the user chose, so mountinfo does not say)."""
+    digest = hashlib.blake2b(os.fsencode(mountpoint), digest_size=16).hexdigest()
+    return run_dir("mounts", digest)
 
-    The last matching line wins: it is the mount on top.
-    """
+
+def _note_mount(mountpoint: str, store_dir: str) -> None:
+    path = _registry_path(mountpoint)
+    make_private_dir(os.path.dirname(path))
+    write_private_file(path, os.fsencode(store_dir))
+
+
+def _forget_mount(mountpoint: str) -> None:
+    try:
+        os.unlink(_registry_path(mountpoint))
+    except FileNotFoundError:
+        pass
+
+
+def _bpfs_mount(mountpoint: str) -> tuple[str, str] | None:
+    """(store, device "major:minor") of the bpfs mount at `mountpoint`, from mountinfo: a FUSE
+    mount there of type fuse.bpfs whose source is the store, or of any FUSE type and source that
+    a bpfs daemon noted as its own (`-o fsname=`, `subtype=`). The last matching line wins: it
+    is the mount on top."""
+    try:
+        with open(_registry_path(mountpoint), "rb") as f:
+            noted = os.fsdecode(f.read())
+    except OSError:
+        noted = None
     found = None
     with open("/proc/self/mountinfo", errors="surrogateescape") as f:
         for line in f:
             left, _, right = line.partition(" - ")
             fields = left.split()
             fstype, source = right.split()[:2]
-            if fstype == "fuse.bpfs" and _decode_mountinfo(fields[4]) == mountpoint:
+            if _decode_mountinfo(fields[4]) != mountpoint or not fstype.startswith("fuse"):
+                continue
+            if noted is not None:
+                found = (noted, fields[2])
+            elif fstype == "fuse.bpfs":
                 found = (_decode_mountinfo(source), fields[2])
     return found
 
@@ -200,7 +231,10 @@ async def _serve(store: OpenStore, mountpoint: str | None, options: set[str], re
     if any(repaired.values()):
         log.info("cleaned up after an unclean stop: %s", repaired)
     if mountpoint is not None:
-        fuse_options = set(pyfuse3.default_options) | {f"fsname={store.dir}", "subtype=bpfs"} | options
+        given = {o.partition("=")[0] for o in options}  # -o fsname=, subtype= replace these defaults
+        fuse_options = (set(pyfuse3.default_options) | options
+                        | {f"{k}={v}" for k, v in (("fsname", store.dir), ("subtype", "bpfs")) if k not in given})
+        _note_mount(mountpoint, store.dir)
         pyfuse3.init(ops, mountpoint, fuse_options)
     try:
         async with data.background():
@@ -225,6 +259,7 @@ async def _serve(store: OpenStore, mountpoint: str | None, options: set[str], re
                     await trio.sleep_forever()
             if mountpoint is not None:
                 pyfuse3.close(unmount=True)
+                _forget_mount(mountpoint)
             await data.flush_all()
             for ino in store.index.orphans():  # nothing is open any more
                 ops.destroy_inode(ino)

@@ -13,6 +13,25 @@ target. The count comes from the `copies` callable the daemon passes in (the par
 this module only finds the packs a file's chunks live in. It is not listed by listxattr, so
 `cp -a` and `rsync -X` do not copy it.
 
+Listings start with `.` and `..` (the root folder's `..` is itself) at readdir offsets 1 and 2; every
+other entry's offset is its `Index.list_entries` id plus 2, so offsets never collide and stay valid
+while entries come and go. rename() takes RENAME_NOREPLACE and RENAME_EXCHANGE; RENAME_WHITEOUT
+(overlayfs) and anything else is refused with EINVAL, never done as a plain rename. Every setattr
+updates ctime, chown(f, -1, -1) included. Times are stored in full (64-bit seconds, nanoseconds,
+before 1970 too: see `index.Attr`).
+
+POSIX ACLs: the mount asks for FUSE_POSIX_ACL, so the kernel enforces ACLs (with
+default_permissions) and sends them here as the xattrs `system.posix_acl_access` and
+`system.posix_acl_default`, which are stored like other xattrs (so snapshots, `cp -a` and
+`rsync -A` keep them); every other `system.` name is refused (EOPNOTSUPP). The rest is this
+module's, as a local filesystem does it: an access ACL sets the mode's permission bits (the group
+bits are its mask) and is dropped when the mode says as much; chmod rewrites the ACL's owner, mask
+(else group) and other entries; a new inode (not a symlink) in a folder with a default ACL gets an
+access ACL from it, its mode restricted to match, and a new folder the default ACL too. One
+difference: the kernel has already applied the umask to a new inode's mode, where a local
+filesystem ignores the umask under a default ACL (pyfuse3 cannot ask for FUSE_CAP_DONT_MASK).
+fallocate() is not offered: pyfuse3 3.5 has no handler for it, so the kernel answers EOPNOTSUPP.
+
 Lifetime of an inode: it lives while it has a name (nlink > 0), the kernel still knows it
 (lookup count > 0) or it is open. When its last name goes while it is still known, it is
 recorded as an orphan and deleted on release/forget, or at the next mount after a crash.
@@ -40,6 +59,7 @@ import functools
 import logging
 import os
 import stat
+import struct
 import time
 
 import pyfuse3
@@ -48,7 +68,7 @@ from .data import DataStore
 from .errors import IntegrityError
 from .index import ROOT_INO, Attr, Index
 from .snapview import DIR_NAME as SNAPDIR_NAME
-from .snapview import SNAPSHOTS_INO, SnapshotViews, is_virtual
+from .snapview import DOT_OFFSET, DOTDOT_OFFSET, ENTRY_OFFSET_BASE, SNAPSHOTS_INO, SnapshotViews, is_virtual
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +79,11 @@ CACHE_TIMEOUT = 60.0  # only this daemon changes the tree, and the kernel sees e
 BLKSIZE = 1 << 17
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4  # overlayfs' whiteouts: not supported (EINVAL), as any other flag
 COPIES_XATTR = b"user.bpfs.copies"
 SNAPDIR_OFFSET = 1 << 62  # readdir offset of `.snapshots` in the root: after every live entry's
+ACL_ACCESS = b"system.posix_acl_access"
+ACL_DEFAULT = b"system.posix_acl_default"
 
 
 def _boundary(handler=None, *, atomic=False):
@@ -108,6 +131,107 @@ def _check_name(name: bytes) -> None:
         _fail(errno.ENAMETOOLONG)
 
 
+# ----- POSIX ACLs in their xattr form (what the kernel sends and reads: linux/posix_acl_xattr.h) -----
+_ACL_VERSION = 2
+_ACL_HEADER = struct.Struct("<I")
+_ACL_ENTRY = struct.Struct("<HHI")  # tag, permissions (rwx), uid or gid
+ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK, ACL_OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
+
+
+def _acl_parse(value: bytes) -> list[list[int]]:
+    """The entries [tag, perm, id] of an ACL; EINVAL unless it is valid (the kernel's
+    posix_acl_valid: owner, named users, owning group, named groups, mask, other, in order, the mask
+    present when named entries are)."""
+    if len(value) < _ACL_HEADER.size or (len(value) - _ACL_HEADER.size) % _ACL_ENTRY.size \
+            or _ACL_HEADER.unpack_from(value)[0] != _ACL_VERSION:
+        _fail(errno.EINVAL)
+    entries = [list(e) for e in _ACL_ENTRY.iter_unpack(value[_ACL_HEADER.size:])]
+    state, needs_mask = ACL_USER_OBJ, False
+    for tag, perm, _ in entries:
+        if perm & ~7:
+            _fail(errno.EINVAL)
+        if tag == ACL_USER_OBJ and state == ACL_USER_OBJ:
+            state = ACL_USER
+        elif tag == ACL_USER and state == ACL_USER:
+            needs_mask = True
+        elif tag == ACL_GROUP_OBJ and state == ACL_USER:
+            state = ACL_GROUP
+        elif tag == ACL_GROUP and state == ACL_GROUP:
+            needs_mask = True
+        elif tag == ACL_MASK and state == ACL_GROUP:
+            state = ACL_OTHER
+        elif tag == ACL_OTHER and (state == ACL_OTHER or (state == ACL_GROUP and not needs_mask)):
+            state = 0
+        else:
+            _fail(errno.EINVAL)
+    if state != 0:
+        _fail(errno.EINVAL)
+    return entries
+
+
+def _acl_bytes(entries) -> bytes:
+    return _ACL_HEADER.pack(_ACL_VERSION) + b"".join(_ACL_ENTRY.pack(*e) for e in entries)
+
+
+def _acl_mode(entries) -> tuple[int, bool]:
+    """(permission bits the ACL gives the mode, whether the mode alone says it all): the group
+    bits are the mask's when there is one (the kernel's posix_acl_equiv_mode)."""
+    mode, equivalent = 0, True
+    for tag, perm, _ in entries:
+        if tag == ACL_USER_OBJ:
+            mode |= perm << 6
+        elif tag == ACL_GROUP_OBJ:
+            mode |= perm << 3
+        elif tag == ACL_OTHER:
+            mode |= perm
+        elif tag == ACL_MASK:
+            mode = (mode & ~0o070) | perm << 3
+            equivalent = False
+        else:
+            equivalent = False
+    return mode, equivalent
+
+
+def _acl_chmod(entries, mode: int) -> None:
+    """A chmod on a file with an access ACL: the owner, mask (else owning group) and other entries
+    take the new bits (the kernel's posix_acl_chmod)."""
+    has_mask = any(e[0] == ACL_MASK for e in entries)
+    for e in entries:
+        if e[0] == ACL_USER_OBJ:
+            e[1] = mode >> 6 & 7
+        elif e[0] == ACL_MASK or (e[0] == ACL_GROUP_OBJ and not has_mask):
+            e[1] = mode >> 3 & 7
+        elif e[0] == ACL_OTHER:
+            e[1] = mode & 7
+
+
+def _acl_create(entries, mode: int) -> tuple[int, bool]:
+    """A new inode under a default ACL: restrict the ACL (in place) and the mode by each other;
+    returns (the new permission bits, whether the ACL says more than them) (posix_acl_create_masq)."""
+    bits = mode & 0o777
+    group = mask = None
+    equivalent = True
+    for e in entries:
+        tag = e[0]
+        if tag == ACL_USER_OBJ:
+            e[1] &= bits >> 6
+            bits &= e[1] << 6 | 0o077
+        elif tag in (ACL_USER, ACL_GROUP):
+            equivalent = False
+        elif tag == ACL_GROUP_OBJ:
+            group = e
+        elif tag == ACL_OTHER:
+            e[1] &= bits & 7
+            bits &= e[1] | 0o770
+        elif tag == ACL_MASK:
+            mask = e
+            equivalent = False
+    owning = mask if mask is not None else group
+    owning[1] &= bits >> 3 & 7
+    bits &= owning[1] << 3 | 0o707
+    return bits, not equivalent
+
+
 class _Handle:
     __slots__ = ("ino", "wrote")
 
@@ -127,6 +251,7 @@ class BpfsOperations(pyfuse3.Operations):
 
     supports_dot_lookup = False
     enable_writeback_cache = False
+    enable_acl = True  # FUSE_POSIX_ACL: the kernel checks ACLs (and turns on default_permissions)
 
     def __init__(self, index: Index, data: DataStore, store_dir: str, copies=None,
                  views: SnapshotViews | None = None, show_snapshots: bool = False):
@@ -235,16 +360,38 @@ class BpfsOperations(pyfuse3.Operations):
             _fail(errno.EEXIST)
         self._check_metadata_space()
         attr = self._new_inode(parent, mode, ctx, rdev)
+        acls = self._inherited_acls(parent_ino, attr)
         if stat.S_ISDIR(mode):
             attr.nlink = 2
             attr.parent = parent_ino
             parent.nlink += 1
         self.index.put_attr(attr)
+        for acl_name, acl in acls:
+            self.index.put_xattr(attr.ino, acl_name, acl)
         self.index.add_entry(parent_ino, name, attr.ino)
         self._touch_dir(parent, attr.ctime_ns)
         self.lanes.created(parent_ino, name, attr)
         self._after_change()
         return attr
+
+    def _inherited_acls(self, parent_ino: int, attr: Attr) -> list[tuple[bytes, bytes]]:
+        """Under a folder with a default ACL, a new inode's ACLs (its mode restricted to match):
+        an access ACL unless the mode says it all, and for a folder the default ACL too. The
+        kernel leaves this to the filesystem. (It has applied the umask to the mode already,
+        where a local filesystem would ignore the umask under a default ACL: pyfuse3 cannot ask
+        for FUSE_CAP_DONT_MASK.)"""
+        if stat.S_ISLNK(attr.mode):
+            return []
+        default = self.index.get_xattr(parent_ino, ACL_DEFAULT)
+        if default is None:
+            return []
+        entries = _acl_parse(default)
+        bits, extended = _acl_create(entries, attr.mode)
+        attr.mode = attr.mode & ~0o777 | bits
+        acls = [(ACL_ACCESS, _acl_bytes(entries))] if extended else []
+        if stat.S_ISDIR(attr.mode):
+            acls.append((ACL_DEFAULT, default))
+        return acls
 
     def _release_if_unused(self, ino: int) -> None:
         attr = self.index.get_attr(ino)
@@ -336,6 +483,11 @@ class BpfsOperations(pyfuse3.Operations):
         with self.index.atomic():
             if fields.update_mode:
                 a.mode = stat.S_IFMT(a.mode) | stat.S_IMODE(attr.st_mode)
+                acl = self.index.get_xattr(inode, ACL_ACCESS)
+                if acl is not None:  # the ACL's owner, mask (else group) and other entries follow
+                    entries = _acl_parse(acl)
+                    _acl_chmod(entries, a.mode)
+                    self.index.put_xattr(inode, ACL_ACCESS, _acl_bytes(entries))
             if fields.update_uid:
                 a.uid = attr.st_uid
             if fields.update_gid:
@@ -475,6 +627,8 @@ class BpfsOperations(pyfuse3.Operations):
 
     @_boundary(atomic=True)
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            _fail(errno.EINVAL)  # RENAME_WHITEOUT (overlayfs) and unknown flags: refused, never ignored
         _check_name(name_new)
         self._writable(parent_inode_old, parent_inode_new)
         old_parent, attr = self._named(parent_inode_old, name_old)
@@ -562,14 +716,23 @@ class BpfsOperations(pyfuse3.Operations):
                 return
             if self.show_snapshots:
                 snapdir = await self.views.folder_entry()  # before the listing: no await inside it
-        for next_id, name, ino in self.index.list_entries(fh, start_id):
+        here = self.index.get_attr(fh) if start_id < DOTDOT_OFFSET else None
+        if here is not None:
+            # `.` and `..` (the root's is itself): the kernel takes no reference from them (nothing
+            # is counted as looked up) and uses only their inode numbers
+            if start_id < DOT_OFFSET and not pyfuse3.readdir_reply(token, b".", self._entry(here), DOT_OFFSET):
+                return
+            up = self.index.get_attr(here.parent or ROOT_INO) or here
+            if not pyfuse3.readdir_reply(token, b"..", self._entry(up), DOTDOT_OFFSET):
+                return
+        for next_id, name, ino in self.index.list_entries(fh, max(start_id - ENTRY_OFFSET_BASE, 0)):
             if fh == ROOT_INO and name == SNAPDIR_NAME and self.views is not None:
                 continue  # shadowed by the snapshots folder
             attr = self.index.get_attr(ino)
             if attr is None:
                 log.error("directory entry points to a missing inode %d", ino)
                 continue
-            if not pyfuse3.readdir_reply(token, name, self._entry(attr), next_id):
+            if not pyfuse3.readdir_reply(token, name, self._entry(attr), next_id + ENTRY_OFFSET_BASE):
                 return
             self._lookups[ino] = self._lookups.get(ino, 0) + 1
             self.lanes.seen(fh, name, ino, attr.mode)
@@ -678,6 +841,9 @@ class BpfsOperations(pyfuse3.Operations):
     @_boundary(atomic=True)
     async def setxattr(self, inode, name, value, ctx):
         self._writable(inode)
+        if name in (ACL_ACCESS, ACL_DEFAULT):
+            self._set_acl(self._attr(inode), name, value)
+            return
         if name.startswith(b"system."):
             _fail(errno.EOPNOTSUPP)
         if name == COPIES_XATTR:
@@ -688,6 +854,29 @@ class BpfsOperations(pyfuse3.Operations):
             _fail(errno.E2BIG)
         attr = self._attr(inode)
         self.index.put_xattr(inode, name, value)
+        attr.ctime_ns = time.time_ns()
+        self.index.put_attr(attr)
+
+    def _set_acl(self, attr: Attr, name: bytes, value: bytes) -> None:
+        """Store a POSIX ACL (the kernel checked who may, and enforces it). An access ACL sets the
+        mode's permission bits (the group bits are its mask) and is kept only when it says more
+        than they do; a default ACL is for folders only (inherited by what is created in them)."""
+        if stat.S_ISLNK(attr.mode):
+            _fail(errno.EOPNOTSUPP)
+        if len(value) > XATTR_VALUE_MAX:
+            _fail(errno.E2BIG)
+        entries = _acl_parse(value)
+        if name == ACL_DEFAULT:
+            if not stat.S_ISDIR(attr.mode):
+                _fail(errno.EACCES)
+            self.index.put_xattr(attr.ino, name, _acl_bytes(entries))
+        else:
+            bits, equivalent = _acl_mode(entries)
+            attr.mode = attr.mode & ~0o777 | bits
+            if equivalent:
+                self.index.delete_xattr(attr.ino, name)
+            else:
+                self.index.put_xattr(attr.ino, name, _acl_bytes(entries))
         attr.ctime_ns = time.time_ns()
         self.index.put_attr(attr)
 

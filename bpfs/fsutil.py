@@ -1,4 +1,5 @@
-"""Small file-system helpers: private files and folders, atomic replacement, durable renames."""
+"""Small file-system helpers: private files and folders, atomic replacement, durable renames, and
+this user's run-time folder (/run/bpfs for root, /tmp/bpfs-UID otherwise)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,9 @@ def write_private_file(path: str, data: bytes, exclusive: bool = False) -> None:
     else:
         os.replace(tmp, path)
     fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def run_dir(*parts: str) -> str:
+    """A path in this user's run-time folder (not created here)."""
+    base = "/run/bpfs" if os.geteuid() == 0 else f"/tmp/bpfs-{os.geteuid()}"
+    return os.path.join(base, *parts)

@@ -2,7 +2,9 @@
 
 Tables (LMDB named databases) and what they map:
   meta      counter name           -> integer (plain: next inode, next pack, generation)
-  inodes    ino                    -> sealed attributes (mode, owner, size, times, ...)
+  inodes    ino                    -> sealed attributes (mode, owner, size, times, ...; `Attr`: times
+                                      as 64-bit seconds and nanoseconds, any time Linux allows;
+                                      records of older stores, times as 64-bit nanoseconds, read too)
   dirents   parent ino + name hash -> sealed list of (name, child ino) sharing that hash
   extents   ino + file offset      -> sealed (chunk id, offset in chunk, length)
   chunks    chunk id               -> sealed (pack, offset, sealed length, plain length, refcount, born:
@@ -51,7 +53,9 @@ from .errors import IntegrityError
 from .redolog import PUT, RedoLog
 
 _U64 = struct.Struct(">Q")
-_ATTR = struct.Struct("<IIIIQQQqqqQ")
+_ATTR = struct.Struct("<IIIIQQQqIqIqIQ")  # times as (s64 seconds, u32 nanoseconds): the whole range of Linux
+_ATTR_V0 = struct.Struct("<IIIIQQQqqqQ")  # before: times as s64 nanoseconds (1677-2262 only); read, never written
+_NS = 10**9
 _EXTENT = struct.Struct("<32sII")
 _CHUNK = struct.Struct("<QQIIIQ")
 _CHUNK_V0 = struct.Struct("<QQIII")  # before chunks knew when they were born
@@ -92,12 +96,22 @@ class Attr:
     parent: int = 0  # directories only: the containing directory
 
     def pack(self) -> bytes:
+        """The record (always the current format; struct.error for a time of over 64-bit seconds)."""
+        a_s, a_ns = divmod(self.atime_ns, _NS)
+        m_s, m_ns = divmod(self.mtime_ns, _NS)
+        c_s, c_ns = divmod(self.ctime_ns, _NS)
         return _ATTR.pack(self.mode, self.uid, self.gid, self.nlink, self.rdev, self.size, self.stored,
-                          self.atime_ns, self.mtime_ns, self.ctime_ns, self.parent)
+                          a_s, a_ns, m_s, m_ns, c_s, c_ns, self.parent)
 
     @classmethod
     def unpack(cls, ino: int, raw: bytes) -> "Attr":
-        return cls(ino, *_ATTR.unpack(raw))
+        """A record of either format, told apart by its length (records are sealed whole)."""
+        if len(raw) == _ATTR_V0.size:
+            return cls(ino, *_ATTR_V0.unpack(raw))
+        (mode, uid, gid, nlink, rdev, size, stored, a_s, a_ns, m_s, m_ns, c_s, c_ns,
+         parent) = _ATTR.unpack(raw)
+        return cls(ino, mode, uid, gid, nlink, rdev, size, stored, a_s * _NS + a_ns, m_s * _NS + m_ns,
+                   c_s * _NS + c_ns, parent)
 
 
 @dataclass(slots=True, frozen=True)

@@ -75,6 +75,10 @@ BLKSIZE = 1 << 17  # as fs.BLKSIZE
 VIEWS_DIR = "snapviews"
 _ROOT_SEARCH_CHUNKS = 4  # the root folder's record is in the first metadata chunk; a margin
 READ_ONLY_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC
+# readdir offsets (here and in `fs`): `.` and `..` come first, at 1 and 2; every other entry's offset is
+# shifted past them (`Index.list_entries` ids, which start at 1, and snapshot generations, plus 2)
+DOT_OFFSET, DOTDOT_OFFSET = 1, 2
+ENTRY_OFFSET_BASE = DOTDOT_OFFSET
 
 
 # ----- inode numbers --------------------------------------------------------------------------
@@ -443,30 +447,52 @@ class SnapshotViews:
         if not stat.S_ISDIR((await self._attr(snap, ino)).mode):
             _fail(errno.ENOTDIR)
 
+    def _dots(self, token, start_id: int, here: pyfuse3.EntryAttributes, up: pyfuse3.EntryAttributes) -> bool:
+        """Reply `.` and `..` where the listing starts before them; False when the buffer is full."""
+        if start_id < DOT_OFFSET and not pyfuse3.readdir_reply(token, b".", here, DOT_OFFSET):
+            return False
+        return start_id >= DOTDOT_OFFSET or pyfuse3.readdir_reply(token, b"..", up, DOTDOT_OFFSET)
+
     async def readdir(self, vino: int, start_id: int, token) -> None:
         if vino == SNAPSHOTS_INO:
             await self._refresh()
-            snaps = [s for s in self._listed() if s.generation > start_id]
+            snaps = [s for s in self._listed() if s.generation + ENTRY_OFFSET_BASE > start_id]
             for snap in snaps:  # read before replying: nothing may await between replies
                 try:
                     await self._root_attr(snap)
                 except pyfuse3.FUSEError:
                     pass
+            if start_id < DOTDOT_OFFSET:
+                here = await self.folder_entry()
+                root = self.index.get_attr(ROOT_INO)  # `..` is the live root folder
+                up = self._entry(ROOT_INO, root) if root is not None else here
+                if not self._dots(token, start_id, here, up):
+                    return
             for snap in snaps:  # the generation is the offset: stable while others come and go
                 attr = snap.root or Attr(ROOT_INO, stat.S_IFDIR | 0o555, 0, 0, 2, 0, 0, 0, snap.created_ns,
                                          snap.created_ns, snap.created_ns)
                 if not pyfuse3.readdir_reply(token, os.fsencode(snap.name), self._snap_entry(snap, attr),
-                                             snap.generation):
+                                             snap.generation + ENTRY_OFFSET_BASE):
                     break
             return
         snap, ino = await self._snapshot_of(vino)
+        dots = None
+        if start_id < DOTDOT_OFFSET:
+            attr = await self._attr(snap, ino)
+            if ino == ROOT_INO:  # a snapshot's folder: `..` is `.snapshots`
+                up = await self.folder_entry()
+            else:
+                up = self._snap_entry(snap, await self._attr(snap, attr.parent or ROOT_INO))
+            dots = (self._snap_entry(snap, attr), up)
         index = await self._index(snap)
-        for next_id, name, child in index.list_entries(ino, start_id):
+        if dots is not None and not self._dots(token, start_id, *dots):
+            return
+        for next_id, name, child in index.list_entries(ino, max(start_id - ENTRY_OFFSET_BASE, 0)):
             attr = index.get_attr(child)
             if attr is None:
                 log.error("snapshot %d: a directory entry points to a missing inode", snap.generation)
                 continue
-            if not pyfuse3.readdir_reply(token, name, self._snap_entry(snap, attr), next_id):
+            if not pyfuse3.readdir_reply(token, name, self._snap_entry(snap, attr), next_id + ENTRY_OFFSET_BASE):
                 break
 
     async def readlink(self, vino: int) -> bytes:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 import trio
 
 from ..errors import BpfsError
-from ..fsutil import make_private_dir
+from ..fsutil import make_private_dir, run_dir
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def socket_path(store_dir: str) -> str:
     if len(path.encode()) <= _MAX_SOCKET_PATH:
         return path
     digest = hashlib.blake2b(store_dir.encode(), digest_size=12).hexdigest()
-    return os.path.join("/run/bpfs" if os.geteuid() == 0 else f"/tmp/bpfs-{os.geteuid()}", f"{digest}.sock")
+    return run_dir(f"{digest}.sock")
 
 
 class ControlError(BpfsError):
