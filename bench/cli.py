@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import audit, config, datagen, dedup, proc, rendezvous, replication, report, runner, targets
+from bench import audit, config, datagen, dedup, proc, recovery, rendezvous, replication, report, runner, targets
 from bench.cleanup import Cleanup, force_unmount
 
 DEFAULT_WORKDIR = "/var/tmp/bpfs-bench"
@@ -31,11 +31,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "restic (deduplication), the raw aioquic ceiling and rsync over ssh "
                     "(replication to a partner on loopback, and recovery), and pairing by code, "
                     "lookups and the relay through a broker (next to direct pairing, pings and a "
-                    "direct connection), and storage audits of a partner (bytes and holder CPU per "
-                    "audit, simulated detection of a loss). Needs root for dropping the page cache and for the private sshd.")
+                    "direct connection), storage audits of a partner (bytes and holder CPU per "
+                    "audit, simulated detection of a loss), and recovery from one partner next to two. "
+                    "Needs root for dropping the page cache and for the private sshd.")
     p.add_argument("--quick", action="store_true",
                    help="smaller sizes (256 MiB file, 2,000 files, 1,500-file tarball, 256 MiB "
-                        "replicated, 64 MiB relayed, 256 MiB audited) for a fast check")
+                        "replicated, 64 MiB relayed, 256 MiB audited, 256 MiB recovered) for a fast check")
     p.add_argument("--only", metavar="NAME[,NAME]",
                    help="workloads to run, from: " + ", ".join(config.ALL) + " (default: all)")
     p.add_argument("--targets", metavar="NAME[,NAME]", default=",".join(config.ALL_TARGETS),
@@ -84,7 +85,7 @@ def _remove_stale_runs(workdir: Path) -> None:
 def _notes(workdir: Path, sizes: config.Sizes) -> list[str]:
     notes = []
     need = 2 * sizes.seq_bytes + 5 * sizes.tree_bytes + 4 * sizes.insert_bytes + 5 * sizes.repl_bytes \
-        + 2 * sizes.audit_bytes
+        + 2 * sizes.audit_bytes + 6 * sizes.recovery_bytes
     free = shutil.disk_usage(workdir).free
     if free < need:
         notes.append(f"only {free >> 20} MiB free in {workdir}, about {need >> 20} MiB needed")
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     network = [w for w in config.NETWORK if w in only]
     broker = [w for w in config.RENDEZVOUS if w in only]
     audits = [w for w in config.AUDIT if w in only]
+    recoveries = [w for w in config.RECOVERY if w in only]
     columns = [t for t in args.targets if t in config.TARGETS]
     notes: list[str] = []
 
@@ -121,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         broker = []  # so are the broker figures
     if audits and "bpfs" not in columns:
         audits = []  # and the audit figures
+    if recoveries and "bpfs" not in columns:
+        recoveries = []  # and the recovery figures
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     notes += _notes(args.workdir, sizes)
@@ -163,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                 results["audit"] = {}
                 audit.run_audit(tmp, sizes.audit_bytes, args.runs, cleanup, log, out=results["audit"],
                                 trials=audit.SIM_TRIALS["quick" if args.quick else "full"])
+            if recoveries:
+                results["recovery"] = {}
+                recovery.run_recovery(tmp, sizes.recovery_bytes, args.runs, cleanup, log, out=results["recovery"])
         except KeyboardInterrupt:
             interrupted = True
             log("interrupted: cleaning up")
@@ -216,7 +223,8 @@ def _collect(results: dict, dedup_tools: list[str]) -> None:
             for err in r.get("errors", []) + ([r["error"]] if "error" in r else []):
                 results["errors"].append({"target": tool, "run": "-", "step": figure, "error": err})
             results["problems"] += [f"{tool} ({figure}): {p}" for p in r.get("problems", [])]
-    for name, module in (("replication", replication), ("rendezvous", rendezvous), ("audit", audit)):
+    for name, module in (("replication", replication), ("rendezvous", rendezvous), ("audit", audit),
+                         ("recovery", recovery)):
         rep = results.get(name)
         if not rep:
             continue

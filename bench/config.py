@@ -17,7 +17,9 @@ NETWORK = ("replication",)
 RENDEZVOUS = ("rendezvous",)
 #: Storage audits of a partner over loopback: bytes and holder CPU per audit, simulated detection (bench/audit.py).
 AUDIT = ("audit",)
-ALL = TIMED + DEDUP + NETWORK + RENDEZVOUS + AUDIT
+#: Recovery from one partner next to two over loopback (bench/recovery.py).
+RECOVERY = ("recovery",)
+ALL = TIMED + DEDUP + NETWORK + RENDEZVOUS + AUDIT + RECOVERY
 
 #: Filesystems for the timed workloads, in column order.
 TARGETS = ("raw", "gocryptfs", "bpfs")
@@ -46,6 +48,7 @@ class Sizes:
     broker_requests: int  # pings, lookups, announcements on open connections, each (rendezvous)
     broker_connects: int  # announcements each on a new connection (rendezvous)
     audit_bytes: int  # held by a partner that is then audited (audit)
+    recovery_bytes: int  # recovered from one partner, then from two (recovery)
 
 
 FULL = Sizes(
@@ -60,6 +63,7 @@ FULL = Sizes(
     broker_requests=20_000,
     broker_connects=2_000,
     audit_bytes=1 * GiB,
+    recovery_bytes=1 * GiB,
 )
 
 QUICK = Sizes(
@@ -74,6 +78,7 @@ QUICK = Sizes(
     broker_requests=5_000,
     broker_connects=500,
     audit_bytes=256 * MiB,
+    recovery_bytes=256 * MiB,
 )
 
 

@@ -59,7 +59,7 @@ from bpfs.identity import Identity
 from bpfs.net.codec import Ping
 from bpfs.net.quic import RelayPath, TransportConfig, open_endpoint
 from bpfs.net.rpc import Dispatcher, RemoteError, request
-from broker import protocol as P
+from bpfs.rendezvous import wire as P
 
 CONNECTIONS = 4  # connections of the one asking identity (pings, lookups)
 IN_FLIGHT = 64  # requests outstanding at any time (pings, lookups, announcements)

@@ -186,7 +186,10 @@ class BpfsPair:
         self.problems: list[str] = []
 
     def _bpfs(self, *args: str, timeout: float = 600, env: dict | None = None):
-        return proc.run(bpfs_command(*args), env={**bpfs_env(), **(env or {})}, cwd=REPO, timeout=timeout)
+        # no broker: everything here is reached by address (a recovery also asks the brokers it
+        # knows, which would add a wait for one that does not answer on this machine)
+        return proc.run(bpfs_command(*args), env={**bpfs_env(), "BPFS_BROKER": "none", **(env or {})}, cwd=REPO,
+                        timeout=timeout)
 
     @staticmethod
     def _pid(store: Path) -> int | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench import audit, rendezvous, replication, stats
+from bench import audit, recovery, rendezvous, replication, stats
 from bench.config import TIMED, human_bytes
 from bench.dedup import TARGET_PERCENT
 from bench.runner import UNITS
@@ -127,6 +127,11 @@ def print_report(results: dict) -> None:
         print()
         print("storage audits of a partner over loopback (medians with min-max)")
         for line in audit.report_lines(results["audit"]):
+            print(line)
+    if results.get("recovery", {}).get("runs"):
+        print()
+        print("recovery from one partner and from two, over loopback (medians with min-max)")
+        for line in recovery.report_lines(results["recovery"]):
             print(line)
     for line in stats.failure_lines(results, log_lines=6):
         print(line)

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from .errors import BpfsError
 
 DEFAULT_PORT = 7450
-DEFAULT_BROKER_PORT = 7451  # the same as broker.protocol's
+DEFAULT_BROKER_PORT = 7451  # the same as bpfs.rendezvous.wire's
 DEFAULT_BROKERS = ("broker.bpfs.net",)
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_PORT}"
 DEFAULT_PRIORITY = (

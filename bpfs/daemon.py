@@ -27,14 +27,10 @@ import trio
 from .errors import BpfsError, first_error
 from .fsutil import make_private_dir, run_dir, write_private_file
 from .passphrase import scrub_environment
-from .data import DataStore
-from .fs import BpfsOperations
-from .lanes import load_priority_patterns
-from .snapview import SnapshotViews
-from .store import (OpenStore, clear_daemon_info, is_locked, read_daemon_info, require_store,
-                    write_daemon_info)
+from .runtime import RunningStore
+from .store import clear_daemon_info, is_locked, read_daemon_info, require_store, write_daemon_info
 
-log = logging.getLogger("bpfs")
+log = logging.getLogger(__name__)
 
 READ_AHEAD_KB = 1024
 SNAPDIR_VISIBLE = "snapdir=visible"  # an option of ours (list `.snapshots` in the root), not FUSE's
@@ -168,12 +164,6 @@ def check_mountpoint(mountpoint: str) -> str:
     return mountpoint
 
 
-def _space_reserve(store_dir: str) -> int:
-    """Room kept free for the index, its redo log and compaction: 2% of the drive, 4-256 MiB."""
-    st = os.statvfs(store_dir)
-    return min(max(st.f_blocks * st.f_frsize // 50, 4 << 20), 256 << 20)
-
-
 def _set_read_ahead(mountpoint: str) -> None:
     """Raise the mount's read-ahead so sequential reads arrive in 1 MiB requests.
 
@@ -191,45 +181,10 @@ def _set_read_ahead(mountpoint: str) -> None:
         pass  # not root, or no such knob: the kernel's default read-ahead still works
 
 
-def _partner_service(store: OpenStore, data: DataStore, listen: str | None):
-    from .config import load_config
-    from .history import RetentionPolicy
-    from .peering.service import PartnerService, StoreSource
-
-    config = load_config(store.dir)
-    source = StoreSource(store.index, store.packs, store.keys, data, RetentionPolicy.of(config))
-    return PartnerService(store.dir, store.keys, config, source,
-                          listen=listen)
-
-
-async def _start_partners(nursery, store: OpenStore, data: DataStore, listen: str | None, explicit: bool):
-    """Start the partner service and the control socket; returns the service."""
-    from .peering import control
-    from .peering.service import start_service
-
-    service = await start_service(nursery, lambda address: _partner_service(store, data, address), listen,
-                                  explicit=explicit, surviving=True)
-    path = await nursery.start(control.serve, service.operations(), control.socket_path(store.dir))
-    return service, path
-
-
-async def _serve(store: OpenStore, mountpoint: str | None, options: set[str], ready, listen: str | None,
+async def _serve(running: RunningStore, mountpoint: str | None, options: set[str], ready, listen: str | None,
                  explicit_listen: bool) -> None:
-    data = DataStore(store.index, store.packs, store.keys, _space_reserve(store.dir),
-                     priority_patterns=load_priority_patterns(store.dir))
-    services_started: list = []  # the partner service, once it runs: it counts each file's copies
-
-    def copies(pack_ids, changed_ns):
-        return services_started[0].copies(pack_ids, changed_ns) if services_started else None
-
-    show_snapshots = SNAPDIR_VISIBLE in options
-    options = options - {SNAPDIR_VISIBLE}
-    # the `.snapshots` folder of a mount (a read-only mount too: it only reads the store)
-    views = SnapshotViews(store.dir, store.index, store.packs, store.keys) if mountpoint is not None else None
-    ops = BpfsOperations(store.index, data, store.dir, copies=copies, views=views, show_snapshots=show_snapshots)
-    repaired = store.repair_after_crash(ops.destroy_inode)
-    if any(repaired.values()):
-        log.info("cleaned up after an unclean stop: %s", repaired)
+    store, data, ops = running.opened, running.data, running.ops
+    running.repair()
     if mountpoint is not None:
         given = {o.partition("=")[0] for o in options}  # -o fsname=, subtype= replace these defaults
         fuse_options = (set(pyfuse3.default_options) | options
@@ -241,8 +196,9 @@ async def _serve(store: OpenStore, mountpoint: str | None, options: set[str], re
             async with trio.open_nursery() as services:
                 addresses, control_path = [], None
                 if "ro" not in options:  # a read-only mount changes nothing in the store, partners' data included
-                    service, control_path = await _start_partners(services, store, data, listen, explicit_listen)
-                    services_started.append(service)
+                    service = await running.start_partners(services, listen, explicit=explicit_listen,
+                                                           surviving=True)
+                    control_path = await running.serve_control(services)
                     addresses = service.addresses
                 write_daemon_info(store.dir, mountpoint, control=control_path, addresses=addresses,
                                   peer_id=store.keys.identity.peer_id)
@@ -275,9 +231,6 @@ async def _serve(store: OpenStore, mountpoint: str | None, options: set[str], re
             except Exception:
                 pass
         raise
-    finally:
-        if views is not None:
-            views.close()  # the FUSE session is closed: no request uses them any more
     log.info("%s %s cleanly", "unmounted" if mountpoint else "stopped serving", mountpoint or store.dir)
 
 
@@ -299,14 +252,17 @@ def run_daemon(store_dir: str, keys, mountpoint: str | None, options: set[str], 
     _tune_runtime()
     _setup_logging(store_dir, foreground, debug)
     _guard_secrets()
+    show_snapshots = SNAPDIR_VISIBLE in options
+    options = options - {SNAPDIR_VISIBLE}
     try:
-        store = OpenStore(store_dir, keys)
+        # the `.snapshots` folder of a mount (a read-only mount too: it only reads the store)
+        running = RunningStore(store_dir, keys, snapshot_views=mountpoint is not None, show_snapshots=show_snapshots)
     except BpfsError as e:
         ready(str(e))
         return e.exit_code
     clean = False
     try:
-        trio.run(_serve, store, mountpoint, options, ready, listen, explicit_listen)
+        trio.run(_serve, running, mountpoint, options, ready, listen, explicit_listen)
         clean = True
     except Exception as e:
         err = first_error(e)  # the error inside, when raised in a nursery
@@ -318,13 +274,13 @@ def run_daemon(store_dir: str, keys, mountpoint: str | None, options: set[str], 
             ready(f"{'mount' if mountpoint else 'serve'} failed: {err}")
     finally:
         try:
-            store.close(release_lock=False)
+            running.close(release_lock=False)
         except Exception:
             log.exception("closing the store failed")
             clean = False
         if clean:  # before the lock goes: `bpfs umount` reads it once the lock is free
             clear_daemon_info(store_dir)
-        store.lock.release()
+        running.opened.lock.release()
     return 0 if clean else 1
 
 

@@ -6,7 +6,7 @@ text is one line (the CLI prints it and exits 2). Sizes are bytes or a number wi
 
     listen = "0.0.0.0:7451"          # UDP address (IP literal) the broker serves on
 
-    # announcements (see broker.protocol)
+    # announcements (see bpfs.rendezvous.wire)
     max_ttl = 3600                   # seconds an announcement is kept at most (<= protocol MAX_TTL)
     max_records = 20000              # announcements held, all keys together
     max_keys_per_source = 64         # distinct store keys announced from one IP (IPv6: one /64)
@@ -63,7 +63,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 
-from .protocol import DEFAULT_BROKER_PORT, MAX_TTL
+from bpfs.rendezvous.wire import DEFAULT_BROKER_PORT, MAX_TTL
 
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_BROKER_PORT}"
 RATE_KINDS = ("announce", "lookup", "relay_open", "mailbox_open", "mailbox_join", "mailbox_io")

@@ -28,7 +28,7 @@ import lmdb
 
 from bpfs.net.codec import Bool, Bytes, List, ProtocolError, Record, Registry, Text, UInt, field
 
-from .protocol import MAX_BODY, MAX_MAILBOX_MESSAGES, Announce
+from bpfs.rendezvous.wire import MAX_BODY, MAX_MAILBOX_MESSAGES, Announce
 from .state import Announcement, JournalFull, Mailbox, SeqMemory
 
 log = logging.getLogger("broker.persist")

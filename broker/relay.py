@@ -35,7 +35,7 @@ from typing import Callable
 from bpfs.net.relay import RELAY_FRAME, RELAY_OVERHEAD, SESSION_SIZE
 
 from .config import BrokerConfig
-from .protocol import Refusal
+from bpfs.rendezvous.wire import Refusal
 from .state import Refused
 
 log = logging.getLogger("broker.relay")

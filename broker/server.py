@@ -7,7 +7,7 @@ Owns `serve()` (the whole broker as one trio task) and `Broker` (what `serve` ha
 - one QUIC endpoint (`bpfs.net.quic`) on `config.listen`; its non-QUIC datagrams go straight to
   `Relay.datagram`. Authenticated connections beyond `max_connections_per_source` from one source
   are closed with a reason.
-- an rpc `Dispatcher` for `broker.protocol.BROKER`: Announce, Lookup, RelayOpen, Mailbox*, Ping.
+- an rpc `Dispatcher` for `bpfs.rendezvous.wire.BROKER`: Announce, Lookup, RelayOpen, Mailbox*, Ping.
   A `state.Refused` becomes `Reject(text, code)`, i.e. `Error(code, text)` at the client.
 - per connection: the keys it announced (it is their "online" connection until it closes or
   another connection announces them), its source, and the long polls waiting on it.
@@ -42,7 +42,7 @@ from bpfs.net.codec import HEADER_SIZE, ErrorCode, Ping, Pong, ProtocolError
 from bpfs.net.quic import Code, Connection, TransportConfig, TransportError, open_endpoint
 from bpfs.net.rpc import Dispatcher, Reject, request
 
-from . import protocol as P
+from bpfs.rendezvous import wire as P
 from .config import BrokerConfig
 from .logs import event
 from .persist import Persist

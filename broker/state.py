@@ -40,7 +40,7 @@ from bpfs.identity import peer_id_bytes, verify_signature
 from bpfs.net.codec import ErrorCode
 
 from .config import BrokerConfig
-from .protocol import (KEY_SIZE, MAX_BODY, MAX_MAILBOX_MESSAGES, SIDE_SIZE, AnnounceRecord, Refusal, announce_message,
+from bpfs.rendezvous.wire import (KEY_SIZE, MAX_BODY, MAX_MAILBOX_MESSAGES, SIDE_SIZE, AnnounceRecord, Refusal, announce_message,
                        verifier)
 
 _NAMEPLATE_MAX = 999_999  # the protocol's bound

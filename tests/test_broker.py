@@ -30,9 +30,9 @@ from bpfs.net.codec import ErrorCode, Ping, Pong
 from bpfs.net.quic import RelayPath, open_endpoint
 from bpfs.net.relay import relay_frame
 from bpfs.net.rpc import Dispatcher, RemoteError, request
-from broker import protocol as P
+from bpfs.rendezvous import wire as P
 from broker.config import BrokerConfig
-from broker.protocol import Refusal
+from bpfs.rendezvous.wire import Refusal
 from broker.server import serve
 from broker_process import BrokerProcess
 

@@ -27,7 +27,7 @@ from bpfs.identity import Identity
 from bpfs.net.codec import ErrorCode
 from bpfs.net.quic import TransportConfig, open_endpoint
 from bpfs.net.rpc import RemoteError, request
-from broker import protocol as P
+from bpfs.rendezvous import wire as P
 from broker_process import BrokerProcess
 
 pytestmark = pytest.mark.timeout(240)

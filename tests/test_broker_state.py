@@ -17,10 +17,10 @@ import pytest
 
 from bpfs.identity import Identity
 from bpfs.net.codec import ErrorCode
-from broker import protocol as P
+from bpfs.rendezvous import wire as P
 from broker.config import DEFAULT_RATES, RATE_KINDS, BrokerConfig, ConfigError, Rate, from_dict, load
 from broker.persist import Persist
-from broker.protocol import Refusal
+from bpfs.rendezvous.wire import Refusal
 from broker.relay import Relay
 from broker.state import BrokerState, JournalFull, Refused, format_address, source_key
 

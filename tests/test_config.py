@@ -84,7 +84,7 @@ def test_no_limit_does_not_wait():
 
 def test_brokers(tmp_path, monkeypatch):
     from bpfs.config import DEFAULT_BROKER_PORT, BrokerAddress, parse_broker, parse_brokers
-    from broker.protocol import DEFAULT_BROKER_PORT as WIRE_DEFAULT
+    from bpfs.rendezvous.wire import DEFAULT_BROKER_PORT as WIRE_DEFAULT
 
     assert DEFAULT_BROKER_PORT == WIRE_DEFAULT == 7451
     assert parse_broker("broker.example.org") == BrokerAddress("broker.example.org", 7451)

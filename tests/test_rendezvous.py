@@ -220,7 +220,7 @@ def test_a_broker_that_swaps_the_key_exchange_is_detected_and_nothing_is_paired(
 LIAR_PREAMBLE = """
 import os
 import broker.server as _server
-import broker.protocol as _P
+import bpfs.rendezvous.wire as _P
 from bpfs.net.rpc import Reject
 
 async def _lying_lookup(self, conn, info, msg):

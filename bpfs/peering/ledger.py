@@ -24,7 +24,7 @@ import json
 import os
 import struct
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, replace, dataclass, field
 
 import lmdb
 
@@ -155,6 +155,19 @@ class Ledger:
     def put_partner(self, p: Partner) -> None:
         with self.env.begin(write=True) as txn:
             txn.put(p.raw_id, json.dumps(asdict(p)).encode(), db=self._db["peers"])
+
+    def update_partner(self, peer_id: str, **fields) -> Partner | None:
+        """Set some fields of a partner's record in one transaction, leaving the rest as they are
+        now. For a task that read the record, awaited, and would otherwise write back a stale
+        copy over what another task stored meanwhile (a beacon, an unpair)."""
+        raw = parse_peer_id(peer_id)
+        with self.env.begin(write=True) as txn:
+            old = txn.get(raw, db=self._db["peers"])
+            if old is None:
+                return None
+            p = replace(Partner(**json.loads(old)), **fields)
+            txn.put(raw, json.dumps(asdict(p)).encode(), db=self._db["peers"])
+        return p
 
     def forget_partner(self, peer_id: str) -> None:
         """Remove an ended partnership whose data is gone both ways."""

@@ -90,7 +90,7 @@ class PairRequest:
     offer: int = field(UInt(MAX_QUOTA))  # the requester keeps up to this much of the responder's data
     ask: int = field(UInt(MAX_QUOTA))  # and asks the responder to keep up to this much of its own
     listen_port: int = field(UInt(0xFFFF))  # where the requester accepts connections (0: it does not)
-    # the partners' shared secret for finding each other through a broker (`broker.protocol`)
+    # the partners' shared secret for finding each other through a broker (`bpfs.rendezvous.wire`)
     pair_key: bytes = field(Bytes(32, min_len=32))
 
 

@@ -258,7 +258,9 @@ class Replicator:
                         await self._reconcile(conn, partner)
                         self._reconciled[peer] = conn
                     worked = await self._push(conn, partner, prog)
-                    self.ledger.put_partner(partner)
+                    self.ledger.update_partner(peer, last_seen=partner.last_seen,
+                                               root_generation=partner.root_generation,
+                                               root_created=partner.root_created)
                     prog.last_error = None
                     if not worked:
                         prog.state = "idle"
@@ -301,10 +303,13 @@ class Replicator:
             after = reply.ids[-1]
         await self._reconcile_roots(conn, partner)
         await self._send_beacon(conn, partner)
-        known = set(self.source.outbox.pending())
+        tombs = self.source.outbox.tombstones()
+        known = set(self.source.outbox.pending()) | set(tombs)
         confirmed = set()
         for pid, digest in listed.items():
-            if pid in known:
+            if pid in tombs:
+                confirmed.add(pid)  # deleted here, still there: held until released (no proof needed)
+            elif pid in known:
                 root = await self.source.pack_root(pid)
                 if root is not None and root[0] == digest:
                     confirmed.add(pid)
@@ -322,7 +327,7 @@ class Replicator:
         if not partner.beacon_sent:
             await request(conn, P.Beacon(self.source.beacon_verifier(partner.beacon_slot)), registry=P.PARTNER)
             partner.beacon_sent = True
-            self.ledger.put_partner(partner)
+            self.ledger.update_partner(partner.peer_id, beacon_slot=partner.beacon_slot, beacon_sent=True)
 
     async def _reconcile_roots(self, conn, partner: Partner) -> None:
         """Which of our roots the partner holds, checked digest by digest. A root of ours held
@@ -421,7 +426,8 @@ class Replicator:
             if root.generation > partner.root_generation:
                 partner.root_generation = prog.root_generation = root.generation
                 partner.root_created = root.created_ns
-                self.ledger.put_partner(partner)
+                self.ledger.update_partner(partner.peer_id, root_generation=root.generation,
+                                           root_created=root.created_ns)
                 log.info("%s holds our root generation %d", partner.peer_id, root.generation)
         return worked
 

@@ -43,7 +43,7 @@ from ..rendezvous.beacon import beacon_verifier
 from ..rendezvous.brokers import BrokerClient
 from ..rendezvous.codepair import CodePairing
 from ..rendezvous.dialer import Dialer, NoRoute, token_for
-from broker.protocol import lookup_token, verifier
+from ..rendezvous.wire import lookup_token, verifier
 
 log = logging.getLogger("bpfs.peering")
 
@@ -158,9 +158,15 @@ class StoreSource:
             log.warning("raising our generation to %d, above a root a partner holds", floor)
             self.index.put_counter("generation", floor)
 
-    def changed_since_snapshot(self) -> bool:
+    def changed_since_snapshot(self, partners: bytes | None = None) -> bool:
+        """Whether a new snapshot would differ from the newest: the index changed, or (given
+        `partners`, see `partner_list`) who the partners are or how to find them did (a recovery
+        reads the list from the newest snapshot: a partner paired since must be in it)."""
         retained = snap.retained_generations(self.index)
-        return self.index.dirty or not retained or self.index.generation > retained[-1] + 1
+        if self.index.dirty or not retained or self.index.generation > retained[-1] + 1:
+            return True
+        return partners is not None and _partner_keys(partners) != _partner_keys(
+            self.manifest_of(retained[-1]).partners or b"")
 
     async def snapshot(self, partners: bytes = b"") -> int:
         """Flush everything written so far, then snapshot the index if it changed; the generation.
@@ -172,7 +178,7 @@ class StoreSource:
         return self._export(partners)
 
     def _export(self, partners: bytes) -> int:
-        if self.changed_since_snapshot():
+        if self.changed_since_snapshot(partners or None):
             started = time.monotonic()
             manifest = snap.export_snapshot(self.index, self.keys, self.packs, policy=self.policy, partners=partners)
             stats = manifest.stats
@@ -420,8 +426,9 @@ class PartnerService:
         while True:
             await trio.sleep(self.config.snapshot_interval)
             try:
-                if self.source.changed_since_snapshot() and any(p.active for p in self.ledger.partners()):
-                    await self.source.snapshot(partner_list(self.ledger))
+                partners = partner_list(self.ledger)
+                if self.source.changed_since_snapshot(partners) and any(p.active for p in self.ledger.partners()):
+                    await self.source.snapshot(partners)
                     self._changed()
                 self.source.commit()
             except Exception:
@@ -443,7 +450,7 @@ class PartnerService:
                 "observed": b.observed if b is not None and b.conn is not None else None}
 
     def op_invite(self, peer: str, offer: int, ask: int) -> dict:
-        _check_peer_id(peer)
+        check_peer_id(peer)
         if peer == self.identity.peer_id:
             raise PeeringError("that is this store's own peer id", exit_code=2)
         inv = self.holder.invite(peer, offer, ask, INVITE_VALID)
@@ -467,7 +474,7 @@ class PartnerService:
             raise PeeringError(f"could not connect to {format_address(addr)}: {e}") from None
 
     async def op_pair(self, address: str, expect: str, offer: int, ask: int) -> dict:
-        _check_peer_id(expect)
+        check_peer_id(expect)
         if expect == self.identity.peer_id:
             raise PeeringError("that is this store's own peer id", exit_code=2)
         conn = await self._dial(address, expect)
@@ -562,8 +569,7 @@ class PartnerService:
                 told = True
             except (TransportError, trio.TooSlowError) as e:
                 log.info("could not tell %s about the unpairing: %s", peer, e)
-            p.state, p.ended_at = ENDED, time.time()
-            self.ledger.put_partner(p)
+            p = self.ledger.update_partner(peer, state=ENDED, ended_at=time.time()) or p
             self.links.drop(peer)
             self._changed()
         return {"peer_id": peer, "told": told, "grace_days": self.config.grace_days}
@@ -607,7 +613,7 @@ class PartnerService:
 
     async def op_challenge(self, peer: str, packs: int | None = None, leaves: int | None = None) -> dict:
         """Audit a partner now: every pack it holds for us (or `packs` of them)."""
-        _check_peer_id(peer)
+        check_peer_id(peer)
         if self.auditor is None:
             raise PeeringError("this daemon does not audit partners")
         p = self.ledger.partner(peer)
@@ -724,6 +730,17 @@ def partner_list(ledger: Ledger) -> bytes:
     return json.dumps(rows, sort_keys=True).encode()
 
 
+def _partner_keys(blob: bytes) -> set[tuple]:
+    """What of a partner list a recovery needs (who, the pair key to find them, the address):
+    `observed` and the like change all the time and make no new snapshot on their own."""
+    try:
+        rows = json.loads(blob) if blob else []
+    except ValueError:
+        return set()
+    return {(r.get("peer_id"), r.get("pair_key"), r.get("address")) for r in rows if isinstance(r, dict)} \
+        if isinstance(rows, list) else set()
+
+
 def reputation_rows(ledger: Ledger, holdings: Holdings, reputations: Reputations, assigned: set[str],
                     plan_for=None) -> list[dict]:
     """What `bpfs reputation` shows: active partners by score, with what makes it up."""
@@ -757,7 +774,7 @@ async def _guarded(what: str, fn) -> None:
         await trio.sleep(RESTART_PAUSE)
 
 
-def _check_peer_id(peer: str) -> None:
+def check_peer_id(peer: str) -> None:
     from ..identity import parse_peer_id
 
     try:

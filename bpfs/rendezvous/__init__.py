@@ -10,6 +10,6 @@ Modules, bottom up:
               broker's relay; every path must authenticate the partner's identity.
 - `codepair`: a pairing by code, step by step (creator: open, wait, decide; joiner: join, decide).
 
-The wire messages between a store and a broker are `broker.protocol`. The partner service
+The wire messages between a store and a broker are `bpfs.rendezvous.wire`. The partner service
 (`bpfs.peering.service`) owns these objects; nothing here knows of files, ledgers or holders.
 """

@@ -15,7 +15,7 @@ anyway. The broker holds each verifier for one key only (`broker.state`), so slo
 
 from __future__ import annotations
 
-from broker.protocol import verifier
+from .wire import verifier
 
 SLOTS = 16  # partners one store can be recovered from through a broker
 

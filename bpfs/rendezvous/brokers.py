@@ -22,7 +22,7 @@ import time
 
 import trio
 
-from broker import protocol as B
+from . import wire as B
 from ..config import BrokerAddress, ConfigError, format_address, parse_address
 from ..net.codec import Ping
 from ..net.quic import Connection, RelayPath, TransportError
@@ -177,11 +177,14 @@ class BrokerClient:
                 conn.close(reason="no longer needed")
                 return
             expires_in = ANNOUNCE_TTL
+            # a change from now on (even one while this announcement is in flight) kicks the next
+            self._kick = trio.Event()
+            announced = self._announced  # what a change makes afterwards waits for the next round
             try:
                 reply = await self._announce(conn)
                 self.observed = reply.observed
                 expires_in = max(30, reply.expires - int(time.time()))
-                self._announced.set()
+                announced.set()
             except RemoteError as e:
                 log.warning("broker %s refused our announcement: %s", self.broker, e.message)
                 self.last_error = f"{self.broker}: {e.message}"
@@ -192,7 +195,6 @@ class BrokerClient:
                 return
             renew_at = trio.current_time() + expires_in / 2
             while trio.current_time() < renew_at:
-                self._kick = trio.Event()
                 with trio.move_on_after(min(KEEPALIVE, renew_at - trio.current_time())):
                     await self._kick.wait()
                 if self._kick.is_set():

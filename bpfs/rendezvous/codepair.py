@@ -25,7 +25,7 @@ import time
 
 import trio
 
-from broker import protocol as B
+from . import wire as B
 from ..errors import BpfsError
 from ..identity import peer_id
 from ..net.quic import TransportError

@@ -10,7 +10,7 @@ whatever path it takes: a wrong address, a NAT or a relay can delay us, never fo
    partner to punch towards us. All of these are dialled at once; the first to authenticate wins
    and the others are abandoned.
 2. If none answers within the punch window and a broker is there, a relay session through it
-   (`broker.protocol`, `bpfs.net.relay`), dialled like any address.
+   (`bpfs.rendezvous.wire`, `bpfs.net.relay`), dialled like any address.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import logging
 
 import trio
 
-from broker import protocol as B
+from . import wire as B
 from ..config import ConfigError, format_address, parse_address
 from ..net.quic import Connection, RelayPath, TransportError
 from ..net.rpc import RemoteError

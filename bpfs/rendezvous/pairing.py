@@ -14,7 +14,7 @@ real users a failure.
 From K (and the transcript of both SPAKE2 messages, so a relay cannot splice two exchanges):
   seal key of the code's creator ("A") and of the joiner ("B"): who sent a message is bound;
   pair key: the partners' shared secret for finding each other through a broker (see
-            `broker.protocol`); it is stored with the partnership.
+            `bpfs.rendezvous.wire`); it is stored with the partnership.
 Messages, in mailbox order on each side:
   0  the SPAKE2 message (33 bytes, clear)
   1  sealed Intro(public key, offer, ask): who I am and the quotas I propose

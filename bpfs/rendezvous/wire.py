@@ -1,8 +1,9 @@
-"""The broker protocol: the typed messages between a store and a broker, over QUIC.
+"""The broker wire contract: the typed messages between a store and a broker, over QUIC.
 
 Owns the message schemas (registry `BROKER`), their bounds, the bytes an announcement signs and
-the lookup token / verifier derivation. Shared by the broker (`broker.server`) and the client
-(`bpfs.rendezvous`); nothing here does I/O. One request per QUIC stream, one reply (see
+the lookup token / verifier derivation. It lives in `bpfs` because both sides use it: the client
+(`bpfs.rendezvous`) and the broker (`broker.server`, which depends on `bpfs`, never the other
+way round). Nothing here does I/O. One request per QUIC stream, one reply (see
 `bpfs.net.rpc`). A refusal is `Error(REJECTED, text)` with text a human can act on.
 
 What the broker is told, and why it cannot use it against the peers:
@@ -56,7 +57,7 @@ from __future__ import annotations
 
 import hashlib
 
-from bpfs.net.codec import Bool, Bytes, List, Record, Registry, Text, UInt, field
+from ..net.codec import Bool, Bytes, List, Record, Registry, Text, UInt, field
 
 DEFAULT_BROKER_PORT = 7451
 BROKER = Registry("bpfs.broker", max_frame=16 << 10)
