@@ -67,7 +67,7 @@ class ChunkMap:
 
     Attributes:
         index: the live index (every method changes it in its current transaction).
-        local_packs: ids of local-lane packs; shared with `packs.PackStore.local_ids`, which adds
+        local_packs: ids of local-lane packs; shared with `packs.PackFiles.local_ids`, which adds
             the packs it starts (the constructor adds the older ones). Their chunks are never in
             a snapshot, so they are freed, never retired.
         on_free: called with the id of every chunk freed (the reader drops it from its cache).

@@ -1,7 +1,7 @@
 """The mount: POSIX filesystem semantics on top of the index and the file-data layer.
 
 This module maps pyfuse3 requests to index changes (names, attributes, links, xattrs)
-and to `DataStore` calls (contents). It knows nothing of packs, crypto or peers; it tells
+and to `FileData` calls (contents). It knows nothing of packs, crypto or peers; it tells
 `lanes.Lanes` about names (lookups, creations, links, renames, removals, `.backupignore`
 writes), which decides per inode whether its data stays local, replicates, or goes first. Every
 handler runs through `_boundary`, which turns any failure into a FUSEError: an exception
@@ -64,7 +64,7 @@ import time
 
 import pyfuse3
 
-from .data import DataStore
+from .data import FileData
 from .errors import IntegrityError
 from .index import ROOT_INO, Attr, Index
 from .snapview import DIR_NAME as SNAPDIR_NAME
@@ -253,7 +253,7 @@ class BpfsOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = True  # FUSE_POSIX_ACL: the kernel checks ACLs (and turns on default_permissions)
 
-    def __init__(self, index: Index, data: DataStore, store_dir: str, copies=None,
+    def __init__(self, index: Index, data: FileData, store_dir: str, copies=None,
                  views: SnapshotViews | None = None, show_snapshots: bool = False):
         super().__init__()
         self.index = index

@@ -609,7 +609,7 @@ class Index:
         return _U64.unpack(key[1:])[0] if key[:1] == b"r" and len(key) == 9 else 0
 
     def get_pack_root(self, pack_id: int) -> tuple[bytes, int] | None:
-        """(tree root, size) of a sealed pack, once known (see `packs.PackStore.record_roots`)."""
+        """(tree root, size) of a sealed pack, once known (see `packs.PackFiles.record_roots`)."""
         db = self._db["packroots"]
         raw = self.txn.get(u64(pack_id), db=db) if db is not None else None
         return None if raw is None else _PACKROOT.unpack(raw)

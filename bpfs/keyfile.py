@@ -37,7 +37,7 @@ _OPS_RANGE = (min(p[0] for p in KDF_PROFILES.values()), max(p[0] for p in KDF_PR
 _MEM_RANGE = (min(p[1] for p in KDF_PROFILES.values()), max(p[1] for p in KDF_PROFILES.values()))
 
 
-class StoreKeys:
+class KeyRing:
     """All keys of one store, derived from its root secret. Never logged, never sent."""
 
     def __init__(self, root: bytes):
@@ -61,26 +61,26 @@ class StoreKeys:
         return checked.encode(self._root, _RECOVERY_LABEL)
 
     @classmethod
-    def from_recovery_secret(cls, text: str) -> "StoreKeys":
+    def from_recovery_secret(cls, text: str) -> "KeyRing":
         try:
             return cls(checked.decode(text, _RECOVERY_LABEL, "recovery secret"))
         except ValueError as e:
             raise BpfsError(str(e), exit_code=2) from None
 
     def __repr__(self) -> str:
-        return f"StoreKeys({self.identity.peer_id})"
+        return f"KeyRing({self.identity.peer_id})"
 
 
 def _kek(passphrase: bytes, salt: bytes, opslimit: int, memlimit: int) -> Sealer:
     return Sealer(nacl.pwhash.argon2id.kdf(32, passphrase, salt, opslimit=opslimit, memlimit=memlimit))
 
 
-def create(path: str, passphrase: bytes, profile: str = "moderate", root: bytes | None = None) -> StoreKeys:
+def create(path: str, passphrase: bytes, profile: str = "moderate", root: bytes | None = None) -> KeyRing:
     """Write a new key file at `path` (0600) and return the keys. Fails if `path` exists."""
     if not passphrase:
         raise BpfsError("the passphrase must not be empty", exit_code=2)
     opslimit, memlimit = KDF_PROFILES[profile]
-    keys = StoreKeys(root if root is not None else os.urandom(checked.VALUE_SIZE))
+    keys = KeyRing(root if root is not None else os.urandom(checked.VALUE_SIZE))
     salt = os.urandom(nacl.pwhash.argon2id.SALTBYTES)
     aad = FORMAT.encode() + keys.identity.public_key
     wrapped = _kek(passphrase, salt, opslimit, memlimit).seal(keys._root, aad)
@@ -110,7 +110,7 @@ def read_public(path: str) -> dict:
     return doc
 
 
-def unlock(path: str, passphrase: bytes) -> StoreKeys:
+def unlock(path: str, passphrase: bytes) -> KeyRing:
     doc = read_public(path)
     try:
         kdf = doc["kdf"]
@@ -128,7 +128,7 @@ def unlock(path: str, passphrase: bytes) -> StoreKeys:
         root = _kek(passphrase, salt, opslimit, memlimit).open(wrapped, FORMAT.encode() + public_key)
     except IntegrityError:
         raise WrongPassphrase("wrong passphrase for this store") from None
-    keys = StoreKeys(root)
+    keys = KeyRing(root)
     if keys.identity.public_key != public_key:
         raise BpfsError(f"key file {path} is damaged: identity does not match", exit_code=2)
     return keys

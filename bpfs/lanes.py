@@ -36,7 +36,7 @@ re-evaluation is remembered in the index (counter `lanes_recheck`), so after a c
 next mount re-evaluates the whole tree.
 
 A chunk in a local pack that a replicable file uses (by dedup, or because the file stopped
-being ignored) is moved, still sealed, into a normal pack (`DataStore.promote`), as
+being ignored) is moved, still sealed, into a normal pack (`FileData.promote`), as
 compaction does; the snapshot exporter also does this for anything still pending, so a
 snapshot never needs a local pack (`prepare_export`).
 """
@@ -141,7 +141,7 @@ class Lanes:
     """Lane decisions of one mounted store: caches, markers, re-evaluation.
 
     `fs.BpfsOperations` tells it about names (lookups, creations, links, renames, removals);
-    `data.DataStore` asks `lane_of(ino)` on every drain (a dict lookup once known).
+    `data.FileData` asks `lane_of(ino)` on every drain (a dict lookup once known).
     """
 
     def __init__(self, index: Index, data, priority_patterns):

@@ -4,7 +4,7 @@ Owns reading the index's `outbox`, `packs` and `tombstones` tables for the partn
 table names and key encodings stay here and in `index`: the packs waiting to replicate (sealed,
 committed, nothing writing into them any more), each with its lane's priority and its size; the
 packs deleted here that partners may still hold (tombstones); and reading a pack's bytes for an
-upload through `packs.PackStore`. Writing the outbox is the index's (`Index.seal_pack` queues a
+upload through `packs.PackFiles`. Writing the outbox is the index's (`Index.seal_pack` queues a
 sealed pack that is not local; deleting a queued pack leaves a tombstone).
 
 It reads the *committed* index (an LMDB read view), so nothing half-written is ever offered. A
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import lmdb
 
 from .index import OUTBOX_PRIORITY, Index, PackRecord
-from .packs import PackStore
+from .packs import PackFiles
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +38,7 @@ class PackUpload:
       pack_id, size: the pack and its size on the drive.
     """
 
-    def __init__(self, packs: PackStore, pack_id: int):
+    def __init__(self, packs: PackFiles, pack_id: int):
         self._packs = packs
         self.pack_id = pack_id
         self.size = os.stat(packs.path(pack_id)).st_size
@@ -55,7 +55,7 @@ class Outbox:
       index, packs: the store's index and pack files.
     """
 
-    def __init__(self, index: Index, packs: PackStore):
+    def __init__(self, index: Index, packs: PackFiles):
         self.index, self.packs = index, packs
         self._cache: dict[int, QueuedPack] = {}
         self._cache_txn = None

@@ -49,7 +49,7 @@ class _ReadFd:
         self.fd, self.users, self.retired = fd, 0, False
 
 
-class PackStore:
+class PackFiles:
     def __init__(self, store_dir: str, target_size: int = PACK_TARGET):
         self.dir = os.path.join(store_dir, "packs")
         self.target_size = target_size
@@ -61,7 +61,7 @@ class PackStore:
         self._read_fds: OrderedDict[int, _ReadFd] = OrderedDict()
         self._writers: dict[int, int] = {}  # pack id -> reservations not yet finished
         self._dirty: set[int] = set()  # packs written since their last fdatasync
-        self.local_ids: set[int] = set()  # local-lane packs started here (DataStore adds the older ones)
+        self.local_ids: set[int] = set()  # local-lane packs started here (FileData adds the older ones)
         self._trees: dict[int, TreeBuilder] = {}  # pack id -> its tree, while bytes are written into it
         self._sizes: dict[int, int] = {}  # sealed pack id -> its final size, until its tree is finished
         self._roots: dict[int, tuple[bytes, int]] = {}  # finished trees not yet in the index

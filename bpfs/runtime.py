@@ -1,7 +1,7 @@
 """Assembling a running store: the one place that opens a store and wires its parts together.
 
-A running store is the unlocked, locked-for-us store (`store.OpenStore`: index, packs, keys),
-its file data (`data.DataStore`, with its lanes and the room it keeps free), the mount's
+A running store is the unlocked, locked-for-us store (`store.StoreFolder`: index, packs, keys),
+its file data (`data.FileData`, with its lanes and the room it keeps free), the mount's
 operations (`fs.BpfsOperations`, which also destroy the inodes a crash left orphaned), and, on
 demand, the partner service (`peering.service.PartnerService`) fed by the store's side of
 replication. The daemon (`bpfs mount`, `bpfs serve`) and the CLI commands that run a partner
@@ -21,14 +21,14 @@ from collections.abc import Callable
 import trio
 
 from .config import Config, load_config
-from .data import DataStore
+from .data import FileData
 from .fs import BpfsOperations
 from .history import RetentionPolicy
 from .lanes import load_priority_patterns
 from .peering import control
-from .peering.service import PartnerService, StoreSource, start_service
+from .peering.service import PartnerService, ReplicationSource, start_service
 from .snapview import SnapshotViews
-from .store import OpenStore
+from .store import StoreFolder
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,9 @@ class RunningStore:
     """An open store with its parts wired together, for one process.
 
     Attributes:
-      opened: the store itself (`OpenStore`: the lock, the index, the pack files, the keys).
+      opened: the store itself (`StoreFolder`: the lock, the index, the pack files, the keys).
       config: the store's `config.toml`.
-      data: file data (`DataStore`): write buffers, chunking, reads, compaction, the committer.
+      data: file data (`FileData`): write buffers, chunking, reads, compaction, the committer.
       views: the mount's read-only `.snapshots` folder (`SnapshotViews`), or None.
       ops: the FUSE operations over `data` (`BpfsOperations`); also what a repair uses to
         destroy inodes that were unlinked while open when the last process stopped.
@@ -56,10 +56,10 @@ class RunningStore:
     def __init__(self, store_dir: str, keys, *, snapshot_views: bool = False, show_snapshots: bool = False):
         self.service: PartnerService | None = None
         self.views: SnapshotViews | None = None
-        self.opened = OpenStore(store_dir, keys)
+        self.opened = StoreFolder(store_dir, keys)
         try:
             self.config: Config = load_config(store_dir)
-            self.data = DataStore(self.opened.index, self.opened.packs, keys, space_reserve(store_dir),
+            self.data = FileData(self.opened.index, self.opened.packs, keys, space_reserve(store_dir),
                                   priority_patterns=load_priority_patterns(store_dir))
             opened = self.opened
             self.views = SnapshotViews(store_dir, opened.index, opened.packs, keys) if snapshot_views else None
@@ -78,7 +78,7 @@ class RunningStore:
         return self.opened.keys
 
     def repair(self) -> dict:
-        """Bring the store to a clean state after an unclean stop (see `OpenStore.repair_after_crash`)."""
+        """Bring the store to a clean state after an unclean stop (see `StoreFolder.repair_after_crash`)."""
         repaired = self.opened.repair_after_crash(self.ops.destroy_inode)
         if any(repaired.values()):
             log.info("cleaned up after an unclean stop: %s", repaired)
@@ -91,7 +91,7 @@ class RunningStore:
 
     def partner_service(self, address: str | None, brokers=None) -> PartnerService:
         """A partner service for this store listening on `address` (not yet started)."""
-        source = StoreSource(self.opened.index, self.opened.packs, self.keys, self.data,
+        source = ReplicationSource(self.opened.index, self.opened.packs, self.keys, self.data,
                              RetentionPolicy.of(self.config))
         return PartnerService(self.dir, self.keys, self.config, source, listen=address, brokers=brokers)
 

@@ -90,8 +90,8 @@ from .index import (_NAME_HASH_LEN, _PACK, _PACKROOT, MAP_SIZE, ROOT_INO, TABLES
 from .history import RetentionPolicy, thin
 from .history import keep as keep_snapshots
 from .lanes import ExportFilter, prepare_export
-from .keyfile import StoreKeys, read_public
-from .packs import PackStore
+from .keyfile import KeyRing, read_public
+from .packs import PackFiles
 from .store import StoreLock, create_store, key_path, require_store
 
 # ----- sizes and bounds ------------------------------------------------------------------------
@@ -355,7 +355,7 @@ def _manifest_hash(body: bytes) -> bytes:
     return hashlib.blake2b(body, digest_size=_HASH_SIZE, person=b"bpfs.manifest").digest()
 
 
-def _manifest_sealer(keys: StoreKeys) -> Sealer:
+def _manifest_sealer(keys: KeyRing) -> Sealer:
     return Sealer(keys.derive("snapshot-manifest"))
 
 
@@ -363,7 +363,7 @@ def _manifest_aad(peer: bytes, generation: int) -> bytes:
     return _MANIFEST_AAD + peer + struct.pack("<Q", generation)
 
 
-def _sign_root(keys: StoreKeys, manifest: SnapshotManifest) -> bytes:
+def _sign_root(keys: KeyRing, manifest: SnapshotManifest) -> bytes:
     peer = peer_id_bytes(keys.identity.public_key)
     sealed = _manifest_sealer(keys).seal(manifest.encode(), _manifest_aad(peer, manifest.generation))
     unsigned = SignedRoot(peer, manifest.generation, sealed, b"", manifest.created_ns)
@@ -374,7 +374,7 @@ def _sign_root(keys: StoreKeys, manifest: SnapshotManifest) -> bytes:
     return blob
 
 
-def open_manifest(keys: StoreKeys, blob, min_generation: int = 0) -> SnapshotManifest:
+def open_manifest(keys: KeyRing, blob, min_generation: int = 0) -> SnapshotManifest:
     """The owner's side: verify a root with the store's own key and open its manifest."""
     root = verify_root(keys.identity.public_key, blob, min_generation)
     try:
@@ -604,19 +604,19 @@ class _StreamReader:
 
 
 # ----- metadata chunks --------------------------------------------------------------------------
-def _chunker(keys: StoreKeys) -> Chunker:
+def _chunker(keys: KeyRing) -> Chunker:
     seed = int.from_bytes(keys.derive("metadata-chunker-seed", 8), "little") | 1
     return Chunker(seed, META_AVG_SIZE, META_MIN_SIZE, META_MAX_SIZE)
 
 
-def _seal_chunk(keys: StoreKeys, cid: bytes, plain: bytes) -> bytearray:
+def _seal_chunk(keys: KeyRing, cid: bytes, plain: bytes) -> bytearray:
     out = bytearray(sealed_chunk_size(len(plain)))
     out[NONCE_SIZE:NONCE_SIZE + len(plain)] = plain
     keys.data.seal_in_place(out, 0, padme(len(plain)), cid)
     return out
 
 
-def open_meta_chunk(keys: StoreKeys, chunk: MetaChunk, sealed) -> bytes:
+def open_meta_chunk(keys: KeyRing, chunk: MetaChunk, sealed) -> bytes:
     """Authenticate a fetched metadata chunk: AEAD bound to its id, padding, and the id itself."""
     where = f"metadata chunk {chunk.chunk_id[:6].hex()} (pack {chunk.pack:012x})"
     if not isinstance(sealed, (bytes, bytearray, memoryview)):
@@ -658,7 +658,7 @@ def retained_root(index: Index, generation: int) -> bytes | None:
     return index.get_snapshot_record(_root_key(generation))
 
 
-def root_created(index: Index, keys: StoreKeys, generation: int) -> int:
+def root_created(index: Index, keys: KeyRing, generation: int) -> int:
     """When a retained snapshot was made (ns), from its root (its manifest for a version 1 root)."""
     blob = index.get_snapshot_record(_root_key(generation))
     if blob is None:
@@ -682,7 +682,7 @@ def metadata_packs(index: Index) -> set[int]:
     return {int.from_bytes(key[1:], "big") for key, _ in index.snapshot_records(b"p")}
 
 
-def needed_packs(index: Index, keys: StoreKeys) -> set[int]:
+def needed_packs(index: Index, keys: KeyRing) -> set[int]:
     """Every pack some retained snapshot needs (its data packs and its metadata packs): the
     packs partners must keep until a newer snapshot no longer needs them."""
     out: set[int] = set()
@@ -693,7 +693,7 @@ def needed_packs(index: Index, keys: StoreKeys) -> set[int]:
     return out
 
 
-def _release(index: Index, keys: StoreKeys, generation: int) -> list[int]:
+def _release(index: Index, keys: KeyRing, generation: int) -> list[int]:
     """Drop one retained snapshot; return the metadata packs that became empty (to delete)."""
     blob = index.get_snapshot_record(_root_key(generation))
     if blob is None:
@@ -726,7 +726,7 @@ def _release(index: Index, keys: StoreKeys, generation: int) -> list[int]:
 
 
 # ----- export -----------------------------------------------------------------------------------
-def export_snapshot(index: Index, keys: StoreKeys, packs: PackStore, *, policy: RetentionPolicy | None = None,
+def export_snapshot(index: Index, keys: KeyRing, packs: PackFiles, *, policy: RetentionPolicy | None = None,
                     partners: bytes = b"", clock=time.time_ns) -> SnapshotManifest:
     """Snapshot the index as of now: write its new metadata chunks, sign a root, retain it.
 
@@ -818,7 +818,7 @@ def export_snapshot(index: Index, keys: StoreKeys, packs: PackStore, *, policy: 
 _ROOTS_READ_PER_EXPORT = 256 << 20  # bytes of packs an export reads at most to hash missing roots
 
 
-def _record_pack_roots(index: Index, packs: PackStore, skip: set[int]) -> None:
+def _record_pack_roots(index: Index, packs: PackFiles, skip: set[int]) -> None:
     """Sealed replicable data packs get their tree root in the index before a snapshot carries
     the `packroots` table (so a recovered store can audit its partners): the roots built while
     writing, and for a pack written before a crash, one hashed from its file (at most
@@ -838,7 +838,7 @@ def _record_pack_roots(index: Index, packs: PackStore, skip: set[int]) -> None:
             budget -= size
 
 
-def _write_chunk(index: Index, keys: StoreKeys, packs: PackStore, cid: bytes, plain: bytes,
+def _write_chunk(index: Index, keys: KeyRing, packs: PackFiles, cid: bytes, plain: bytes,
                  new_packs: list[int]) -> MetaChunk:
     sealed = _seal_chunk(keys, cid, plain)
     pack_id, offset = packs.reserve(index, len(sealed))
@@ -866,7 +866,7 @@ def _record_chunks(index: Index, listed: list[MetaChunk], placed: dict[bytes, Me
             index.put_snapshot_record(_pack_key(chunk.pack), b"")
 
 
-def adopt_root(index: Index, keys: StoreKeys, packs: PackStore, blob) -> SnapshotManifest:
+def adopt_root(index: Index, keys: KeyRing, packs: PackFiles, blob) -> SnapshotManifest:
     """Retain a snapshot this store made before (a recovered store taking back its history from
     a partner): check the root, then record it and its metadata chunks as export does. Every
     metadata pack it names must be in the packs folder already; each becomes a sealed pack of the
@@ -896,13 +896,13 @@ def adopt_root(index: Index, keys: StoreKeys, packs: PackStore, blob) -> Snapsho
 
 # ----- rebuild ----------------------------------------------------------------------------------
 def create_store_from_recovery_secret(store_dir: str, recovery_secret: str, passphrase: bytes,
-                                      profile: str = "moderate") -> StoreKeys:
+                                      profile: str = "moderate") -> KeyRing:
     """A fresh, empty store with the keys (and identity) the recovery secret derives."""
-    keys = StoreKeys.from_recovery_secret(recovery_secret)
+    keys = KeyRing.from_recovery_secret(recovery_secret)
     return create_store(store_dir, passphrase, profile, root=keys._root)  # the key file wraps this root
 
 
-def local_fetcher(packs: PackStore):
+def local_fetcher(packs: PackFiles):
     """fetch_chunk for `rebuild_index` reading another store's pack files on this machine."""
     def fetch(chunk_id: bytes, pack_id: int, offset: int, length: int) -> bytes:
         return packs.read(pack_id, offset, length)
@@ -945,7 +945,7 @@ class _IndexWriter:
         self.env.close()
 
 
-def _require_fresh(index_dir: str, keys: StoreKeys) -> None:
+def _require_fresh(index_dir: str, keys: KeyRing) -> None:
     index = Index(index_dir, keys)
     try:
         with index.read_view() as records:
@@ -958,7 +958,7 @@ def _require_fresh(index_dir: str, keys: StoreKeys) -> None:
         index.close()
 
 
-def rebuild_index(new_store_dir: str, keys: StoreKeys, root_blob, fetch_chunk, *, min_generation: int = 0,
+def rebuild_index(new_store_dir: str, keys: KeyRing, root_blob, fetch_chunk, *, min_generation: int = 0,
                   pack_id_floor: int = 0) -> SnapshotManifest:
     """Rebuild the index of a freshly created store (same root secret) from a signed root.
 
@@ -991,7 +991,7 @@ def rebuild_index(new_store_dir: str, keys: StoreKeys, root_blob, fetch_chunk, *
     return manifest
 
 
-def materialize(keys: StoreKeys, packs: PackStore, blob: bytes, path: str) -> SnapshotManifest:
+def materialize(keys: KeyRing, packs: PackFiles, blob: bytes, path: str) -> SnapshotManifest:
     """Write the index of the snapshot whose signed root is `blob` (`retained_root`), as it
     was, into a new LMDB environment at `path` (which must not exist), from this store's own
     metadata chunks (blocking; it touches no index, so any thread may run it). Open it with
@@ -1009,7 +1009,7 @@ def materialize(keys: StoreKeys, packs: PackStore, blob: bytes, path: str) -> Sn
     return manifest
 
 
-def _build(path: str, keys: StoreKeys, manifest: SnapshotManifest, fetch_chunk, pack_id_floor: int, *,
+def _build(path: str, keys: KeyRing, manifest: SnapshotManifest, fetch_chunk, pack_id_floor: int, *,
            restore_counters: bool = True) -> dict:
     reader = _StreamReader()
     digest = hashlib.blake2b(digest_size=_HASH_SIZE)

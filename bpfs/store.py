@@ -22,7 +22,7 @@ from . import keyfile
 from .errors import BpfsError, StoreBusy, StoreNotFound
 from .fsutil import make_private_dir, write_private_file
 from .index import ROOT_INO, Attr, Index
-from .packs import PackStore
+from .packs import PackFiles
 
 KEY_FILE = "key.json"
 DAEMON_FILE = "daemon.json"
@@ -44,7 +44,7 @@ def require_store(store_dir: str) -> str:
     return store_dir
 
 
-def create_store(store_dir: str, passphrase: bytes, profile: str, root: bytes | None = None) -> keyfile.StoreKeys:
+def create_store(store_dir: str, passphrase: bytes, profile: str, root: bytes | None = None) -> keyfile.KeyRing:
     """Create an empty store: key file, index with a root directory, packs folder."""
     store_dir = os.path.abspath(store_dir)
     if os.path.exists(key_path(store_dir)):
@@ -121,17 +121,17 @@ def clear_daemon_info(store_dir: str) -> None:
         pass
 
 
-class OpenStore:
+class StoreFolder:
     """A store opened for writing by this process: lock, index and packs."""
 
-    def __init__(self, store_dir: str, keys: keyfile.StoreKeys):
+    def __init__(self, store_dir: str, keys: keyfile.KeyRing):
         self.dir = require_store(store_dir)
         self.keys = keys
         self.lock = StoreLock(self.dir)
         try:
             make_private_dir(os.path.join(self.dir, "packs"))
             self.index = Index(os.path.join(self.dir, "index"), keys)
-            self.packs = PackStore(self.dir)
+            self.packs = PackFiles(self.dir)
         except BaseException:
             self.lock.release()
             raise

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from .data import read_chunk
 from .errors import IntegrityError
 from .index import ROOT_INO, Index
-from .packs import PackStore
+from .packs import PackFiles
 from .store import StoreLock
 
 
@@ -50,7 +50,7 @@ class _Checker:
     def __init__(self, store_dir: str, keys, read_data: bool):
         self.store_dir = store_dir
         self.index = Index(os.path.join(store_dir, "index"), keys)
-        self.packs = PackStore(store_dir)
+        self.packs = PackFiles(store_dir)
         self.keys = keys
         self.read_data = read_data
         self.report = Report()

@@ -14,14 +14,14 @@ from bpfs.chunkmap import ChunkMap
 from bpfs.data import extents
 from bpfs.data.extents import ZERO_ID
 from bpfs.index import LANE_LOCAL, LANE_NORMAL, Attr, ChunkRecord, Extent, Index, PackRecord, u64
-from bpfs.keyfile import StoreKeys
+from bpfs.keyfile import KeyRing
 
 SEALED = 100  # sealed length of every chunk here
 
 
 @pytest.fixture
 def index(tmp_path):
-    idx = Index(str(tmp_path / "index"), StoreKeys(os.urandom(20)))
+    idx = Index(str(tmp_path / "index"), KeyRing(os.urandom(20)))
     yield idx
     idx.close()
 

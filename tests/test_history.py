@@ -17,7 +17,7 @@ import time
 from test_partners import _host_port, _misbehaving_run, pair, stores, wait_for  # noqa: F401 (fixture)
 
 from bpfs.identity import peer_id_bytes
-from bpfs.keyfile import StoreKeys
+from bpfs.keyfile import KeyRing
 from bpfs.net.quic import open_endpoint
 from bpfs.net.rpc import RemoteError, request
 from bpfs.peering import protocol as P
@@ -120,7 +120,7 @@ def test_roots_signed_with_a_stolen_key(stores, tmp_path):
     a.sync()
     gen = latest_generation(a)
     blob = (b.hosted_dir(a.peer_id) / "roots" / f"{gen:016x}.root").read_bytes()
-    keys = StoreKeys.from_recovery_secret(a.recovery_secret)
+    keys = KeyRing.from_recovery_secret(a.recovery_secret)
 
     def resigned(generation: int) -> bytes:
         old = SignedRoot.decode(blob)

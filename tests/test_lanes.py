@@ -15,16 +15,16 @@ from pathlib import Path
 
 from bpfs import keyfile
 from bpfs.index import LANE_LOCAL, LANE_NORMAL, LANE_PRIORITY, Index, u64
-from bpfs.packs import PackStore
+from bpfs.packs import PackFiles
 from bpfs.snapshot import create_store_from_recovery_secret, export_snapshot, local_fetcher, rebuild_index
-from bpfs.store import OpenStore, key_path
+from bpfs.store import StoreFolder, key_path
 from conftest import PASSPHRASE, run_bpfs, sha256_file, snapshot_tree
 
 KiB, MiB = 1 << 10, 1 << 20
 
 
 # ----------------------------------------------------------------------------------- helpers
-def unlock(store: Path) -> keyfile.StoreKeys:
+def unlock(store: Path) -> keyfile.KeyRing:
     return keyfile.unlock(key_path(str(store)), PASSPHRASE.encode())
 
 
@@ -351,7 +351,7 @@ def test_snapshot_and_rebuild_leave_ignored_files_out(tmp_path, make_mount):
     assert verify_ok(m, "--read-data")["counts"]["local files"] == 10  # hard1/hard2 are one inode
 
     keys = unlock(old)
-    st = OpenStore(str(old), keys)
+    st = StoreFolder(str(old), keys)
     try:
         manifest = export_snapshot(st.index, keys, st.packs)
         local = {p for p, rec in st.index.all_packs() if rec.local}
@@ -364,15 +364,15 @@ def test_snapshot_and_rebuild_leave_ignored_files_out(tmp_path, make_mount):
 
     new = tmp_path / "new"
     nkeys = create_store_from_recovery_secret(str(new), info["recovery_secret"], PASSPHRASE.encode(), "interactive")
-    src = PackStore(str(old))
+    src = PackFiles(str(old))
     try:
         rebuilt = rebuild_index(str(new), nkeys, manifest.root, local_fetcher(src))
     finally:
         src.close()
-    dst = PackStore(str(new))
+    dst = PackFiles(str(new))
     for pack_id in rebuilt.packs:
         os.makedirs(os.path.dirname(dst.path(pack_id)), mode=0o700, exist_ok=True)
-        shutil.copyfile(PackStore(str(old)).path(pack_id), dst.path(pack_id))
+        shutil.copyfile(PackFiles(str(old)).path(pack_id), dst.path(pack_id))
     n = make_mount(store=new, name="mnt-new")
     report = verify_ok(n, "--read-data")
     assert "local files" not in report["counts"] and not report["notes"], report

@@ -130,7 +130,7 @@ def test_listings_have_dot_and_dotdot_with_stable_offsets(mounted):
 def test_snapshot_listings_have_dot_and_dotdot_and_keep_far_times(make_mount):
     from bpfs import keyfile
     from bpfs.snapshot import export_snapshot
-    from bpfs.store import OpenStore, key_path
+    from bpfs.store import StoreFolder, key_path
 
     m = make_mount(name="mnt")
     m.mount()
@@ -140,7 +140,7 @@ def test_snapshot_listings_have_dot_and_dotdot_and_keep_far_times(make_mount):
     os.utime(m.mnt / "dir" / "f", ns=far)
     m.umount()
     keys = keyfile.unlock(key_path(str(m.store)), PASSPHRASE.encode())
-    st = OpenStore(str(m.store), keys)
+    st = StoreFolder(str(m.store), keys)
     try:
         export_snapshot(st.index, keys, st.packs, clock=lambda: 1_800_000_000 * 10 ** 9)
     finally:

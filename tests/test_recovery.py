@@ -82,10 +82,10 @@ def fetched_bytes(target: Path) -> int:
 def retained_generations(store: Path, owner) -> list[int]:
     """The snapshots a (stopped) store retains, read with the owner's keys."""
     from bpfs.index import Index
-    from bpfs.keyfile import StoreKeys
+    from bpfs.keyfile import KeyRing
     from bpfs.snapshot import retained_generations as retained
 
-    keys = StoreKeys.from_recovery_secret(owner.recovery_secret)
+    keys = KeyRing.from_recovery_secret(owner.recovery_secret)
     index = Index(str(store / "index"), keys, readonly=True)
     try:
         return retained(index)
@@ -514,9 +514,9 @@ def _root(data: bytes) -> bytes:
 
 
 def _keys():
-    from bpfs.keyfile import StoreKeys
+    from bpfs.keyfile import KeyRing
 
-    return StoreKeys(os.urandom(20))
+    return KeyRing(os.urandom(20))
 
 
 def _sealed_pack(keys, seed: int, chunks: int = 3, size: int = 700_000) -> tuple[bytes, list]:

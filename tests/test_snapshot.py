@@ -23,13 +23,13 @@ import pytest
 from bpfs import keyfile
 from bpfs.chunker import Chunker
 from bpfs.index import Index
-from bpfs.packs import PackStore
+from bpfs.packs import PackFiles
 from bpfs.history import RetentionPolicy
 from bpfs.snapshot import (
     MAX_ROOT_SIZE, STREAM_MAGIC, RootRejected, SignedRoot, SnapshotError, SnapshotManifest, _cut, _StreamReader,
     create_store_from_recovery_secret, export_snapshot, latest_root, local_fetcher, metadata_packs, needed_packs,
     open_manifest, open_meta_chunk, rebuild_index, retained_generations, verify_root)
-from bpfs.store import OpenStore, key_path
+from bpfs.store import StoreFolder, key_path
 from conftest import PASSPHRASE, make_tree, run_bpfs, sha256_file, snapshot_tree, wait_until
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -40,7 +40,7 @@ def init_json(store: Path) -> dict:
     return json.loads(run_bpfs("init", store, "--kdf", "interactive", "--json").stdout)
 
 
-def unlock(store: Path) -> keyfile.StoreKeys:
+def unlock(store: Path) -> keyfile.KeyRing:
     return keyfile.unlock(key_path(str(store)), PASSPHRASE.encode())
 
 
@@ -50,7 +50,7 @@ KEEP_ONE = RetentionPolicy(keep_within=0, keep_daily=0, keep_weekly=0, keep_mont
 
 def export(store: Path, **kw):
     keys = unlock(store)
-    st = OpenStore(str(store), keys)
+    st = StoreFolder(str(store), keys)
     try:
         return export_snapshot(st.index, keys, st.packs, **kw)
     finally:
@@ -59,7 +59,7 @@ def export(store: Path, **kw):
 
 def with_index(store: Path, fn):
     keys = unlock(store)
-    st = OpenStore(str(store), keys)
+    st = StoreFolder(str(store), keys)
     try:
         return fn(st.index, keys, st.packs)
     finally:
@@ -67,7 +67,7 @@ def with_index(store: Path, fn):
 
 
 def copy_packs(old: Path, new: Path, pack_ids) -> None:
-    src, dst = PackStore(str(old)), PackStore(str(new))
+    src, dst = PackFiles(str(old)), PackFiles(str(new))
     for pack_id in pack_ids:
         target = dst.path(pack_id)
         os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
@@ -75,12 +75,12 @@ def copy_packs(old: Path, new: Path, pack_ids) -> None:
         os.chmod(target, 0o600)
 
 
-def new_recovered_store(path: Path, secret: str) -> keyfile.StoreKeys:
+def new_recovered_store(path: Path, secret: str) -> keyfile.KeyRing:
     return create_store_from_recovery_secret(str(path), secret, PASSPHRASE.encode(), "interactive")
 
 
 def rebuild_from(old: Path, new: Path, keys, root: bytes, fetch=None, **kw):
-    packs = PackStore(str(old))
+    packs = PackFiles(str(old))
     try:
         return rebuild_index(str(new), keys, root, fetch or local_fetcher(packs), **kw)
     finally:
@@ -99,7 +99,7 @@ def index_summary(store: Path) -> dict:
 
 
 def meta_chunk_bytes(store: Path, manifest) -> list[bytes]:
-    packs = PackStore(str(store))
+    packs = PackFiles(str(store))
     try:
         return [packs.read(c.pack, c.offset, c.sealed_length) for c in manifest.chunks]
     finally:
@@ -241,7 +241,7 @@ def test_snapshots_share_metadata_chunks_and_survive_compaction(tmp_path, make_m
     assert live == {c.chunk_id for c in second.chunks + third.chunks}
     assert {c.pack for c in second.chunks + third.chunks} <= packs_of_meta <= needed
     for pack_id in {c.pack for c in first.chunks} - packs_of_meta:
-        assert not os.path.exists(PackStore(str(old)).path(pack_id)), "an empty metadata pack was kept"
+        assert not os.path.exists(PackFiles(str(old)).path(pack_id)), "an empty metadata pack was kept"
     assert with_index(old, lambda index, keys, packs: latest_root(index)) == third.root
 
     # delete most files: their data stays while a retained snapshot holds it; once a snapshot
@@ -253,12 +253,12 @@ def test_snapshots_share_metadata_chunks_and_survive_compaction(tmp_path, make_m
         os.unlink(m.mnt / "many" / f"d{i % 66:03d}" / f"f{i:05d}.txt")
     m.umount()
     after_delete = export(old, policy=KEEP_TWO)
-    assert all(os.path.exists(PackStore(str(old)).path(p)) for p in data_packs_before), \
+    assert all(os.path.exists(PackFiles(str(old)).path(p)) for p in data_packs_before), \
         "data of deleted files went while the snapshot before the deletion is kept"
     keep_one = export(old, policy=KEEP_ONE)
     assert after_delete.generation in keep_one.stats["released_snapshots"] and keep_one.stats["sparse_packs"]
     m.mount()
-    assert wait_until(lambda: any(not os.path.exists(PackStore(str(old)).path(p)) for p in data_packs_before),
+    assert wait_until(lambda: any(not os.path.exists(PackFiles(str(old)).path(p)) for p in data_packs_before),
                       timeout=30), "compaction did not replace the data packs"
     m.umount()
     keys = unlock(old)
@@ -392,7 +392,7 @@ def test_damaged_metadata_chunks_fail_the_rebuild_cleanly(tmp_path, small_snapsh
     new = tmp_path / "new"
     keys = new_recovered_store(new, info["recovery_secret"])
     empty = index_summary(new)
-    packs = PackStore(str(store))
+    packs = PackFiles(str(store))
     honest = local_fetcher(packs)
     last = manifest.chunks[-1].chunk_id
 
@@ -539,7 +539,7 @@ def test_no_plaintext_in_root_or_metadata(tmp_path, make_mount):
     keys = unlock(store)
     sealed_chunks = meta_chunk_bytes(store, manifest)
     plain_stream = b"".join(open_meta_chunk(keys, c, s) for c, s in zip(manifest.chunks, sealed_chunks))
-    meta_pack_files = b"".join(Path(PackStore(str(store)).path(p)).read_bytes()
+    meta_pack_files = b"".join(Path(PackFiles(str(store)).path(p)).read_bytes()
                                for p in {c.pack for c in manifest.chunks})
     places = {"root": manifest.root, "metadata chunks": b"".join(sealed_chunks), "metadata packs": meta_pack_files,
               "decrypted record stream": plain_stream}

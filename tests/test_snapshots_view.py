@@ -24,7 +24,7 @@ import pytest
 from bpfs import history, keyfile, snapview
 from bpfs.history import RetentionPolicy
 from bpfs.snapshot import export_snapshot
-from bpfs.store import OpenStore, key_path
+from bpfs.store import StoreFolder, key_path
 from conftest import (PASSPHRASE, assert_trees_equal, expect_errno, make_tree, run_bpfs, sha256_bytes,
                       sha256_file, wait_until)
 
@@ -37,7 +37,7 @@ NAME0 = "2026-12-07T08-05-23Z"
 def export(store: Path, created_ns: int, policy: RetentionPolicy | None = None):
     """Snapshot an unmounted store, made at `created_ns`; returns the manifest."""
     keys = keyfile.unlock(key_path(str(store)), PASSPHRASE.encode())
-    st = OpenStore(str(store), keys)
+    st = StoreFolder(str(store), keys)
     try:
         return export_snapshot(st.index, keys, st.packs, policy=policy, clock=lambda: created_ns)
     finally:

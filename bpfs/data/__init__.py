@@ -6,15 +6,15 @@ buffer into content-defined chunks, hashes them (keyed), skips chunks the store 
 worker threads, and records extents (`extents`) and references (`bpfs.chunkmap`) in one atomic
 index section. Reads (`reads`) combine the extents with whatever is still buffered. Sparse packs
 are compacted, and chunks replicable files use are moved out of local packs (`compaction`); a
-committer (`committer`) checkpoints every second. `store.DataStore` is what the mount uses, and
+committer (`committer`) checkpoints every second. `filedata.FileData` is what the mount uses, and
 where durability is defined.
 
 Modules: buffers (write buffers), pipeline (chunks into packs, extents into the index), extents
 (the extent map), reads (reads, chunk cache, `read_chunk`), compaction (moving chunks between
-packs), store (`DataStore` and its committer).
+packs), filedata (`FileData` and its committer).
 """
 
 from .reads import read_chunk
-from .store import DataStore
+from .filedata import FileData
 
-__all__ = ["DataStore", "read_chunk"]
+__all__ = ["FileData", "read_chunk"]

@@ -252,7 +252,7 @@ class Buffers:
             buf.drain_queued = False
 
     async def flush(self, ino: int) -> None:
-        """Persist everything buffered for `ino` (not yet durable: see `DataStore.sync`)."""
+        """Persist everything buffered for `ino` (not yet durable: see `FileData.sync`)."""
         buf = self._buffers.get(ino)
         if buf is None:
             return

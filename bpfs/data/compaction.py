@@ -4,7 +4,7 @@ Owns `Mover`: compaction copies the live chunks of sparse packs (`chunkmap.Chunk
 into the open pack of their lane, so the sparse packs can go; promotion moves every chunk a
 replicable file uses out of local packs (a chunk shared by dedup with an ignored file, or the
 chunks of a file that stopped being ignored; see `lanes`), in the background and in
-`DataStore.flush_all`. Sealed entries are copied as they are (they are bound to their chunk
+`FileData.flush_all`. Sealed entries are copied as they are (they are bound to their chunk
 id, not to a place), so nothing is decrypted or re-encrypted; the copy happens in a worker
 thread and the records move under the store's apply lock (`ChunkMap.move`).
 """
@@ -18,7 +18,7 @@ import trio
 from ..chunkmap import ChunkMap
 from ..errors import IntegrityError
 from ..index import ChunkRecord, Index
-from ..packs import PackStore
+from ..packs import PackFiles
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class Mover:
         nursery: where background promotion starts (None: only `promote` moves chunks).
     """
 
-    def __init__(self, index: Index, packs: PackStore, chunks: ChunkMap, apply_lock: trio.Lock):
+    def __init__(self, index: Index, packs: PackFiles, chunks: ChunkMap, apply_lock: trio.Lock):
         self.index = index
         self.packs = packs
         self.chunks = chunks

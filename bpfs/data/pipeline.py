@@ -17,7 +17,7 @@ from ..chunker import Chunker
 from ..chunkmap import ChunkMap
 from ..crypto import NONCE_SIZE, padme, sealed_chunk_size
 from ..index import LANE_LOCAL, LANE_NORMAL, ChunkRecord, Index
-from ..packs import PackStore
+from ..packs import PackFiles
 from . import extents
 from .buffers import Buffer
 from .extents import ZERO_ID
@@ -77,7 +77,7 @@ class Pipeline:
         written: inodes with data applied since the last commit (the store's set; added to here).
     """
 
-    def __init__(self, index: Index, packs: PackStore, keys, chunks: ChunkMap, lanes, mover,
+    def __init__(self, index: Index, packs: PackFiles, keys, chunks: ChunkMap, lanes, mover,
                  apply_lock: trio.Lock, written: set[int]):
         self.index = index
         self.packs = packs

@@ -16,13 +16,13 @@ import trio
 from ..crypto import padme
 from ..errors import IntegrityError
 from ..index import ChunkRecord, Extent, Index
-from ..packs import PackStore
+from ..packs import PackFiles
 from .buffers import Buffers
 
 CACHE_BYTES = 32 << 20
 
 
-def read_chunk(packs: PackStore, keys, cid: bytes, rec: ChunkRecord) -> bytes:
+def read_chunk(packs: PackFiles, keys, cid: bytes, rec: ChunkRecord) -> bytes:
     """Read, authenticate and unpad one chunk (blocking)."""
     sealed = packs.read(rec.pack, rec.offset, rec.sealed_length)
     plain = keys.data.open(sealed, cid)
@@ -71,7 +71,7 @@ class Reader:
         nursery: where prefetches start (None: no prefetch).
     """
 
-    def __init__(self, index: Index, packs: PackStore, keys, cache: ChunkCache, buffers: Buffers):
+    def __init__(self, index: Index, packs: PackFiles, keys, cache: ChunkCache, buffers: Buffers):
         self.index = index
         self.packs = packs
         self._keys = keys

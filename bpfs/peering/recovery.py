@@ -64,7 +64,7 @@ from ..config import DEFAULT_BROKERS, ConfigError, brokers_from_env, format_size
 from ..errors import BpfsError, first_error
 from ..fsutil import fsync_dir, make_private_dir, write_private_file
 from ..history import snapshot_name, snapshot_names
-from ..keyfile import StoreKeys, read_public
+from ..keyfile import KeyRing, read_public
 from ..net.quic import TransportConfig, open_endpoint
 from ..net.rpc import RemoteError
 from ..passphrase import read_passphrase
@@ -202,9 +202,9 @@ def _secret() -> str:
     return getpass.getpass("Recovery secret: ")
 
 
-def _keys() -> StoreKeys:
+def _keys() -> KeyRing:
     try:
-        return StoreKeys.from_recovery_secret(_secret())
+        return KeyRing.from_recovery_secret(_secret())
     except BpfsError:
         raise
     except Exception as e:  # a mistyped secret: its check characters say so
@@ -589,9 +589,9 @@ class _Run:
         return [s for s in self.finder.live() if s.packs is not None]
 
     async def _fetch(self, what: str, jobs: list[Job], sources: list[Source]):
-        from ..packs import PackStore
+        from ..packs import PackFiles
 
-        packs = PackStore(self.store)
+        packs = PackFiles(self.store)
         total = sum(j.size if j.size is not None else max((s.packs[j.pack_id][0] for s in sources
                                                            if j.pack_id in s.packs), default=0) for j in jobs)
         meter = Meter(self.console, what, total, len(sources))
@@ -634,14 +634,14 @@ class _Run:
     async def _metadata(self, chosen: OpenedRoot, history: list[OpenedRoot]) -> list[OpenedRoot]:
         """Fetch the metadata packs of the chosen root and of its history; the history roots whose
         metadata could be fetched whole."""
-        from ..packs import PackStore
+        from ..packs import PackFiles
 
         entries: dict[int, dict] = {}
         for root in [chosen, *history]:
             for c in root.manifest.chunks:
                 entries.setdefault(c.pack, {})[(c.chunk_id, c.offset)] = (c.chunk_id, c.offset, c.sealed_length,
                                                                           c.length)
-        folder = PackStore(self.store)
+        folder = PackFiles(self.store)
         jobs = [Job(pid, None, None, list(e.values())) for pid, e in sorted(entries.items())
                 if not os.path.exists(folder.path(pid))]
         folder.close()
@@ -672,11 +672,11 @@ class _Run:
         return history
 
     async def _rebuild(self, chosen: OpenedRoot) -> None:
-        from ..packs import PackStore
+        from ..packs import PackFiles
         from ..snapshot import SnapshotError, local_fetcher, rebuild_index
 
         self.console.progress("rebuilding the index...", force=True)
-        packs = PackStore(self.store)
+        packs = PackFiles(self.store)
         floor = self.state.get("floor", 0)
         try:
             await trio.to_thread.run_sync(
@@ -693,11 +693,11 @@ class _Run:
     async def _data(self, chosen: OpenedRoot) -> dict[int, str]:
         """Fetch every data pack the snapshot needs; the packs that could not be had (-> why)."""
         from ..index import Index
-        from ..packs import PackStore
+        from ..packs import PackFiles
         from ..store import StoreLock
 
         lock = StoreLock(self.store)
-        packs = PackStore(self.store)
+        packs = PackFiles(self.store)
         index = Index(os.path.join(self.store, "index"), self.keys, readonly=True)
         try:
             jobs = []
@@ -734,12 +734,12 @@ class _Run:
     # ----- finishing -------------------------------------------------------------------------------------
     def _finish(self, chosen: OpenedRoot, history: list[OpenedRoot], missing: dict[int, str]) -> dict:
         from ..index import Index
-        from ..packs import PackStore
+        from ..packs import PackFiles
         from ..snapshot import SnapshotError, adopt_root
         from ..store import StoreLock
 
         lock = StoreLock(self.store)
-        packs = PackStore(self.store)
+        packs = PackFiles(self.store)
         index = Index(os.path.join(self.store, "index"), self.keys)
         try:
             kept = []

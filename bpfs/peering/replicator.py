@@ -2,7 +2,7 @@
 
 Owns the per-partner upload loops, the bandwidth limit, the daily window, `sync`, and the
 progress figures `status` shows. What to send comes from a `Source` (the store's side, see
-`service.StoreSource`): the sealed packs in the outbox (`bpfs.outbox`: committed, with nothing
+`service.ReplicationSource`): the sealed packs in the outbox (`bpfs.outbox`: committed, with nothing
 still writing into them), the retained signed roots and the packs they need, and tombstones of
 deleted packs.
 

@@ -8,7 +8,7 @@ partners in good standing hold a file (`copies`, the mount's `user.bpfs.copies`)
 The same object serves a daemon (asked through `control`) and a CLI command run without a
 daemon (in-process), so both behave the same.
 
-`StoreSource` is the store side of replication: it reads the *committed* index (an LMDB read
+`ReplicationSource` is the store side of replication: it reads the *committed* index (an LMDB read
 transaction) so nothing half-written is ever sent, and makes snapshots (in the mount daemon after
 flushing every buffered write, holding the data store's apply lock).
 """
@@ -68,12 +68,12 @@ class RootInfo:
     digest: bytes = b""
 
 
-class StoreSource:
+class ReplicationSource:
     """The store side of replication: what to send, snapshots, and counts read from the index.
 
     Attributes:
       index, packs, keys: the open store.
-      data: the mount's `DataStore` (None for a store served without a mount).
+      data: the mount's `FileData` (None for a store served without a mount).
       outbox: the packs that replicate (`bpfs.outbox`).
       policy: which snapshots to keep (`history.RetentionPolicy`).
     """
@@ -215,7 +215,7 @@ class StoreSource:
 
 
 class PartnerService:
-    def __init__(self, store_dir: str, keys, config: Config, source: StoreSource | None, *,
+    def __init__(self, store_dir: str, keys, config: Config, source: ReplicationSource | None, *,
                  listen: str | None, transport: TransportConfig | None = None, brokers=None):
         self.store_dir = store_dir
         self.keys = keys

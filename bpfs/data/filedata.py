@@ -1,4 +1,4 @@
-"""`DataStore`: the file-data layer as the mount sees it, and its durability.
+"""`FileData`: the file-data layer as the mount sees it, and its durability.
 
 Owns the wiring of the data package (who holds which lock, set and nursery), the calls the
 mount makes (write, read, truncate, forget_inode, flush, sync, flush_all, ...), and the two
@@ -12,7 +12,7 @@ only inside `background()`.
 Also the data layer's work on a clock (`Committer`): every COMMIT_INTERVAL it persists buffers
 idle for IDLE_FLUSH_SECONDS, lets `lanes` read written `.backupignore` files and start queued
 re-evaluations, restarts promotion out of local packs, compacts sparse packs and checkpoints
-(`DataStore.sync`) whatever changed; and it starts a checkpoint at once when the index's open
+(`FileData.sync`) whatever changed; and it starts a checkpoint at once when the index's open
 transaction grows past MAX_PENDING_OPS (`checkpoint_if_large`, from long-running operations).
 """
 
@@ -29,7 +29,7 @@ from ..chunkmap import ChunkMap
 from ..errors import IntegrityError
 from ..index import Index
 from ..lanes import Lanes
-from ..packs import PackStore
+from ..packs import PackFiles
 from . import extents
 from .buffers import Buffers
 from .compaction import Mover
@@ -39,7 +39,7 @@ from .reads import CACHE_BYTES, ChunkCache, Reader
 log = logging.getLogger(__name__)
 
 
-class DataStore:
+class FileData:
     """File contents of a mounted store.
 
     Attributes:
@@ -52,7 +52,7 @@ class DataStore:
         nursery: where background work starts, while `background()` runs (else None).
     """
 
-    def __init__(self, index: Index, packs: PackStore, keys, space_reserve: int = 0, priority_patterns=()):
+    def __init__(self, index: Index, packs: PackFiles, keys, space_reserve: int = 0, priority_patterns=()):
         self.index = index
         self.packs = packs
         self.nursery: trio.Nursery | None = None
@@ -208,9 +208,9 @@ MAX_PENDING_OPS = 20_000
 
 
 class Committer:
-    """The periodic and the size-triggered checkpoints of one `DataStore`."""
+    """The periodic and the size-triggered checkpoints of one `FileData`."""
 
-    def __init__(self, data: DataStore):
+    def __init__(self, data: FileData):
         self.data = data
         self._checkpoint_queued = False
 
