@@ -4,7 +4,7 @@
 #   make venv     create .venv and `pip install -e '.[test]'` (redone when pyproject.toml changes)
 #   make mount    create a store if needed, then mount it   (STORE=..., MNT=...)
 #   make umount   unmount $(MNT)
-#   make test     run the test suite                          (PYTEST_ARGS=...)
+#   make test     lint (ruff, mypy), then run the test suite   (PYTEST_ARGS=...)
 #   make bench    run the benchmarks                          (BENCH_ARGS=...; installs '.[bench]')
 #   make clean    remove build/test artefacts (keeps .venv);  make distclean also removes .venv
 #
@@ -33,7 +33,7 @@ BENCH_STAMP := $(VENV)/.bpfs-bench-installed
 # network namespaces with loss and partitions).
 DEB_PKGS := fuse3 libfuse3-dev pkg-config gcc rsync sqlite3 attr acl gocryptfs restic iproute2 iptables
 # Only for `make bench`: the rsync-over-ssh reference runs a private sshd on 127.0.0.1 (see
-# bench/replication.py). Debian starts the system's sshd when it installs the package; a
+# bench/replication/). Debian starts the system's sshd when it installs the package; a
 # copy installed here is stopped and disabled again, so benchmarking opens no port 22.
 BENCH_PKGS := openssh-server
 
@@ -79,8 +79,9 @@ deps:
 venv: $(STAMP)
 
 # Re-run when pyproject.toml changes, and once more when bpfs/__init__.py first appears
-# (an editable install made before the package existed does not map it).
-$(STAMP): pyproject.toml $(wildcard bpfs/__init__.py) | deps
+# (an editable install made before the package existed does not map it); and when the C
+# extension (the chunker, bpfs/_gearcdc.c) changes: the editable install builds it in place.
+$(STAMP): pyproject.toml setup.py bpfs/_gearcdc.c $(wildcard bpfs/__init__.py) | deps
 	@if ! "$(VPY)" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
 	  if ! $(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
 	    echo "venv: $(PYTHON) is $$($(PYTHON) -V 2>&1); bpfs needs Python >= 3.11 (use PYTHON=python3.11)" >&2
@@ -104,8 +105,9 @@ mount: deps venv
 	    echo "bpfs: $(MNT) is already mounted ($$(findmnt -rn -o FSTYPE -M "$(MNT)"))"
 	    exit 0
 	  fi
-	  echo "bpfs: $(MNT) is a stale mount (daemon gone?); run 'make umount' first" >&2
-	  exit 1
+	  echo "bpfs: $(MNT) is a stale mount (its daemon is gone); clearing it"  # bpfs mount clears it
+	else
+	  mkdir -p -- "$(MNT)"
 	fi
 	if [ ! -e "$(STORE)/key.json" ]; then
 	  echo "bpfs: no store at $(STORE); creating one"
@@ -113,10 +115,9 @@ mount: deps venv
 	  if [ -z "$${BPFS_PASSPHRASE:-}" ]; then
 	    echo "bpfs: choose the store passphrase (BPFS_PASSPHRASE is not set)"
 	  fi
-	  "$(BPFS)" init "$(STORE)"
 	fi
-	mkdir -p -- "$(MNT)"
-	"$(BPFS)" mount "$(STORE)" "$(MNT)"
+	# --init: a new store is created by the mount itself, its passphrase asked once (and confirmed)
+	"$(BPFS)" mount --init "$(STORE)" "$(MNT)"
 	echo "bpfs: store $(STORE) is mounted at $(MNT)  (unmount: make umount)"
 
 umount:
@@ -134,7 +135,11 @@ umount:
 
 # ---------------------------------------------------------------- test / bench
 test: deps venv
-	@echo "test: $(VPY) -m pytest -q $(PYTEST_ARGS)"
+	@echo "test: ruff check (rules in pyproject.toml)"
+	"$(VENV)/bin/ruff" check bpfs broker mount_helper tests bench
+	echo "test: mypy (settings and files in pyproject.toml)"
+	"$(VENV)/bin/mypy"
+	echo "test: $(VPY) -m pytest -q $(PYTEST_ARGS)"
 	"$(VPY)" -m pytest -q $(PYTEST_ARGS)
 
 bench-deps:

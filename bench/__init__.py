@@ -18,10 +18,18 @@ Modules, one job each:
 - ``workloads``  the timed workloads (sequential write/read, files, untar)
 - ``runner``     repeats the timed workloads over runs and targets
 - ``dedup``      the deduplication figures for bpfs and restic
-- ``replication`` replication to a partner over loopback and recovery, next to the raw
-                 aioquic ceiling (``quic_ceiling``) and rsync over ssh to a private sshd
-- ``rendezvous`` pairing by code, lookups and the relay through a broker over loopback, next to
-                 direct pairing, pings and a direct connection
+- ``replication`` (a package: ``harness``, ``measure``, ``report``, ``cli``) replication to a
+                 partner over loopback and recovery, next to the raw aioquic ceiling
+                 (``quic_ceiling``) and rsync over ssh to a private sshd
+- ``rendezvous`` (a package: ``harness``, ``measure``, ``report``, ``cli``) pairing by code,
+                 lookups and the relay through a broker over loopback, next to direct pairing,
+                 pings and a direct connection
+- ``recovery``   recovery from one partner next to two; ``audit`` storage audits
+- ``standalone`` what each of those does when run on its own (``python -m bench.NAME``)
 - ``stats``      medians, minima and maxima
 - ``report``     the printed table and the JSON file
+
+The mount table, process checks, the broker process and the folder sizes come from the test
+suite's helpers (``tests/helpers/``), so the benchmarks and the tests rely on the same code; run
+from the repository root, as ``make bench`` does.
 """

@@ -3,7 +3,7 @@
 Run: ``python -m bench.audit [--quick] [--runs N] [--gib X] [--audits K] [--trials T]``;
 ``python -m bench`` runs it too (workload ``audit``). Each run, in a fresh directory:
 
-- setup (untimed), as in ``bench/replication.py``: two new stores, B served by ``bpfs serve B
+- setup (untimed), as in ``bench/replication/``: two new stores, B served by ``bpfs serve B
   --listen 127.0.0.1:0``, B invites A, A mounted with ``--listen 127.0.0.1:0``; H GiB of
   incompressible data (default 1 GiB, about 64 packs of 16 MiB; ``--quick``: 256 MiB) written
   into A's mount, then ``bpfs pair A --direct B --expect B`` and ``bpfs sync A``. A's daemon
@@ -39,7 +39,6 @@ import os
 import random
 import statistics
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -48,7 +47,9 @@ from typing import Callable
 from bench import proc, stats
 from bench.cleanup import Cleanup
 from bench.config import BLOCK, GiB, MiB, human_bytes
-from bench.replication import BpfsPair
+from bench.replication.harness import BpfsPair
+from bench.replication.measure import replicate
+from bench.standalone import exit_status, log_stderr, run_standalone, save_json
 
 from bpfs.config import Config
 from bpfs.packtree import DIGEST_SIZE, LEAF_SIZE, path_length
@@ -61,10 +62,6 @@ SIM_PACKS = (100, 1000, 10_000)
 SIM_TRIALS = {"full": 5000, "quick": 1000}
 FIRST_AUDIT_WAIT = 90.0  # seconds to wait for A's first scheduled audit of B
 LOOPBACK = "/sys/class/net/lo/statistics/tx_bytes"
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 class AuditBenchError(RuntimeError):
@@ -117,7 +114,7 @@ class AuditPair(BpfsPair):
         os.sync()
 
     def reputation(self) -> dict:
-        rows = json.loads(self._bpfs("reputation", str(self.a), "--json", timeout=60).stdout)
+        rows = json.loads(self.bpfs("reputation", str(self.a), "--json", timeout=60).stdout)
         row = [r for r in rows if r.get("peer_id") == self.b_id]
         if not row:
             raise AuditBenchError(f"`bpfs reputation A --json` does not list B: {rows}")
@@ -142,7 +139,7 @@ class AuditPair(BpfsPair):
         if leaves is not None:
             args += ["--leaves", str(leaves)]
         t0 = time.perf_counter()
-        out = self._bpfs(*args, timeout=600)
+        out = self.bpfs(*args, timeout=600)
         wall = time.perf_counter() - t0
         res = json.loads(out.stdout)
         if res.get("failed") or res.get("limited"):
@@ -273,7 +270,7 @@ def _error(out: dict, run, step: str, e: BaseException, log, daemon_log: str = "
     log(f"  run {run} audit: FAILED in {step}: {msg}")
 
 
-def run_audit(tmp: Path, nbytes: int, runs: int, cleanup: Cleanup, log: Callable[[str], None] = _log,
+def run_audit(tmp: Path, nbytes: int, runs: int, cleanup: Cleanup, log: Callable[[str], None] = log_stderr,
               out: dict | None = None, *, audits: int = DEFAULT_AUDITS, trials: int = SIM_TRIALS["full"]) -> dict:
     """Fill ``out`` (returned) with {'bytes', 'runs': [...], 'simulation': [...], 'errors', ...}."""
     out = out if out is not None else {}
@@ -294,7 +291,7 @@ def run_audit(tmp: Path, nbytes: int, runs: int, cleanup: Cleanup, log: Callable
             step = "writing the data into A's mount"
             pair.write_data(nbytes, seed=run)
             step = "replication (pair --direct, sync)"
-            rep = pair.replicate(nbytes)
+            rep = replicate(pair, nbytes)
             log(f"  replicated in {rep['seconds']:.1f} s")
             step = "audits"
             sample = measure(pair, audits, log)
@@ -468,31 +465,14 @@ def main(argv: list[str] | None = None) -> int:
     trials = args.trials or SIM_TRIALS["quick" if args.quick else "full"]
     if nbytes < MiB or args.runs < 1 or args.audits < 1 or trials < 1:
         p.error("--gib must give at least 1 MiB; --runs, --audits and --trials must be at least 1")
-    args.workdir.mkdir(parents=True, exist_ok=True)
     rep: dict = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-    interrupted = False
-    with Cleanup(_log) as cleanup:
-        tmp = Path(tempfile.mkdtemp(prefix="run-", dir=args.workdir))
-        cleanup.add_dir(tmp)
-        (tmp / "bench.pid").write_text(f"{os.getpid()}\n")
-        rep["loadavg_start"] = os.getloadavg()
-        try:
-            run_audit(tmp, nbytes, args.runs, cleanup, _log, out=rep, audits=args.audits, trials=trials)
-        except KeyboardInterrupt:
-            interrupted = True
-            _log("interrupted: cleaning up")
-            rep.setdefault("notes", []).append("interrupted: the results are incomplete")
-            if "runs" in rep:
-                rep["summary"] = summarize(rep)
-        rep["loadavg_end"] = os.getloadavg()
+    interrupted = run_standalone(args.workdir, rep, lambda tmp, cleanup: run_audit(
+        tmp, nbytes, args.runs, cleanup, log_stderr, out=rep, audits=args.audits, trials=trials), summarize)
     if "bytes" in rep:
         print_report(rep, args.runs)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rep, indent=2, default=str) + "\n")
-    if interrupted:
-        return 130
-    return 1 if rep.get("errors") else 0
+        save_json(rep, args.json)
+    return exit_status(rep, interrupted)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ TIMED = ("seq_write", "seq_read", "create", "stat", "unlink", "untar")
 DEDUP = ("dedup_copy", "dedup_insert")
 #: Replication to a partner over loopback and recovery from it (bpfs, the raw aioquic ceiling, rsync).
 NETWORK = ("replication",)
-#: Through a broker over loopback: pairing by code, request rates, the relay (bench/rendezvous.py).
+#: Through a broker over loopback: pairing by code, request rates, the relay (bench/rendezvous/).
 RENDEZVOUS = ("rendezvous",)
 #: Storage audits of a partner over loopback: bytes and holder CPU per audit, simulated detection (bench/audit.py).
 AUDIT = ("audit",)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import shutil
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -187,8 +188,8 @@ def run_dedup(which: set[str], tools: list[str], tmp: Path, tree_bytes: int, ins
         out["dedup_copy"] = {"tree": meta}
         for tool in tools:
             log(f"dedup: {tool}, copying the tree in twice")
-            out["dedup_copy"][tool] = _guard(lambda: bpfs_copy(tmp, tree, cleanup) if tool == "bpfs"
-                                             else restic_copy(tmp, tree), tool, log)
+            copy = partial(bpfs_copy, tmp, tree, cleanup) if tool == "bpfs" else partial(restic_copy, tmp, tree)
+            out["dedup_copy"][tool] = _guard(copy, tool, log)
         shutil.rmtree(tree, ignore_errors=True)
     if "dedup_insert" in which:
         data = datagen.random_block(insert_bytes, seed=5)
@@ -197,8 +198,9 @@ def run_dedup(which: set[str], tools: list[str], tmp: Path, tree_bytes: int, ins
             for tool in tools:
                 log(f"dedup: {tool}, inserting one byte at the start of a {insert_bytes >> 20} MiB file"
                     f" (run {run}/{runs})")
-                res = _guard(lambda: bpfs_insert(tmp, data, cleanup, run) if tool == "bpfs"
-                             else restic_insert(tmp, data, run), tool, log)
+                insert = (partial(bpfs_insert, tmp, data, cleanup, run) if tool == "bpfs"
+                          else partial(restic_insert, tmp, data, run))
+                res = _guard(insert, tool, log)
                 _merge_run(out["dedup_insert"].setdefault(tool, {"runs": []}), res)
     return out
 

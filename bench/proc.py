@@ -1,12 +1,20 @@
-"""Running commands, reading the mount table, dropping caches, reading a daemon's peak RSS."""
+"""Running commands, reading the mount table, dropping caches, reading a daemon's peak RSS.
+
+The mount table, whether a process is alive and the size of a folder are the test suite's
+helpers (tests/helpers/), the same code the tests rely on.
+"""
 
 from __future__ import annotations
 
 import os
-import stat
 import subprocess
 import tempfile
 from pathlib import Path
+
+from tests.helpers.files import dir_apparent_size
+from tests.helpers.mounts import is_mounted as is_mounted
+from tests.helpers.mounts import mount_entries
+from tests.helpers.procs import pid_alive as pid_alive
 
 
 class CommandError(RuntimeError):
@@ -52,34 +60,13 @@ def _tail(text: str, lines: int = 4) -> str:
     return "\n".join(kept)
 
 
-def _unescape(field: str) -> str:
-    # /proc/self/mountinfo escapes space, tab, newline and backslash as \ooo.
-    out, i = [], 0
-    while i < len(field):
-        code = field[i + 1:i + 4]
-        if field[i] == "\\" and len(code) == 3 and code.isdigit():
-            out.append(chr(int(code, 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def mountpoints() -> list[str]:
     """All mount points, from /proc/self/mountinfo (works for dead FUSE mounts too)."""
-    points = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) > 4:
-                points.append(_unescape(parts[4]))
-    return points
+    return [point for point, _fstype in mount_entries()]
 
 
-def is_mounted(path: str | Path) -> bool:
-    """True if ``path`` is a mount point (without stat'ing it: a dead FUSE mount hangs or fails)."""
-    return os.path.abspath(path) in mountpoints()
+# is_mounted(path): True if ``path`` is a mount point, read from the mount table (without stat'ing
+# it: a dead FUSE mount hangs or fails); from tests/helpers/mounts.py.
 
 
 def mounts_under(path: str | Path) -> list[str]:
@@ -122,25 +109,10 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def pid_alive(pid: int) -> bool:
-    """True if a process with this pid exists (and is not a zombie)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        return state != "Z"
-    except (OSError, IndexError):
-        return False
+# pid_alive(pid): True while any thread of the process is alive (not a zombie); from
+# tests/helpers/procs.py.
 
 
 def tree_bytes(path: str | Path) -> int:
     """Sum of the sizes of all regular files under ``path`` (apparent size, not blocks)."""
-    total = 0
-    for dirpath, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                st = os.lstat(os.path.join(dirpath, name))
-            except FileNotFoundError:
-                continue
-            if stat.S_ISREG(st.st_mode):
-                total += st.st_size
-    return total
+    return dir_apparent_size(path)

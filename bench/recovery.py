@@ -37,7 +37,6 @@ import datetime
 import json
 import os
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -46,17 +45,9 @@ from pathlib import Path
 from bench import proc, stats
 from bench.cleanup import Cleanup
 from bench.config import GiB, MiB, human_bytes
-from bench.replication import (
-    QUOTA,
-    BpfsPair,
-    ReplicationError,
-    _busy,
-    _children_cpu,
-    _cold,
-    _copy_into,
-    _sha256_file,
-    make_source,
-)
+from bench.replication.harness import QUOTA, BpfsPair, ReplicationError, copy_into, make_source, sha256_file
+from bench.replication.measure import busy, children_cpu, go_cold
+from bench.standalone import exit_status, log_stderr, run_standalone, save_json
 from bench.targets import REPO, store_log_tail
 
 AIM_SPEEDUP = 1.5  # two partners against one
@@ -64,10 +55,6 @@ UPLINK = 8_000_000  # bytes per second: partners' uplinks in the network-bound f
 UPLINK_BYTES = 256 * MiB  # recovered in the network-bound figure: a quarter of the data, at most this
 AIM_SECONDS_PER_GIB = 60.0
 TIMEOUT = 3600
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 class Shaper:
@@ -177,18 +164,18 @@ class RecoveryTrio(BpfsPair):
         self.uplink = uplink
         self.shapers: list[Shaper] = []
 
-    def _bpfs(self, *args: str, timeout: float = 600, env: dict | None = None):
-        return super()._bpfs(*args, timeout=timeout, env={"BPFS_BROKER": "none", **(env or {})})
+    def bpfs(self, *args: str, timeout: float = 600, env: dict | None = None):
+        return super().bpfs(*args, timeout=timeout, env={"BPFS_BROKER": "none", **(env or {})})
 
     def _serve(self, store: Path) -> tuple[int, int]:
         """`bpfs serve STORE`: (its pid, the port to reach it at)."""
         host = "127.0.0.2" if self.uplink else "127.0.0.1"
-        self._bpfs("serve", str(store), "--listen", f"{host}:0", timeout=120)
-        pid = self._pid(store)
+        self.bpfs("serve", str(store), "--listen", f"{host}:0", timeout=120)
+        pid = self.daemon_pid(store)
         if pid is None:
             raise ReplicationError(f"`bpfs serve {store.name}` returned but its daemon.json has no readable pid")
         self.cleanup.add_pid(pid)
-        info = json.loads(self._bpfs("id", "--store", str(store), "--json", timeout=60).stdout)
+        info = json.loads(self.bpfs("id", "--store", str(store), "--json", timeout=60).stdout)
         addrs = [a for a in info.get("addresses") or [] if a.startswith(f"{host}:")]
         if not addrs:
             raise ReplicationError(f"`bpfs id --store {store.name} --json` gives no {host} address: {info}")
@@ -204,7 +191,7 @@ class RecoveryTrio(BpfsPair):
         self.base.mkdir(parents=True)
         ids = {}
         for name, store in (("a", self.a), ("b", self.b), ("c", self.c)):
-            ids[name] = json.loads(self._bpfs("init", str(store), "--kdf", "interactive", "--json",
+            ids[name] = json.loads(self.bpfs("init", str(store), "--kdf", "interactive", "--json",
                                               timeout=120).stdout)
         self.a_id, self.recovery_secret = ids["a"]["peer_id"], ids["a"]["recovery_secret"]
         self.b_id, self.c_id = ids["b"]["peer_id"], ids["c"]["peer_id"]
@@ -212,30 +199,30 @@ class RecoveryTrio(BpfsPair):
         self.pid_b, self.port = self._serve(self.b)
         self.pid_c, self.port_c = self._serve(self.c)
         for store in (self.b, self.c):
-            self._bpfs("pair", str(store), "--accept", self.a_id, "--offer", QUOTA, "--ask", QUOTA, timeout=120)
-        self.pid_a = self._mount(self.a, self.mnt_a, "--listen", "127.0.0.1:0")
+            self.bpfs("pair", str(store), "--accept", self.a_id, "--offer", QUOTA, "--ask", QUOTA, timeout=120)
+        self.pid_a = self.mount(self.a, self.mnt_a, "--listen", "127.0.0.1:0")
 
     def pair_and_sync(self, port: int, peer: str) -> float:
         t0 = time.perf_counter()
-        self._bpfs("pair", str(self.a), "--direct", f"127.0.0.1:{port}", "--expect", peer, "--offer", QUOTA,
+        self.bpfs("pair", str(self.a), "--direct", f"127.0.0.1:{port}", "--expect", peer, "--offer", QUOTA,
                    "--ask", QUOTA, "--yes", timeout=120)
-        self._bpfs("sync", str(self.a), "--timeout", str(TIMEOUT), timeout=TIMEOUT + 60)
+        self.bpfs("sync", str(self.a), "--timeout", str(TIMEOUT), timeout=TIMEOUT + 60)
         return time.perf_counter() - t0
 
     def remount_a(self) -> None:
-        self.pid_a = self._mount(self.a, self.mnt_a, "--listen", "127.0.0.1:0")
+        self.pid_a = self.mount(self.a, self.mnt_a, "--listen", "127.0.0.1:0")
 
     def timed_recover(self, target: Path, nbytes: int, partners: list[int]) -> dict:
         """Timed: ``bpfs recover TARGET --from B --expect B --json``; CPU of it and of each partner."""
-        cold = _cold()
+        cold = go_cold()
         pids = [p for p in partners if p]
         c0 = {pid: proc.cpu_seconds(pid) for pid in pids}
-        cc0, busy0 = _children_cpu(), _busy()
+        cc0, busy0 = children_cpu(), busy()
         t0 = time.perf_counter()
-        out = self._bpfs("recover", str(target), "--from", f"127.0.0.1:{self.port}", "--expect", self.b_id,
+        out = self.bpfs("recover", str(target), "--from", f"127.0.0.1:{self.port}", "--expect", self.b_id,
                          "--kdf", "interactive", "--json", timeout=TIMEOUT, env={"BPFS_RECOVERY": self.recovery_secret})
         seconds = time.perf_counter() - t0
-        res = {"seconds": seconds, "bytes": nbytes, "cold": cold, "cpu_client": _children_cpu() - cc0}
+        res = {"seconds": seconds, "bytes": nbytes, "cold": cold, "cpu_client": children_cpu() - cc0}
         partner_cpu = []
         for pid in pids:
             c1 = proc.cpu_seconds(pid)
@@ -243,7 +230,7 @@ class RecoveryTrio(BpfsPair):
                 partner_cpu.append(c1 - c0[pid])
         if len(partner_cpu) == len(pids):
             res["cpu_partners"] = partner_cpu
-            other = _busy() - busy0 - res["cpu_client"] - sum(partner_cpu)
+            other = busy() - busy0 - res["cpu_client"] - sum(partner_cpu)
             if other == other:
                 res["others_cores"] = max(0.0, other) / seconds
         try:
@@ -258,11 +245,11 @@ class RecoveryTrio(BpfsPair):
 
     def check(self, target: Path, name: str, nbytes: int, digest: str) -> None:
         mnt = self.base / f"mnt-{target.name}"
-        self._mount(target, mnt, "--listen", "none")
+        self.mount(target, mnt, "--listen", "none")
         try:
-            got, size = _sha256_file(mnt / name)
+            got, size = sha256_file(mnt / name)
         finally:
-            self._umount(mnt)
+            self.umount(mnt)
         if size != nbytes or got != digest:
             raise ReplicationError(f"recovered {name} in {target.name} differs: {size} bytes, sha256 {got[:16]}...")
 
@@ -272,7 +259,7 @@ class RecoveryTrio(BpfsPair):
     def destroy(self) -> None:
         if self.pid_c and (self.c / "daemon.json").exists():
             try:
-                self._bpfs("stop", str(self.c), timeout=120)
+                self.bpfs("stop", str(self.c), timeout=120)
             except Exception as e:  # noqa: BLE001 - cleanup goes on
                 self.problems.append(f"`bpfs stop C` failed: {str(e).splitlines()[0]}")
         for shaper in self.shapers:
@@ -297,11 +284,11 @@ def _one_run(base: Path, src: Path, digest: str, nbytes: int, run: int, cleanup:
     try:
         trio_.setup()
         step = "copy the data into A's mount"
-        _copy_into(src, trio_.mnt_a / src.name)
+        copy_into(src, trio_.mnt_a / src.name)
         os.sync()
         step = "pair A with B and sync"
         log(f"  run {run}: replicated to B in {trio_.pair_and_sync(trio_.port, trio_.b_id):.1f} s")
-        trio_._umount(trio_.mnt_a)
+        trio_.umount(trio_.mnt_a)
         step = "recovery from one partner"
         r = sample["one"] = trio_.timed_recover(trio_.r1, nbytes, [trio_.pid_b])
         log(f"  run {run}: recovery from one partner{what}  {nbytes / r['seconds'] / 1e6:6.1f} MB/s "
@@ -311,7 +298,7 @@ def _one_run(base: Path, src: Path, digest: str, nbytes: int, run: int, cleanup:
         # a change, so that the next snapshot is taken and lists C among A's partners
         (trio_.mnt_a / "after-pairing-C.txt").write_text("C holds everything too\n")
         log(f"  run {run}: replicated to C in {trio_.pair_and_sync(trio_.port_c, trio_.c_id):.1f} s")
-        trio_._umount(trio_.mnt_a)
+        trio_.umount(trio_.mnt_a)
         step = "recovery from two partners"
         r = sample["two"] = trio_.timed_recover(trio_.r2, nbytes, [trio_.pid_b, trio_.pid_c])
         log(f"  run {run}: recovery from two partners{what} {nbytes / r['seconds'] / 1e6:6.1f} MB/s "
@@ -336,7 +323,7 @@ def _one_run(base: Path, src: Path, digest: str, nbytes: int, run: int, cleanup:
                     out["problems"].append(p)
 
 
-def run_recovery(tmp: Path, nbytes: int, runs: int, cleanup: Cleanup, log: Callable[[str], None] = _log,
+def run_recovery(tmp: Path, nbytes: int, runs: int, cleanup: Cleanup, log: Callable[[str], None] = log_stderr,
                  out: dict | None = None, *, uplink: int = UPLINK, uplink_bytes: int | None = None) -> dict:
     """Fill ``out`` (returned) with {'bytes', 'runs': [...], 'uplink_runs': [...], 'errors': [...],
     'problems': [...], ...}. `uplink` (bytes per second, 0: none): also recover `uplink_bytes`
@@ -499,31 +486,14 @@ def main(argv: list[str] | None = None) -> int:
     nbytes = int(gib * GiB) // MiB * MiB
     if nbytes < MiB or args.runs < 1:
         p.error("--gib must give at least 1 MiB and --runs must be at least 1")
-    args.workdir.mkdir(parents=True, exist_ok=True)
     rep: dict = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-    interrupted = False
-    with Cleanup(_log) as cleanup:
-        tmp = Path(tempfile.mkdtemp(prefix="run-", dir=args.workdir))
-        cleanup.add_dir(tmp)
-        (tmp / "bench.pid").write_text(f"{os.getpid()}\n")
-        rep["loadavg_start"] = os.getloadavg()
-        try:
-            run_recovery(tmp, nbytes, args.runs, cleanup, _log, out=rep, uplink=int(args.uplink * 1e6))
-        except KeyboardInterrupt:
-            interrupted = True
-            _log("interrupted: cleaning up")
-            rep.setdefault("notes", []).append("interrupted: the results are incomplete")
-            if "runs" in rep:
-                rep["summary"] = summarize(rep)
-        rep["loadavg_end"] = os.getloadavg()
+    interrupted = run_standalone(args.workdir, rep, lambda tmp, cleanup: run_recovery(
+        tmp, nbytes, args.runs, cleanup, log_stderr, out=rep, uplink=int(args.uplink * 1e6)), summarize)
     if "bytes" in rep:
         print_report(rep, args.runs)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rep, indent=2, default=str) + "\n")
-    if interrupted:
-        return 130
-    return 1 if rep.get("errors") else 0
+        save_json(rep, args.json)
+    return exit_status(rep, interrupted)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ bpfs is driven only through its CLI (``python -m bpfs init/mount/umount``).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -18,9 +17,10 @@ from pathlib import Path
 from bench import proc
 from bench.cleanup import Cleanup, force_unmount
 from bench.config import PASSPHRASE
+from tests.helpers import cli as test_cli
 
 #: The repository root (parent of the bench package): bpfs is imported from here.
-REPO = Path(__file__).resolve().parent.parent
+REPO = test_cli.REPO
 
 
 class Target:
@@ -170,8 +170,9 @@ def bpfs_command(*args: str) -> list[str]:
 
 
 def bpfs_env() -> dict:
-    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    return {"BPFS_PASSPHRASE": PASSPHRASE, "PYTHONPATH": pythonpath}
+    """The environment of a bpfs command: the tests' (this checkout first on PYTHONPATH), with the
+    bench's passphrase."""
+    return test_cli.bpfs_env(PASSPHRASE)
 
 
 def store_log_tail(stores, lines: int) -> str:

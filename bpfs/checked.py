@@ -9,6 +9,7 @@ A typo in any one character, and almost any transposition, fails the check.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 
 VALUE_SIZE = 20
@@ -34,7 +35,7 @@ def decode(text: str, label: bytes, what: str) -> bytes:
         raise ValueError(f"{what} must have 36 characters (6 groups of 6), got {len(compact)}")
     try:
         value = base64.b32decode(compact[:32])
-    except (ValueError, base64.binascii.Error):
+    except (ValueError, binascii.Error):
         raise ValueError(f"{what} contains characters outside A-Z and 2-7") from None
     if _check(value, label) != compact[32:]:
         raise ValueError(f"{what} has a typo: its check characters do not match")

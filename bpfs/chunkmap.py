@@ -47,6 +47,7 @@ def pack_lost(index: Index, pack_id: int, sealed_length: int) -> str | None:
 def pack_gained(index: Index, pack_id: int, sealed_length: int) -> None:
     """One chunk of `sealed_length` bytes now lives in `pack_id` (a reserved place in it)."""
     pack = index.get_pack(pack_id)
+    assert pack is not None  # the place reserved for it is in a pack the index has
     pack.live_chunks += 1
     pack.live_bytes += sealed_length
     index.put_pack(pack_id, pack)
@@ -100,6 +101,7 @@ class ChunkMap:
     def ref(self, cid: bytes) -> ChunkRecord:
         """One more reference to `cid` (which must exist); a retired chunk is in use again."""
         rec = self.index.get_chunk(cid)
+        assert rec is not None  # (see the docstring)
         if rec.refs == 0:  # kept only for retained snapshots until now: in use again
             self.index.delete_retired(cid)
         rec.refs += 1

@@ -5,6 +5,8 @@
     upload_limit = "0"           # bytes per second to all partners together; "5M"; 0 = no limit
     window = ""                  # daily upload window in local time, "22:00-06:00"; empty = always
     snapshot_interval = 300      # seconds between signed index snapshots while data changes
+    batch_bytes = "1M"           # ... once this much new data is pending (or a priority file changed) ...
+    batch_delay = "30min"        # ... else once the last snapshot is this old: small changes are batched
     priority = [...]             # gitignore patterns replicated first (default: keys, wallets, ...)
 
     [history]                    # which snapshots are kept, here and at partners (see history)
@@ -40,6 +42,7 @@ Sizes are bytes or a number with K, M, G, T (binary: 1G = 1 GiB), optionally fol
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -64,6 +67,8 @@ _WINDOW = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
 
 
 class ConfigError(BpfsError):
+    """An invalid setting (in bpfs.toml, BPFS_BROKER or an option): one line for the user, exit code 2."""
+
     def __init__(self, message: str):
         super().__init__(message, exit_code=2)
 
@@ -89,7 +94,7 @@ def parse_duration(text) -> float:
     return float(m.group(1)) * _DURATION_UNITS[m.group(2).lower() if m.group(2) else None]
 
 
-def format_size(n: int) -> str:
+def format_size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -100,6 +105,7 @@ def format_size(n: int) -> str:
 def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
     """"HOST:PORT", "[v6]:PORT" or "HOST" -> (ip, port). Only IP literals (no DNS lookups here)."""
     text = text.strip()
+    port: int | str  # the text's, until converted
     host, port = text, default_port
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
@@ -151,6 +157,9 @@ _BROKER = re.compile(r"^(?:quic://)?(\[[0-9a-fA-F:.]+\]|[^/:\[\]\s]+)(?::(\d{1,5
 
 @dataclass(frozen=True)
 class BrokerAddress:
+    """A configured broker (`parse_broker`): host and port, and the peer id its identity is pinned to
+    if one was given."""
+
     host: str  # a name or an IP literal
     port: int = DEFAULT_BROKER_PORT
     peer_id: str | None = None  # the broker's identity, pinned if given
@@ -194,10 +203,15 @@ def brokers_from_env(default: list[BrokerAddress]) -> list[BrokerAddress]:
 
 @dataclass
 class Config:
+    """A store's settings (`load_config`), each defaulting as the module docstring shows; sizes in
+    bytes, durations in seconds."""
+
     replicas: int = 2
     upload_limit: int = 0
     window: tuple[int, int] | None = None
     snapshot_interval: float = 300.0
+    batch_bytes: int = 1 << 20
+    batch_delay: float = 1800.0
     priority: list[str] = field(default_factory=lambda: list(DEFAULT_PRIORITY))
     listen: str | None = DEFAULT_LISTEN
     grace_days: float = 30.0
@@ -249,6 +263,10 @@ def load_config(store_dir: str) -> Config:
             cfg.window = parse_window(str(rep["window"]))
         if "snapshot_interval" in rep:
             cfg.snapshot_interval = max(5.0, float(rep["snapshot_interval"]))
+        if "batch_bytes" in rep:
+            cfg.batch_bytes = parse_size(rep["batch_bytes"])
+        if "batch_delay" in rep:
+            cfg.batch_delay = parse_duration(rep["batch_delay"])
         if "priority" in rep:
             if not isinstance(rep["priority"], list) or not all(isinstance(p, str) for p in rep["priority"]):
                 raise ConfigError(f"{path}: priority must be a list of patterns")
@@ -324,3 +342,78 @@ def _load_trust(cfg: Config, trust: dict, path: str) -> None:
         cfg.coverage_days = float(trust["coverage_days"])
         if cfg.coverage_days <= 0:
             raise ConfigError(f"{path}: [trust] coverage_days must be more than 0")
+
+
+# Every setting of bpfs.toml: (section, name (a field of Config), how its value is written, what it
+# means). `bpfs init` writes the file from this list and Config's defaults (`default_config_text`),
+# so the file it writes shows every setting with its true default.
+SETTINGS: tuple[tuple[str, str, str, str], ...] = (
+    ("replication", "replicas", "number", "partners that hold each pack (the first N active ones)"),
+    ("replication", "upload_limit", "size", 'bytes per second to all partners together ("5M"); "0" = no limit'),
+    ("replication", "window", "window", 'daily upload window in local time ("22:00-06:00"); "" = always'),
+    ("replication", "snapshot_interval", "number", "seconds between signed index snapshots while data changes"),
+    ("replication", "batch_bytes", "size", "small changes wait until this much new data is pending (or a "
+                                           "priority file changed) ..."),
+    ("replication", "batch_delay", "duration", "... or until the newest snapshot is this old"),
+    ("replication", "priority", "list", "gitignore patterns replicated first (keys, wallets, certificates, "
+                                        "password databases)"),
+    ("history", "keep_within", "duration", "every snapshot of this long before the newest one"),
+    ("history", "keep_daily", "number", "the newest of each of the last N days with snapshots (UTC)"),
+    ("history", "keep_weekly", "number", "... of the last N ISO weeks"),
+    ("history", "keep_monthly", "number", "... of the last N months"),
+    ("history", "keep_last", "number", "the newest N, whatever their age (at least 1)"),
+    ("trust", "audit_interval", "duration", "between scheduled audits of each partner (jittered by +-10 %)"),
+    ("trust", "detect_loss", "number", "a partner that silently lost this fraction of our packs ..."),
+    ("trust", "detect_probability", "number", "... is caught with at least this probability ..."),
+    ("trust", "detect_within", "duration", "... within this time (when the audit budget allows)"),
+    ("trust", "coverage_days", "number", "every pack at every partner is audited at least this often (days)"),
+    ("trust", "audit_budget", "number", "audit traffic at most this fraction of what a partner holds, per 30 days"),
+    ("trust", "repair_after", "duration", "unreachable this long: its share moves to other partners"),
+    ("trust", "suspect_after", "duration", 'unreachable this long: "suspect"'),
+    ("trust", "fail_score", "number", 'an audit score below this: "failed"'),
+    ("trust", "fail_fraction", "number", 'more than this fraction of our packs there failing (and >= 2): "failed"'),
+    ("partners", "listen", "address", 'UDP address the daemon serves partners on; "none" = do not listen'),
+    ("partners", "grace_days", "number", "days data a partner asked us to delete is kept"),
+    ("partners", "brokers", "brokers", 'rendezvous brokers, tried in order ("HOST[:PORT][/PEER_ID]"); [] = none; '
+                                       "BPFS_BROKER and --broker override it"),
+)
+
+
+def _setting_text(kind: str, value) -> str:
+    """A default as bpfs.toml spells it (what load_config reads back as that value)."""
+    if kind == "size":
+        for power, unit in ((4, "T"), (3, "G"), (2, "M"), (1, "K")):
+            if value and value % 1024 ** power == 0:
+                return f'"{value // 1024 ** power}{unit}"'
+        return f'"{value}"'
+    if kind == "duration":
+        for seconds, unit in ((86400, "d"), (3600, "h"), (60, "min")):
+            if value and value % seconds == 0:
+                return f'"{int(value // seconds)}{unit}"'
+        return _setting_text("number", value)
+    if kind == "window":
+        return '""' if value is None else '"{:02d}:{:02d}-{:02d}:{:02d}"'.format(*divmod(value[0], 60),
+                                                                                 *divmod(value[1], 60))
+    if kind == "list":
+        return "[" + ", ".join(json.dumps(v) for v in value) + "]"
+    if kind == "address":
+        return json.dumps(value or "none")
+    if kind == "brokers":
+        return "[" + ", ".join(json.dumps(str(b)) for b in value) + "]"
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else repr(value)
+
+
+def default_config_text() -> str:
+    """STORE/bpfs.toml as `bpfs init` writes it: every setting with its default, commented out."""
+    defaults = Config()
+    lines = ["# The settings of this bpfs store, each shown with its default and commented out: remove the",
+             "# '# ' before one and change its value to set it. Sizes are bytes or a number with K, M, G, T",
+             "# (binary: 1G = 1 GiB); durations are seconds or a number with s, min, h, d."]
+    section = None
+    for name_of_section, name, kind, what in SETTINGS:
+        if name_of_section != section:
+            section = name_of_section
+            lines += ["", f"[{section}]"]
+        setting = f"# {name} = {_setting_text(kind, getattr(defaults, name))}"
+        lines += [f"{setting:<40} # {what}"] if len(setting) < 40 else [f"# {what}:", setting]
+    return "\n".join(lines) + "\n"

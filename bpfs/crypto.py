@@ -91,7 +91,8 @@ class BulkSealer(Sealer):
         if rc != 0:
             raise RuntimeError("encryption failed")
 
-    def open(self, sealed, aad: bytes) -> bytearray:
+    # (a bytearray, not bytes: the data path takes any buffer, and a copy would cost what this class saves)
+    def open(self, sealed, aad: bytes) -> bytearray:  # type: ignore[override]
         n = len(sealed) - SEAL_OVERHEAD
         if n < 0:
             raise IntegrityError("sealed data too short")

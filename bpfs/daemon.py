@@ -78,6 +78,7 @@ def _guard_secrets() -> None:
 def _setup_logging(store_dir: str, foreground: bool, debug: bool) -> None:
     root = logging.getLogger()
     root.setLevel(logging.DEBUG if debug else logging.INFO)
+    handler: logging.Handler
     if foreground:
         handler = logging.StreamHandler(sys.stderr)
     else:
@@ -150,7 +151,10 @@ def _lazy_unmount(mountpoint: str) -> None:
     subprocess.run(["fusermount3", "-uz", mountpoint], capture_output=True)
 
 
-def check_mountpoint(mountpoint: str) -> str:
+def check_mountpoint(mountpoint: str, *, nonempty: bool = True) -> str:
+    """The mount point as an absolute path, once it is a folder that is not mounted on (a stale
+    bpfs mount is cleared); with `nonempty=False` it must also be empty (a mount would hide what
+    is there: `bpfs mount` refuses unless `-o nonempty`). BpfsError otherwise."""
     mountpoint = os.path.abspath(mountpoint)
     stale_store = find_bpfs_mount(mountpoint)
     if stale_store is not None:
@@ -161,6 +165,14 @@ def check_mountpoint(mountpoint: str) -> str:
         raise BpfsError(f"mount point {mountpoint} is not a folder", exit_code=2)
     if os.path.ismount(mountpoint):
         raise BpfsError(f"{mountpoint} is already a mount point", exit_code=3)
+    if not nonempty:
+        try:
+            inside = os.listdir(mountpoint)
+        except OSError:
+            inside = []  # unreadable to us: the mount itself says what is wrong
+        if inside:
+            raise BpfsError(f"mount point {mountpoint} is not empty: mounting would hide what is in it "
+                            "(use an empty folder, or -o nonempty)", exit_code=2)
     return mountpoint
 
 
@@ -294,7 +306,7 @@ def _fork_daemon(store_dir: str, run) -> None:
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
-        reported = []
+        reported: list[bool] = []
 
         def ready(error):
             if reported:
@@ -326,7 +338,32 @@ def _foreground_ready(text: str):
     return ready
 
 
+PREVIOUS_DAEMON_WAIT = 30.0  # seconds a new daemon waits for one whose mount is gone to let go of the store
+
+
+def _unmounted_daemon(store_dir: str) -> tuple[str, int] | None:
+    """(mount point, pid) of the store's running daemon when its mount is gone (a plain `umount`,
+    as systemd's automount does when idle): that daemon is finishing and lets go of the store soon."""
+    info = read_daemon_info(store_dir) or {}
+    mountpoint, pid = info.get("mountpoint"), info.get("pid")
+    if isinstance(mountpoint, str) and isinstance(pid, int) and _process_running(pid) \
+            and find_bpfs_mount(mountpoint) is None:
+        return mountpoint, pid
+    return None
+
+
 def _check_not_running(store_dir: str) -> None:
+    previous = _unmounted_daemon(store_dir) if is_locked(store_dir) else None
+    if previous is not None:
+        print(f"bpfs: waiting (up to {PREVIOUS_DAEMON_WAIT:.0f} s) for the previous daemon of {store_dir}, "
+              f"unmounted from {previous[0]}, to finish", file=sys.stderr, flush=True)
+        deadline = time.monotonic() + PREVIOUS_DAEMON_WAIT
+        while is_locked(store_dir) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if is_locked(store_dir):
+            raise BpfsError(f"store {store_dir} is still in use by its previous daemon (pid {previous[1]}, unmounted "
+                            f"from {previous[0]}) after {PREVIOUS_DAEMON_WAIT:.0f} s; see {store_dir}/log/daemon.log",
+                            exit_code=3)
     if is_locked(store_dir):
         info = read_daemon_info(store_dir) or {}
         where = f" at {info.get('mountpoint')}" if info.get("mountpoint") else " (bpfs serve)" if info else ""

@@ -61,6 +61,7 @@ import os
 import stat
 import struct
 import time
+from typing import NoReturn
 
 import pyfuse3
 
@@ -122,7 +123,7 @@ def _boundary(handler=None, *, atomic=False):
     return wrapper
 
 
-def _fail(code: int):
+def _fail(code: int) -> NoReturn:
     raise pyfuse3.FUSEError(code)
 
 
@@ -227,6 +228,7 @@ def _acl_create(entries, mode: int) -> tuple[int, bool]:
             mask = e
             equivalent = False
     owning = mask if mask is not None else group
+    assert owning is not None  # a valid ACL has an ACL_GROUP_OBJ entry
     owning[1] &= bits >> 3 & 7
     bits &= owning[1] << 3 | 0o707
     return bits, not equivalent

@@ -43,3 +43,30 @@ def run_dir(*parts: str) -> str:
     """A path in this user's run-time folder (not created here)."""
     base = "/run/bpfs" if os.geteuid() == 0 else f"/tmp/bpfs-{os.geteuid()}"
     return os.path.join(base, *parts)
+
+
+def compact_lmdb(env, path: str) -> None:
+    """Rewrite the LMDB environment `env` (a folder at `path`) with its live pages only, replacing
+    its data file atomically; the caller closes `env` first thing afterwards and reopens it.
+
+    LMDB never clears a freed page: after records are rewritten (a format upgrade that seals or
+    re-keys them), their old bytes stay readable in the file until the page is reused. A compact
+    copy holds none of them. Only for an environment no other process has open.
+    """
+    import shutil
+
+    tmp = path.rstrip("/") + ".compact"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.mkdir(tmp, 0o700)
+    try:
+        env.copy(tmp, compact=True)
+        fd = os.open(os.path.join(tmp, "data.mdb"), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(os.path.join(tmp, "data.mdb"), 0o600)
+        os.replace(os.path.join(tmp, "data.mdb"), os.path.join(path, "data.mdb"))
+        fsync_dir(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

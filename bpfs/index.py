@@ -1,18 +1,21 @@
 """The store's index: one LMDB environment holding all filesystem metadata.
 
 Tables (LMDB named databases) and what they map:
-  meta      counter name           -> integer (plain: next inode, next pack, generation)
+  meta      counter name           -> integer (plain: next inode, next pack, generation, format);
+                                      b"state" -> the sealed authenticator (format 4 on, below)
   inodes    ino                    -> sealed attributes (mode, owner, size, times, ...; `Attr`: times
                                       as 64-bit seconds and nanoseconds, any time Linux allows;
                                       records of older stores, times as 64-bit nanoseconds, read too)
-  dirents   parent ino + name hash -> sealed list of (name, child ino) sharing that hash
-  extents   ino + file offset      -> sealed (chunk id, offset in chunk, length)
+  dirents   parent ino + name tag  -> sealed list of (name, child ino) sharing that hash
+  extents   ino + 1 MiB block no.  -> sealed, padded list of the extents overlapping that block
+                                      (offset, chunk id, offset in chunk, length); format 1 and 2
+                                      indexes: ino + file offset -> one extent (upgraded on open)
   chunks    chunk id               -> sealed (pack, offset, sealed length, plain length, refcount, born:
                                       the generation counter when it was first stored)
   packs     pack id                -> plain (live chunks, live bytes, size, flags: sealed, lane)
   packchunks pack id + chunk id    -> nothing: which chunks live in a pack (for compaction)
   symlinks  ino                    -> sealed target
-  xattrs    ino + name hash        -> sealed (name, value)
+  xattrs    ino + name tag         -> sealed (name, value)
   orphans   ino                    -> unlinked inodes still open, deleted when released
   outbox    pack id                -> sealed packs to replicate: b"" normal, b"\x01" priority (sent
                                       first); local packs never; gone with the pack
@@ -30,9 +33,44 @@ A pack's flag byte: bit 0 sealed, bit 1 local lane, bit 2 priority lane (none: n
 
 Every value that could reveal a name, a size, a time or content is sealed with the store's
 record key and bound (associated data) to its table and key, so records cannot be swapped.
-What the drive still shows in the clear: how many inodes, directory membership by inode
-number, where extents start (approximate file sizes), which inode numbers are kept local
+Name tags are keyed hashes of the directory (or inode) and the name, so one name has a
+different tag in every directory. What the drive still shows in the clear: how many inodes,
+directory membership by inode number, how many 1 MiB blocks each file spans (its size to
+1 MiB; not where chunks start or end), which inode numbers are kept local
 (`ignored`) and which packs are local or priority — see README "Security model".
+
+What the drive cannot change unseen (format 4 on): the whole index is authenticated, plain
+tables included. Every record (table, key, value) has a keyed hash h = BLAKE2b-256 under
+`keys.index_state` of table name, 0, u32 key length, key, value; the index's *state* is the
+sum of h over every record of every table mod 2^256 (a keyed multiset hash, AdHash), kept in
+memory and updated with each change (a put adds the new value's h and subtracts the old one's,
+a delete subtracts; the hashes of values written since the open are kept, so rewriting a
+record does not read and hash its old value again). It is stored, with the format, as meta b"state" (the one record not in the
+sum), sealed like any record, at every `save()` and `commit()` through the logged path: every
+batch of the redo log ends with the state it leads to, so a replay after a crash restores a
+matching pair. Every open (read-write or read-only, after replay and upgrade) recomputes the
+sum by a full scan and refuses an index whose sum differs from the sealed one: a record added,
+removed, changed, or put back from an older image of the drive (a rolled-back extent block, a
+local pack's id added to `outbox`) is refused with one line (exit code 2); recovering from
+partners (`bpfs recover`) is the way out. Without the key nobody can compute h, so no other
+set of records has the sealed sum.
+What it cannot tell: a whole older image of the drive (index and redo log, state included) put
+back as a unit is consistent, and is locally indistinguishable from the real one; partners'
+signed roots (whose generation only grows) can tell it. And trust on first use: a format 1 to 3
+index has no state, so the open that upgrades it computes the state from the records as found
+(the daemon's log says so); someone who can write the drive can strip the state and set the
+format back to 3 to have one set of changes accepted that way. A format 4 index without a
+state record is refused. A new (format 0) index must be empty.
+Snapshots (`read_view`) carry the records without the state and say format 3, which is what
+they are without it: an index rebuilt or materialized from one is format 3, and is upgraded
+(trusted on first use: it was just built from a signed, authenticated root) when first opened
+to write; read-only opens of a format 1 to 3 index read it as found (there is nothing to check
+it against). Why snapshots leave the state out (the first design kept it in meta with the rest):
+a snapshot's meta values must be 8-byte counters, so no snapshot could have been taken, and a
+rebuilt index (new counters, records left out by `.backupignore`) would not have matched it;
+and why they say format 3: an index rebuilt from a format 4 snapshot without its state would
+otherwise have to be trusted on first use as format 4, which would let anyone strip the state
+of any index.
 
 One write transaction is kept open and shared by all operations (reads see uncommitted
 writes). `commit()` is a durable checkpoint (LMDB fsyncs); `save()` makes the changes since
@@ -42,14 +80,20 @@ A crash leaves the state as of the last checkpoint plus every saved batch, never
 
 from __future__ import annotations
 
+import bisect
+import hashlib
+import hmac
+import logging
 import stat
 import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import lmdb
 
-from .errors import IntegrityError
+from .errors import BpfsError, IntegrityError
+from .fsutil import compact_lmdb
 from .redolog import PUT, RedoLog
 
 _U64 = struct.Struct(">Q")
@@ -69,6 +113,15 @@ PACK_SEALED = 1
 OUTBOX_NORMAL, OUTBOX_PRIORITY = b"", b"\x01"
 ROOT_INO = 1
 MAP_SIZE = 1 << 40  # address space only; the file grows as needed
+FORMAT = 4  # the index format this code writes (see the module docstring)
+_STATE_KEY = b"state"  # meta: the sealed authenticator (format 4 on)
+_STATE = struct.Struct(">Q32s")  # the format, the state (the sum of the records' hashes, little-endian)
+_STATE_MASK = (1 << 256) - 1
+_SNAPSHOT_FORMAT = 3  # what a snapshot's records are: the index without its state
+_U32 = struct.Struct(">I")
+MISMATCH = ("the index on the drive does not match its authenticator: records were changed or put back outside "
+            "bpfs; refusing to use it (recover the store from partners with `bpfs recover`)")
+log = logging.getLogger(__name__)
 
 
 def u64(n: int) -> bytes:
@@ -82,6 +135,9 @@ def record_aad(table: str, key: bytes) -> bytes:
 
 @dataclass(slots=True)
 class Attr:
+    """An inode's attributes (the sealed value of `inodes`): mode, owner, link count, device
+    number, size and bytes stored, and times in nanoseconds."""
+
     ino: int
     mode: int
     uid: int
@@ -116,6 +172,9 @@ class Attr:
 
 @dataclass(slots=True, frozen=True)
 class Extent:
+    """A run of a file's bytes: `length` bytes at file `offset` are the bytes at `chunk_offset` of
+    chunk `chunk_id`."""
+
     offset: int  # in the file
     chunk_id: bytes
     chunk_offset: int
@@ -126,8 +185,42 @@ class Extent:
         return self.offset + self.length
 
 
+BLOCK_SHIFT = 20  # extents are kept per 1 MiB block of a file (format 3 on)
+_BLOCK_ENTRY = struct.Struct("<I32sII")  # offset in the block (from its start), chunk id, offset in chunk, length
+_BLOCK_COUNT = struct.Struct("<I")
+_BLOCK_SLOTS = 8  # a block record is padded to room for this many extents, or the next power of two
+_BLOCK_CACHE = 4096  # decoded blocks kept in memory
+
+
+def _encode_block(block: int, extents: tuple[Extent, ...]) -> bytes:
+    """A block's extents (in file order), padded: its size tells only that the block holds no more
+    than _BLOCK_SLOTS extents (or which power of two above), not where chunks end. An extent
+    starting in an earlier block gets a negative offset, stored modulo 2^32 (extents are < 4 GiB)."""
+    base = block << BLOCK_SHIFT
+    slots = max(_BLOCK_SLOTS, 1 << (len(extents) - 1).bit_length())
+    body = b"".join(_BLOCK_ENTRY.pack((e.offset - base) % (1 << 32), e.chunk_id, e.chunk_offset, e.length)
+                    for e in extents)
+    return _BLOCK_COUNT.pack(len(extents)) + body + bytes(_BLOCK_ENTRY.size * (slots - len(extents)))
+
+
+def _decode_block(key: bytes, plain) -> tuple[Extent, ...]:
+    (n,) = _BLOCK_COUNT.unpack_from(plain)
+    if _BLOCK_COUNT.size + n * _BLOCK_ENTRY.size > len(plain):
+        raise IntegrityError("an extent block record is damaged")
+    base = _U64.unpack(key[8:16])[0] << BLOCK_SHIFT
+    out = []
+    for rel, cid, coff, length in _BLOCK_ENTRY.iter_unpack(plain[_BLOCK_COUNT.size:_BLOCK_COUNT.size
+                                                                 + n * _BLOCK_ENTRY.size]):
+        offset = base + rel if rel < 1 << 31 else base + rel - (1 << 32)
+        out.append(Extent(offset, cid, coff, length))
+    return tuple(out)
+
+
 @dataclass(slots=True)
 class ChunkRecord:
+    """Where a chunk is (`pack`, `offset`, `sealed_length` on the drive), its plaintext `length`,
+    how many extents refer to it (`refs`) and the generation it was first stored in (`born`)."""
+
     pack: int
     offset: int
     sealed_length: int
@@ -147,6 +240,9 @@ class ChunkRecord:
 
 @dataclass(slots=True)
 class PackRecord:
+    """A pack's bookkeeping (the plain value of `packs`): live chunks and bytes (what compaction
+    weighs), its size on the drive, whether it is sealed, and its lane."""
+
     live_chunks: int
     live_bytes: int
     size: int
@@ -178,13 +274,42 @@ class Index:
 
     def __init__(self, path: str, keys, readonly: bool = False):
         self._sealer = keys.records
-        self._name_hash = keys.name_hash
+        self._name_hash = keys.name_hash  # format 1
+        self._dirent_tag = keys.dirent_tag
+        self._xattr_tag = keys.xattr_tag
+        self._record_hash = hashlib.blake2b(key=keys.index_state, digest_size=32, person=b"bpfs.index.st")
+        self._state = 0  # the sum of every record's hash, mod 2^256 (see the module docstring)
+        self._state_dirty = False  # changed since last written to meta
+        self._hashes: dict[tuple[str, bytes], int] = {}  # hash of the current value of records written here
         self.readonly = readonly
-        self.env = lmdb.open(path, map_size=MAP_SIZE, max_dbs=len(TABLES) + 2, subdir=True,
-                             readonly=readonly, metasync=False, sync=True, readahead=False,
+        self.path = path
+        self._open_env()
+        self._txn: lmdb.Transaction | None = None
+        self._attrs: dict[int, Attr] = {}
+        self._blocks: dict[bytes, tuple[Extent, ...]] = {}  # decoded extent blocks (format 3)
+        self.pending_ops = 0
+        self._log: RedoLog | None = None
+        self.upgraded_from: int | None = None  # the format this open upgraded the index from
+        try:
+            self.format = self._read_format()
+            if not readonly:
+                self._log = RedoLog(path.rstrip("/") + ".redo", TABLES)
+                self.replayed = self._replay()
+                if self.replayed:  # the log may have brought the format (a new index's first batch)
+                    self.format = self._read_format()
+            self._check_state()
+            if not readonly:
+                self._upgrade()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_env(self) -> None:
+        self.env = lmdb.open(self.path, map_size=MAP_SIZE, max_dbs=len(TABLES) + 2, subdir=True,
+                             readonly=self.readonly, metasync=False, sync=True, readahead=False,
                              mode=0o600, max_readers=32, lock=True)
-        if readonly:
-            self._db = {}
+        if self.readonly:
+            self._db: dict[str, Any] = {}  # a table the store does not have yet: None
             for name in TABLES:
                 try:
                     self._db[name] = self.env.open_db(name.encode(), create=False)
@@ -193,15 +318,15 @@ class Index:
         else:
             with self.env.begin(write=True) as txn:
                 self._db = {name: self.env.open_db(name.encode(), txn=txn) for name in TABLES}
-        self._txn: lmdb.Transaction | None = None
-        self._attrs: dict[int, Attr] = {}
-        self.pending_ops = 0
-        self._log: RedoLog | None = None
-        if not readonly:
-            self._log = RedoLog(path.rstrip("/") + ".redo", TABLES)
-            self.replayed = self._replay()
 
     # ----- transactions -----------------------------------------------------------------
+    @property
+    def _redo(self) -> RedoLog:
+        """The redo log: only a read-write index has one (and only it writes)."""
+        if self._log is None:
+            raise RuntimeError("a read-only index has no redo log")
+        return self._log
+
     @property
     def txn(self) -> lmdb.Transaction:
         if self._txn is None:
@@ -214,13 +339,14 @@ class Index:
 
     def _replay(self) -> int:
         """Apply the redo log left by a crash and checkpoint; return the records replayed."""
-        if self._log.is_empty():
+        if self._redo.is_empty():
             return 0
-        n = self._apply_records(self._log.saved_records())
+        n = self._apply_records(self._redo.saved_records())
         self.commit()
         return n
 
     def _apply_records(self, records) -> int:
+        """Put records as logged (the running state is not touched: see `_check_state`)."""
         n = 0
         for table, op, key, value in records:
             if op == PUT:
@@ -233,6 +359,8 @@ class Index:
     def save(self) -> None:
         """Make every change so far survive a killed daemon (not a power loss): one write()."""
         if self._log is not None:
+            if self._state_dirty:
+                self._write_state()  # the batch ends with the state it leads to
             self._log.save()
 
     def commit(self) -> None:
@@ -241,6 +369,14 @@ class Index:
             return
         if self.pending_ops and not self.readonly:
             self._bump("generation")
+        if self._state_dirty and not self.readonly:
+            self._write_state()
+        if self._log is not None:
+            # the log then holds every change of this checkpoint: killed between the commit and
+            # the log's truncation, the replay puts back exactly the committed records (without
+            # this, the saved batches alone would undo the unsaved changes after them, and the
+            # records would no longer match the last state in the log)
+            self._log.save()
         txn, self._txn = self._txn, None
         try:
             txn.commit()
@@ -253,8 +389,11 @@ class Index:
 
     def _recover_from_failed_commit(self) -> None:
         """LMDB dropped the transaction: rebuild it from the redo log and the unsaved records,
-        so the daemon's view stays what the kernel was told."""
+        so the daemon's view stays what the kernel was told (the running state too: the same
+        records, the last of them the state as written)."""
         self._attrs.clear()
+        self._blocks.clear()
+        self._hashes.clear()
         if self._log is None:
             return
         pending = list(self._log.pending_records())
@@ -274,6 +413,7 @@ class Index:
         child = self.env.begin(write=True, parent=parent)
         self._txn = child
         ops = self.pending_ops
+        state, state_dirty = self._state, self._state_dirty
         mark = self._log.mark()
         try:
             yield
@@ -281,7 +421,10 @@ class Index:
             child.abort()
             self._txn = parent
             self._attrs.clear()  # cached attributes may hold undone in-place changes
+            self._blocks.clear()
             self.pending_ops = ops
+            self._state, self._state_dirty = state, state_dirty
+            self._hashes.clear()
             self._log.rollback(mark)
             raise
         else:
@@ -294,9 +437,179 @@ class Index:
             self._txn.abort()
             self._txn = None
         self._attrs.clear()
+        self._blocks.clear()
+        self._hashes.clear()
         self.env.close()
         if self._log is not None:
             self._log.close()
+            self._log = None
+
+    # ----- formats -------------------------------------------------------------------------
+    def _read_format(self) -> int:
+        """The index's format (meta `format`; before it was recorded: 1), or 0 for a new, empty one."""
+        raw = self.txn.get(b"format", db=self._db["meta"])
+        if raw is not None:
+            fmt = _U64.unpack(raw)[0]
+        elif self.txn.get(u64(ROOT_INO), db=self._db["inodes"]) is not None or self.counter("generation"):
+            fmt = 1
+        else:
+            return 0
+        if not 1 <= fmt <= FORMAT:
+            raise BpfsError(f"the index is in format {fmt}, which this bpfs does not know (it reads formats 1 to "
+                            f"{FORMAT}): use a newer bpfs", exit_code=2)
+        return fmt
+
+    def _upgrade(self) -> None:
+        """Bring an index of an older format to the current one, in one LMDB transaction: all of
+        it, or (on an error, or a crash) none of it."""
+        if self.format == FORMAT:
+            return
+        if self.format == 0:  # a new index
+            self.format = FORMAT
+            self.put_counter("format", FORMAT)
+            return
+        old = self.format
+        log.info("index %s: upgrading from format %d to %d; its authenticator is computed from the records as "
+                 "found (trust on first use)", self.path, old, FORMAT)
+        try:
+            for step in range(old, FORMAT):
+                _UPGRADES[step](self)
+                self.format = step + 1
+            self.put_counter("format", FORMAT)
+        except IntegrityError as e:
+            raise BpfsError(f"the index (format {old}) cannot be upgraded to format {FORMAT}: {e}", exit_code=2) \
+                from None
+        self.commit()
+        self.upgraded_from = old
+        if old < 3:
+            # the records' old forms (keys that showed what this format hides) are still in freed
+            # pages: copy the live ones to a new file (format 4 rewrites no record)
+            compact_lmdb(self.env, self.path)
+            self.env.close()
+            self._open_env()
+
+    # ----- the authenticator (format 4 on; see the module docstring) --------------------------
+    def _hash(self, table: str, key: bytes, value: bytes) -> int:
+        h = self._record_hash.copy()
+        h.update(b"%s\0%s%s%s" % (table.encode(), _U32.pack(len(key)), key, value))
+        return int.from_bytes(h.digest(), "little")
+
+    def _account(self, table: str, key: bytes, new: bytes | None) -> bool:
+        """The running state follows one record's change to `new` (None: deleted); whether the
+        record was there before. Called before the change is made."""
+        if table == "meta" and key == _STATE_KEY:
+            raise ValueError("meta b'state' is the index's authenticator, not a counter")
+        slot = (table, bytes(key))
+        old = self._hashes.pop(slot, None)
+        existed = old is not None
+        if old is None:
+            raw = self.txn.get(key, db=self._db[table])
+            existed = raw is not None
+            old = self._hash(table, key, bytes(raw)) if raw is not None else 0
+        delta = -old
+        if new is not None:
+            h = self._hash(table, key, new)
+            delta += h
+            if len(self._hashes) >= 1 << 16:
+                self._hashes.clear()
+            self._hashes[slot] = h
+        self._state = (self._state + delta) & _STATE_MASK
+        self._state_dirty = True
+        return existed
+
+    def scan_state(self) -> int:
+        """The state of the index as it is now, from a full scan of every table."""
+        total, txn, base = 0, self.txn, self._record_hash
+        for table in TABLES:
+            db = self._db[table]
+            if db is None:
+                continue
+            head = table.encode() + b"\0"
+            for key, value in txn.cursor(db=db).iternext():
+                if table == "meta" and key == _STATE_KEY:
+                    continue
+                h = base.copy()
+                h.update(b"%s%s%s%s" % (head, _U32.pack(len(key)), key, value))
+                total += int.from_bytes(h.digest(), "little")
+        return total & _STATE_MASK
+
+    def _stored_state(self) -> tuple[int, int] | None:
+        """(format, state) as sealed in meta, or None when there is none."""
+        raw = self._get("meta", _STATE_KEY)
+        if raw is None:
+            return None
+        if len(raw) != _STATE.size:
+            raise IntegrityError("bad state record")
+        fmt, state = _STATE.unpack(raw)
+        return fmt, int.from_bytes(state, "little")
+
+    def _write_state(self) -> None:
+        """Store the running state (sealed, bound to meta/state) through the logged path."""
+        value = self._sealer.seal(_STATE.pack(self.format, self._state.to_bytes(32, "little")),
+                                  self._aad("meta", _STATE_KEY))
+        self.txn.put(_STATE_KEY, value, db=self._db["meta"])
+        self._redo.put("meta", _STATE_KEY, value)
+        self._state_dirty = False
+
+    def _check_state(self) -> None:
+        """Refuse an index whose records do not sum to its sealed state; set the running state."""
+        try:
+            stored = self._stored_state()
+        except IntegrityError:
+            raise BpfsError(MISMATCH, exit_code=2) from None
+        if self.format == 0:  # new: nothing may be in it yet
+            if any(self._db[t] is not None and next(self.txn.cursor(db=self._db[t]).iternext(), None) is not None
+                   for t in TABLES):
+                raise BpfsError(MISMATCH, exit_code=2)
+            self._state = 0
+            return
+        if self.format < FORMAT:
+            if stored is not None:  # a format 4 index said to be older: its state was kept
+                raise BpfsError(MISMATCH, exit_code=2)
+            if not self.readonly:
+                self._state = self.scan_state()  # trust on first use; `_upgrade` follows
+            return
+        scanned = self.scan_state()
+        if stored is None or stored[0] != self.format or not hmac.compare_digest(
+                stored[1].to_bytes(32, "little"), scanned.to_bytes(32, "little")):
+            raise BpfsError(MISMATCH, exit_code=2)
+        self._state, self._state_dirty = scanned, False
+
+    def _regroup(self, table: str, rewrite) -> None:
+        """Rewrite the records of `table` inode by inode (keys start with the inode):
+        `rewrite(ino, [(key, opened value)])` returns the inode's new [(key, value)]."""
+        start = b""
+        while True:
+            cur = self.txn.cursor(db=self._db[table])
+            if not cur.set_range(start):
+                return
+            prefix = bytes(cur.key()[:8])
+            group = [(bytes(k), self._sealer.open(v, self._aad(table, k)))
+                     for k, v in list(self._scan_prefix(table, prefix))]
+            for key, _ in group:
+                self._delete(table, key)
+            for key, value in rewrite(_U64.unpack(prefix)[0], group):
+                self._put(table, key, value)
+            start = u64(_U64.unpack(prefix)[0] + 1)
+
+    def _upgrade_to_2(self) -> None:
+        """Format 2: directory entry and xattr tags are keyed with their directory (inode)."""
+        def dirents(parent, group):
+            buckets: dict[bytes, list] = {}
+            for _, plain in group:
+                for name, ino in self._decode_bucket(plain):
+                    buckets.setdefault(self._dirent_key(parent, name, 2), []).append((name, ino))
+            return [(key, self._encode_bucket(entries)) for key, entries in buckets.items()]
+
+        def xattrs(ino, group):
+            out = []
+            for _, plain in group:
+                n = struct.unpack_from("<H", plain)[0]
+                out.append((self._xattr_key(ino, bytes(plain[2:2 + n]), 2), plain))
+            return out
+
+        self._regroup("dirents", dirents)
+        self._regroup("xattrs", xattrs)
 
     # ----- sealed records -----------------------------------------------------------------
     def _aad(self, table: str, key: bytes) -> bytes:
@@ -312,14 +625,18 @@ class Index:
         self._put_plain(table, key, self._sealer.seal(value, self._aad(table, key)))
 
     def _put_plain(self, table: str, key: bytes, value: bytes) -> None:
-        """Every change goes through _put_plain or _delete: both feed the redo log."""
+        """Every change goes through _put_plain or _delete: both feed the redo log and the
+        running state."""
+        self._account(table, key, value)
         self.txn.put(key, value, db=self._db[table])
-        self._log.put(table, key, value)
+        self._redo.put(table, key, value)
         self.pending_ops += 1
 
     def _delete(self, table: str, key: bytes) -> bool:
         self.pending_ops += 1
-        self._log.delete(table, key)
+        self._redo.delete(table, key)
+        if not self._account(table, key, None):
+            return False
         return self.txn.delete(key, db=self._db[table])
 
     def _scan_prefix(self, table: str, prefix: bytes, start: bytes = b""):
@@ -328,7 +645,7 @@ class Index:
         if not cur.set_range(prefix + start):
             return
         for key, raw in cur:
-            if not key.startswith(prefix):
+            if not bytes(key).startswith(prefix):
                 return
             yield key, raw
 
@@ -387,7 +704,9 @@ class Index:
             yield Attr.unpack(ino, self._sealer.open(raw, self._aad("inodes", key)))
 
     # ----- directory entries --------------------------------------------------------------
-    def _dirent_key(self, parent: int, name: bytes) -> bytes:
+    def _dirent_key(self, parent: int, name: bytes, fmt: int | None = None) -> bytes:
+        if (fmt or self.format) >= 2:
+            return u64(parent) + self._dirent_tag(u64(parent) + name)[:_NAME_HASH_LEN]
         return u64(parent) + self._name_hash(name)[:_NAME_HASH_LEN]
 
     @staticmethod
@@ -458,7 +777,9 @@ class Index:
     def delete_symlink(self, ino: int) -> None:
         self._delete("symlinks", u64(ino))
 
-    def _xattr_key(self, ino: int, name: bytes) -> bytes:
+    def _xattr_key(self, ino: int, name: bytes, fmt: int | None = None) -> bytes:
+        if (fmt or self.format) >= 2:
+            return u64(ino) + self._xattr_tag(u64(ino) + name)
         return u64(ino) + self._name_hash(name)
 
     def get_xattr(self, ino: int, name: bytes) -> bytes | None:
@@ -489,12 +810,51 @@ class Index:
             self._delete("xattrs", key)
 
     # ----- extents ------------------------------------------------------------------------
-    def _decode_extent(self, key: bytes, raw: bytes) -> Extent:
-        cid, coff, length = _EXTENT.unpack(self._sealer.open(raw, self._aad("extents", key)))
-        return Extent(_U64.unpack(key[8:])[0], cid, coff, length)
+    # Format 3 on: one sealed record per inode and 1 MiB block of the file, listing every extent
+    # that overlaps the block (an extent over several blocks is in each), padded (see the module
+    # docstring). Formats 1 and 2 (read-only opens of older indexes): one record per extent,
+    # keyed by its file offset.
+    def _block(self, key: bytes) -> tuple[Extent, ...]:
+        """The extents of one block record (cached: reads of one block come in runs)."""
+        found = self._blocks.get(key)
+        if found is None:
+            raw = self._get("extents", key)
+            found = () if raw is None else _decode_block(key, raw)
+            if len(self._blocks) >= _BLOCK_CACHE:
+                self._blocks.clear()
+            self._blocks[key] = found
+        return found
+
+    def _put_block(self, key: bytes, extents: tuple[Extent, ...]) -> None:
+        self._blocks[key] = extents
+        if extents:
+            self._put("extents", key, _encode_block(_U64.unpack(key[8:])[0], extents))
+        else:
+            self._delete("extents", key)
 
     def extents(self, ino: int, start: int = 0, end: int | None = None) -> list[Extent]:
         """Extents of `ino` overlapping [start, end), in file order."""
+        if self.format < 3:
+            return self._extents_v1(ino, start, end)
+        prefix = u64(ino)
+        out = []
+        first = start >> BLOCK_SHIFT
+        cur = self.txn.cursor(db=self._db["extents"])
+        ok = cur.set_range(prefix + u64(first))
+        while ok:
+            key = bytes(cur.key())
+            block = _U64.unpack(key[8:])[0]
+            if key[:8] != prefix or (end is not None and block << BLOCK_SHIFT >= end):
+                break
+            for e in self._block(key):
+                # an extent over several blocks is listed in each: take it where the range starts
+                if e.end > start and (end is None or e.offset < end) and (block == first or e.offset >> BLOCK_SHIFT
+                                                                          == block):
+                    out.append(e)
+            ok = cur.next()
+        return out
+
+    def _extents_v1(self, ino: int, start: int, end: int | None) -> list[Extent]:
         prefix = u64(ino)
         first_key = prefix + u64(start)
         cur = self.txn.cursor(db=self._db["extents"])
@@ -505,12 +865,13 @@ class Index:
         elif not cur.last():
             return []
         out = []
-        for key, raw in cur:
+        for k, v in cur:
+            key, raw = bytes(k), bytes(v)  # bytes already (no `buffers`): no copy
             if key < prefix:
                 continue
             if not key.startswith(prefix):
                 break
-            e = self._decode_extent(key, raw)
+            e = self._decode_extent_v1(key, raw)
             if e.end <= start:
                 continue
             if end is not None and e.offset >= end:
@@ -518,11 +879,43 @@ class Index:
             out.append(e)
         return out
 
+    def _decode_extent_v1(self, key: bytes, raw: bytes) -> Extent:
+        cid, coff, length = _EXTENT.unpack(self._sealer.open(raw, self._aad("extents", key)))
+        return Extent(_U64.unpack(key[8:])[0], cid, coff, length)
+
     def put_extent(self, ino: int, e: Extent) -> None:
-        self._put("extents", u64(ino) + u64(e.offset), _EXTENT.pack(e.chunk_id, e.chunk_offset, e.length))
+        """Record `e` (an extent starting there already is replaced)."""
+        prefix = u64(ino)
+        for block in range(e.offset >> BLOCK_SHIFT, ((e.end - 1) >> BLOCK_SHIFT) + 1):
+            key = prefix + u64(block)
+            kept = [x for x in self._block(key) if x.offset != e.offset]
+            bisect.insort(kept, e, key=lambda x: x.offset)
+            self._put_block(key, tuple(kept))
 
     def delete_extent(self, ino: int, offset: int) -> None:
-        self._delete("extents", u64(ino) + u64(offset))
+        """Remove the extent that starts at `offset`."""
+        prefix = u64(ino)
+        start_key = prefix + u64(offset >> BLOCK_SHIFT)
+        e = next((x for x in self._block(start_key) if x.offset == offset), None)
+        if e is None:
+            return
+        for block in range(offset >> BLOCK_SHIFT, ((e.end - 1) >> BLOCK_SHIFT) + 1):
+            key = prefix + u64(block)
+            self._put_block(key, tuple(x for x in self._block(key) if x.offset != offset))
+
+    def _upgrade_to_3(self) -> None:
+        """Format 3: extents in sealed, padded 1 MiB blocks instead of one record per extent
+        keyed by its offset (which showed every chunk boundary)."""
+        def blocks(ino, group):
+            by_block: dict[int, list[Extent]] = {}
+            for key, plain in group:
+                cid, coff, length = _EXTENT.unpack(plain)
+                e = Extent(_U64.unpack(key[8:])[0], cid, coff, length)
+                for block in range(e.offset >> BLOCK_SHIFT, ((e.end - 1) >> BLOCK_SHIFT) + 1):
+                    by_block.setdefault(block, []).append(e)
+            return [(u64(ino) + u64(b), _encode_block(b, tuple(es))) for b, es in sorted(by_block.items())]
+
+        self._regroup("extents", blocks)
 
     # ----- chunks and packs ---------------------------------------------------------------
     def get_chunk(self, cid: bytes) -> ChunkRecord | None:
@@ -549,12 +942,20 @@ class Index:
             yield bytes(key), ChunkRecord.unpack(self._sealer.open(raw, self._aad("chunks", key)))
 
     def all_extents(self):
+        """(ino, extent) of every extent, in inode and file order."""
         for key, raw in self._scan_prefix("extents", b""):
-            yield _U64.unpack(key[:8])[0], self._decode_extent(key, raw)
+            ino = _U64.unpack(key[:8])[0]
+            if self.format < 3:
+                yield ino, self._decode_extent_v1(key, raw)
+                continue
+            block = _U64.unpack(key[8:])[0]
+            for e in _decode_block(bytes(key), self._sealer.open(raw, self._aad("extents", key))):
+                if e.offset >> BLOCK_SHIFT == block:
+                    yield ino, e
 
     def get_pack(self, pack_id: int) -> PackRecord | None:
         raw = self.txn.get(u64(pack_id), db=self._db["packs"])
-        return None if raw is None else PackRecord.unpack(raw)
+        return None if raw is None else PackRecord.unpack(bytes(raw))
 
     def put_pack(self, pack_id: int, rec: PackRecord) -> None:
         self._put_plain("packs", u64(pack_id), rec.pack())
@@ -698,9 +1099,10 @@ class Index:
                 packs = set()
                 while ext is not None and _U64.unpack(ext[0][:8])[0] <= ino:
                     if _U64.unpack(ext[0][:8])[0] == ino:
-                        cid = _EXTENT.unpack(sealer.open(ext[1], record_aad("extents", ext[0])))[0]
-                        if cid in pack_of:
-                            packs.add(pack_of[cid])
+                        plain = sealer.open(ext[1], record_aad("extents", ext[0]))
+                        cids = ([_EXTENT.unpack(plain)[0]] if self.format < 3
+                                else [e.chunk_id for e in _decode_block(ext[0], plain)])
+                        packs.update(pack_of[cid] for cid in cids if cid in pack_of)
                     ext = next(extents, None)
                 if stat.S_ISREG(attr.mode):
                     yield attr, packs, ino in ignored
@@ -710,7 +1112,9 @@ class Index:
         """A read-only view of the last checkpoint that later writes do not change (LMDB MVCC).
 
         Yields `records(table)`: an iterator of (key, value) exactly as stored (sealed values
-        stay sealed), in key order. Commit first to include the latest changes.
+        stay sealed), in key order. Commit first to include the latest changes. The one
+        exception is meta, which shows what a snapshot carries: no state record, and format 3
+        for 4 (the records without their authenticator; see the module docstring).
         """
         txn = self.env.begin(write=False)
 
@@ -718,6 +1122,11 @@ class Index:
             if self._db[table] is None:
                 return
             for key, value in txn.cursor(db=self._db[table]):
+                if table == "meta":
+                    if key == _STATE_KEY:
+                        continue
+                    if key == b"format" and _U64.unpack(value)[0] == FORMAT:
+                        value = u64(_SNAPSHOT_FORMAT)
                 yield bytes(key), bytes(value)
 
         try:
@@ -725,6 +1134,13 @@ class Index:
         finally:
             txn.abort()
 
+
+def _upgrade_to_4(index: Index) -> None:
+    """Format 4: the authenticator. Its state, computed when the upgrade began, is written with
+    the upgrade's commit; no record changes."""
+
+
+_UPGRADES = {1: Index._upgrade_to_2, 2: Index._upgrade_to_3, 3: _upgrade_to_4}  # format n -> n + 1
 
 __all__ = ["Attr", "ChunkRecord", "Extent", "Index", "IntegrityError", "LANE_LOCAL", "LANE_NORMAL", "LANE_PRIORITY",
            "OUTBOX_NORMAL", "OUTBOX_PRIORITY", "PackRecord", "ROOT_INO", "TABLES", "record_aad", "u64"]

@@ -4,7 +4,7 @@ Everything secret derives from one 160-bit root secret, which the user holds as 
 recovery secret (printed once at `bpfs init`). The key file on the drive keeps that root
 wrapped under a key stretched from the passphrase with Argon2id, so the passphrase can be
 changed without touching data, and the recovery secret alone rebuilds every key:
-identity, data keys, chunker seed.
+identity, data keys, the chunkers' secret gear tables.
 """
 
 from __future__ import annotations
@@ -49,8 +49,15 @@ class KeyRing:
         self.data = BulkSealer(derive_key(master, "pack-data"))
         self.records = Sealer(derive_key(master, "index-records"))
         self.chunk_id = ChunkIdHash(derive_key(master, "chunk-id"))
-        self.name_hash = KeyedHash(derive_key(master, "name-lookup"), size=16)
-        self.chunker_seed = int.from_bytes(derive_key(master, "chunker-seed", 8), "little") | 1
+        self.name_hash = KeyedHash(derive_key(master, "name-lookup"), size=16)  # index format 1 only
+        # index format 2 on: a name's tag is keyed with its directory (or inode), so equal names
+        # in different places do not share a tag (see index)
+        self.dirent_tag = KeyedHash(derive_key(master, "index-dirent-tag"), size=16)
+        self.xattr_tag = KeyedHash(derive_key(master, "index-xattr-tag"), size=16)
+        self.chunker_key = derive_key(master, "chunker-gear-table")  # keys the chunker's secret table
+        # index format 4 on: keys the hash of every index record whose sum authenticates the
+        # whole index (see index)
+        self.index_state = derive_key(master, "index-state")
 
     def derive(self, purpose: str, size: int = KEY_SIZE) -> bytes:
         """A subkey of the master key for one named purpose, for modules with keys of their own."""

@@ -56,6 +56,7 @@ import trio
 from . import chunkmap
 from .errors import IntegrityError
 from .index import LANE_LOCAL, LANE_NORMAL, LANE_PRIORITY, ROOT_INO, ChunkRecord, Index
+import trio.lowlevel
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +237,7 @@ class Lanes:
         ctx = self._ctx.get(d)
         if ctx is not None:
             return ctx
-        chain = []  # (ino, parent, name) from d up to a directory with a context
+        chain: list[tuple[int, int, bytes]] = []  # (ino, parent, name) from d up to a directory with a context
         x = d
         while x not in self._ctx and x != ROOT_INO:
             attr = self.index.get_attr(x)
@@ -279,7 +280,7 @@ class Lanes:
         spec = None
         ino = self.index.lookup(d, IGNORE_NAME)
         attr = self.index.get_attr(ino) if ino is not None else None
-        if attr is not None and stat.S_ISREG(attr.mode):
+        if ino is not None and attr is not None and stat.S_ISREG(attr.mode):
             self.ignore_files.setdefault(ino, set()).add(d)
             try:
                 content = self.data.read_small(ino, min(attr.size, IGNORE_FILE_LIMIT))
@@ -442,7 +443,7 @@ class Lanes:
                 done += 1
             if done > 2000:  # let FUSE requests in now and then
                 done = 0
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
                 self.data.checkpoint_if_large()
 
 

@@ -58,7 +58,7 @@ class Outbox:
     def __init__(self, index: Index, packs: PackFiles):
         self.index, self.packs = index, packs
         self._cache: dict[int, QueuedPack] = {}
-        self._cache_txn = None
+        self._cache_txn: int | None = None
 
     def pending(self) -> dict[int, QueuedPack]:
         """pack id -> QueuedPack, of sealed packs to replicate, as last committed."""

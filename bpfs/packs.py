@@ -2,7 +2,9 @@
 
 A pack is `STORE/packs/XX/NNNNNNNNNNNN.pack`: sealed chunk entries one after another, no
 header, no plaintext. Many small files share a pack; each entry is padded (Padmé) before
-sealing, so neither the drive nor a partner sees exact chunk or file sizes. Each lane
+sealing, and a pack that replicates is padded with random bytes to one of a few sizes when it
+is sealed (`padded_pack_size`), so neither the drive nor a partner sees exact chunk, file or
+pack-content sizes. Each lane
 (normal, priority, local: see `lanes`) fills packs of its own, one open pack per lane; the
 lane is in the pack's index record, and sealing queues normal and priority packs in the
 outbox, never local ones. A pack is
@@ -31,6 +33,19 @@ from .packtree import TreeBuilder, root_of_file
 
 PACK_TARGET = 16 << 20
 _MAX_READ_FDS = 64
+PAD_MIN = 64 << 10  # the smallest size a replicated pack is padded to
+
+
+def padded_pack_size(size: int) -> int:
+    """The size a replicated pack of `size` bytes is padded to when it is sealed: at least
+    PAD_MIN, else the next size of the form m * 2^k with m in 4..7 (four sizes per doubling:
+    at most 25% more bytes, about 7% for full packs). A partner (or a thief of the drive) sees
+    which of these few sizes a pack has, not how many bytes of chunks it holds."""
+    if size <= PAD_MIN:
+        return PAD_MIN
+    shift = max(0, size.bit_length() - 3)  # keep the top three bits: 4..7 times 2^shift
+    step = 1 << shift
+    return -(-size // step) * step
 
 
 class _OpenPack:
@@ -50,6 +65,9 @@ class _ReadFd:
 
 
 class PackFiles:
+    """The pack files of one store (STORE/packs): the open pack of each lane, handing out and writing
+    space in it, sealing and syncing, reading chunks back, each pack's tree root, and deleting packs."""
+
     def __init__(self, store_dir: str, target_size: int = PACK_TARGET):
         self.dir = os.path.join(store_dir, "packs")
         self.target_size = target_size
@@ -62,6 +80,7 @@ class PackFiles:
         self._writers: dict[int, int] = {}  # pack id -> reservations not yet finished
         self._dirty: set[int] = set()  # packs written since their last fdatasync
         self.local_ids: set[int] = set()  # local-lane packs started here (FileData adds the older ones)
+        self.replicable_reserved = 0  # bytes handed out in lanes that replicate, since this process began
         self._trees: dict[int, TreeBuilder] = {}  # pack id -> its tree, while bytes are written into it
         self._sizes: dict[int, int] = {}  # sealed pack id -> its final size, until its tree is finished
         self._roots: dict[int, tuple[bytes, int]] = {}  # finished trees not yet in the index
@@ -81,9 +100,12 @@ class PackFiles:
             cur = self._start_pack(index, lane)
         offset = cur.size
         cur.size += nbytes
+        if lane != LANE_LOCAL:
+            self.replicable_reserved += nbytes
         with self._lock:
             self._writers[cur.id] = self._writers.get(cur.id, 0) + 1
         rec = index.get_pack(cur.id)
+        assert rec is not None  # the lane's current pack: `_start_pack` put it in the index
         rec.size = cur.size
         index.put_pack(cur.id, rec)
         return cur.id, offset
@@ -112,6 +134,11 @@ class PackFiles:
         index.put_pack(pack_id, PackRecord(0, 0, 0, False, lane))
         return cur
 
+    def open_bytes(self, lane: int) -> int:
+        """Bytes in the open pack of `lane` (0 when none is open)."""
+        cur = self._open.get(lane)
+        return cur.size if cur is not None else 0
+
     def seal_open(self, index: Index) -> None:
         """Close the open packs of every lane for writing; they become immutable, and those
         that replicate go to the outbox (priority ones marked so)."""
@@ -125,12 +152,31 @@ class PackFiles:
         rec = index.get_pack(cur.id)
         if rec is not None:
             index.seal_pack(cur.id, rec)
+        size = cur.size
+        if lane != LANE_LOCAL and size:
+            size = self._pad(cur)
         with self._lock:
-            self._sizes[cur.id] = cur.size
+            self._sizes[cur.id] = size
             self._open_ids = frozenset(p.id for p in self._open.values())
         # its fd is closed (and its tree finished) after its next fdatasync
 
-    def write(self, pack_id: int, offset: int, data: bytes) -> None:
+    def _pad(self, cur: _OpenPack) -> int:
+        """Fill a replicated pack up to its padded size with random bytes (no reader ever asks
+        for them: the index records where each chunk ends), so that it looks like any other pack
+        of that size; its new size. The index keeps the size of its chunks (`PackRecord.size`,
+        what compaction weighs); the file, its tree root and what partners hold are the padded
+        size."""
+        size = padded_pack_size(cur.size)
+        if size > cur.size:
+            with self._lock:
+                self._writers[cur.id] = self._writers.get(cur.id, 0) + 1
+            try:
+                self.write(cur.id, cur.size, os.urandom(size - cur.size))
+            finally:
+                self.finish(cur.id)
+        return size
+
+    def write(self, pack_id: int, offset: int, data: bytes | bytearray) -> None:
         """Write reserved bytes (blocking; call from a worker thread)."""
         with self._lock:
             fd = self._unsynced.get(pack_id)

@@ -316,6 +316,7 @@ class TreeBuilder:
             if size == 0:
                 self._leaves.setdefault(0, hash_leaf(0, b""))
             leaves = [self._leaves.get(i) for i in range(n)]
-        if any(h is None for h in leaves) or len(self._leaves) != n:
+        present = [h for h in leaves if h is not None]
+        if len(present) != n or len(self._leaves) != n:
             return None
-        return root_of_leaves(size, leaves)
+        return root_of_leaves(size, present)

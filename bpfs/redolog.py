@@ -28,6 +28,9 @@ PUT, DELETE = 1, 2
 
 
 class RedoLog:
+    """The redo log file at `path` for the index tables `tables`: records changes (`put`, `delete`),
+    `save`s them as one batch, is emptied at a checkpoint, and yields the saved records to replay."""
+
     def __init__(self, path: str, tables: tuple[str, ...]):
         self.path = path
         self._tables = tables

@@ -160,6 +160,9 @@ class RootRejected(SnapshotError):
 # ----- the signed root --------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class SignedRoot:
+    """A signed root (format in the module docstring): the sealed manifest with the store's peer id,
+    generation and creation time, signed by its identity. `verify_root` checks who signed it."""
+
     peer_id: bytes
     generation: int
     sealed_manifest: bytes
@@ -248,6 +251,9 @@ def verify_root(public_key: bytes, blob, min_generation: int = 0) -> SignedRoot:
 # ----- the manifest -----------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class MetaChunk:
+    """Where one metadata chunk of the record stream is (a manifest entry): its id, plaintext length,
+    pack, offset in the pack and sealed length."""
+
     chunk_id: bytes
     length: int  # plaintext bytes of the record stream
     pack: int
@@ -257,6 +263,9 @@ class MetaChunk:
 
 @dataclass(slots=True)
 class SnapshotManifest:
+    """One snapshot's manifest (format in the module docstring): the record stream's metadata chunks,
+    the data packs it needs, file counts and the partner list; `root` and `stats` are not encoded."""
+
     generation: int
     created_ns: int
     stream_length: int
@@ -462,10 +471,10 @@ def _filtered(table: str, key: bytes, value: bytes, flt: ExportFilter, sealer) -
         loss = flt.pack_loss.get(pack_id)
         if loss is None:
             return value
-        rec = PackRecord.unpack(value)
-        rec.live_chunks -= loss[0]
-        rec.live_bytes -= loss[1]
-        return rec.pack()
+        pack_rec = PackRecord.unpack(value)
+        pack_rec.live_chunks -= loss[0]
+        pack_rec.live_bytes -= loss[1]
+        return pack_rec.pack()
     if table == "packchunks":
         if int.from_bytes(key[:8], "big") in flt.skip_packs or key[8:] in flt.skip_chunks:
             return None
@@ -484,7 +493,7 @@ def _stream(records, skip_packs: set[int], needed: _RangeBuilder, counts: list[i
         for key, value in records(table):
             if table in ("packs", "packroots") and int.from_bytes(key, "big") in skip_packs:
                 continue  # a pack of metadata chunks: not needed to rebuild
-            if filtering:
+            if filtering and flt is not None:
                 value = _filtered(table, key, value, flt, sealer)
                 if value is None:
                     continue
@@ -553,7 +562,8 @@ class _StreamReader:
             raise self._error(len(self._buf), "data after the end marker")
         buf = self._buf
         buf += data
-        out, pos = [], 0
+        out: list[tuple[str, bytes, bytes]] = []
+        pos = 0
         if not self._started:
             if len(buf) < len(STREAM_MAGIC):
                 return out
@@ -605,8 +615,8 @@ class _StreamReader:
 
 # ----- metadata chunks --------------------------------------------------------------------------
 def _chunker(keys: KeyRing) -> Chunker:
-    seed = int.from_bytes(keys.derive("metadata-chunker-seed", 8), "little") | 1
-    return Chunker(seed, META_AVG_SIZE, META_MIN_SIZE, META_MAX_SIZE)
+    """The metadata chunker: its own secret gear table (see `chunker`), smaller chunks."""
+    return Chunker(keys.derive("metadata-chunker-gear-table"), META_AVG_SIZE, META_MIN_SIZE, META_MAX_SIZE)
 
 
 def _seal_chunk(keys: KeyRing, cid: bytes, plain: bytes) -> bytearray:
@@ -630,10 +640,10 @@ def open_meta_chunk(keys: KeyRing, chunk: MetaChunk, sealed) -> bytes:
     if len(plain) != padme(chunk.length) or any(plain[chunk.length:]):
         raise SnapshotError(f"{where} has the wrong length")
     del plain[chunk.length:]
-    plain = bytes(plain)
-    if keys.chunk_id(plain) != chunk.chunk_id:
+    data = bytes(plain)
+    if keys.chunk_id(data) != chunk.chunk_id:
         raise SnapshotError(f"{where} does not match its id")
-    return plain
+    return data
 
 
 def _chunk_key(cid: bytes) -> bytes:
@@ -860,6 +870,7 @@ def _record_chunks(index: Index, listed: list[MetaChunk], placed: dict[bytes, Me
                                                                    chunk.length, refs + 1))
         if cid in placed:
             pack = index.get_pack(chunk.pack)
+            assert pack is not None  # `placed`: the chunk was just placed in that pack
             pack.live_chunks += 1
             pack.live_bytes += chunk.sealed_length
             index.put_pack(chunk.pack, pack)
@@ -883,9 +894,11 @@ def adopt_root(index: Index, keys: KeyRing, packs: PackFiles, blob) -> SnapshotM
                 raise SnapshotError(f"metadata pack {pack_id:012x} of snapshot {manifest.generation} is not here") \
                     from None
             index.put_pack(pack_id, PackRecord(0, 0, size, False))
-            index.seal_pack(pack_id, index.get_pack(pack_id))
+            put = index.get_pack(pack_id)
+            assert put is not None  # just put
+            index.seal_pack(pack_id, put)
             index.put_pack_root(pack_id, root, size)
-    fresh = {}
+    fresh: dict[bytes, MetaChunk] = {}
     for chunk in manifest.chunks:
         if index.get_snapshot_record(_chunk_key(chunk.chunk_id)) is None:
             fresh.setdefault(chunk.chunk_id, chunk)
@@ -921,20 +934,26 @@ class _IndexWriter:
                              metasync=True, readahead=False, mode=0o600, max_readers=4, lock=True)
         with self.env.begin(write=True) as txn:
             self.dbs = {name: self.env.open_db(name.encode(), txn=txn) for name in TABLES}
-        self.txn = self.env.begin(write=True)
+        self.txn: lmdb.Transaction | None = self.env.begin(write=True)  # None once finished or closed
         self.pending = 0
 
+    @property
+    def _txn(self) -> lmdb.Transaction:
+        if self.txn is None:
+            raise RuntimeError("the index writer is finished")
+        return self.txn
+
     def put(self, table: str, key: bytes, value: bytes) -> None:
-        if not self.txn.put(key, value, db=self.dbs[table], append=True):
+        if not self._txn.put(key, value, db=self.dbs[table], append=True):
             raise SnapshotError(f"snapshot record stream: {table} keys out of order")
         self.pending += len(key) + len(value) + 16
         if self.pending >= _BATCH_BYTES:
-            self.txn.commit()
+            self._txn.commit()
             self.txn = self.env.begin(write=True)
             self.pending = 0
 
     def finish(self) -> None:
-        self.txn.commit()
+        self._txn.commit()
         self.txn = None
         self.env.sync(True)
 

@@ -49,6 +49,7 @@ import stat
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import pyfuse3
 import trio
@@ -98,7 +99,7 @@ def split_ino(vino: int) -> tuple[int, int]:
     return (vino >> _INO_BITS) & _SLOT_MASK, vino & _INO_MASK
 
 
-def _fail(code: int):
+def _fail(code: int) -> NoReturn:
     raise pyfuse3.FUSEError(code)
 
 
@@ -378,6 +379,7 @@ class SnapshotViews:
         blob = snapshot.retained_root(self.index, snap.generation)
         if blob is None:
             _fail(errno.ESTALE)
+        attr: Attr | None
         try:
             attr = await trio.to_thread.run_sync(_read_root_attr, self.keys, self.packs, blob)
         except Exception as e:
@@ -421,8 +423,8 @@ class SnapshotViews:
         if name == b"..":
             if ino == ROOT_INO:
                 return await self.folder_entry()
-            attr = await self._attr(snap, ino)
-            return self._snap_entry(snap, await self._attr(snap, attr.parent or ROOT_INO))
+            here = await self._attr(snap, ino)
+            return self._snap_entry(snap, await self._attr(snap, here.parent or ROOT_INO))
         index = await self._index(snap)
         attr = index.get_attr(ino)
         if attr is None:
@@ -488,11 +490,12 @@ class SnapshotViews:
         if dots is not None and not self._dots(token, start_id, *dots):
             return
         for next_id, name, child in index.list_entries(ino, max(start_id - ENTRY_OFFSET_BASE, 0)):
-            attr = index.get_attr(child)
-            if attr is None:
+            child_attr = index.get_attr(child)
+            if child_attr is None:
                 log.error("snapshot %d: a directory entry points to a missing inode", snap.generation)
                 continue
-            if not pyfuse3.readdir_reply(token, name, self._snap_entry(snap, attr), next_id + ENTRY_OFFSET_BASE):
+            if not pyfuse3.readdir_reply(token, name, self._snap_entry(snap, child_attr),
+                                         next_id + ENTRY_OFFSET_BASE):
                 break
 
     async def readlink(self, vino: int) -> bytes:
@@ -535,6 +538,8 @@ class SnapshotViews:
 
     def release(self, vino: int) -> None:
         gen = self._by_slot.get(split_ino(vino)[0])
+        if gen is None:  # an unknown slot: nothing to unpin (as `pop` did with a None key)
+            return
         left = self._pins.get(gen, 0) - 1
         if left > 0:
             self._pins[gen] = left

@@ -82,11 +82,12 @@ class StoreLock:
 
     def __init__(self, store_dir: str):
         self.store_dir = store_dir
-        self.fd = _try_lock(store_dir)
-        if self.fd is None:
+        fd = _try_lock(store_dir)
+        if fd is None:
             info = read_daemon_info(store_dir)
             where = f" (mounted at {info['mountpoint']} by pid {info['pid']})" if info else ""
             raise StoreBusy(f"store {store_dir} is in use by another bpfs process{where}")
+        self.fd = fd
 
     def release(self) -> None:
         os.close(self.fd)

@@ -24,6 +24,9 @@ from .store import StoreLock
 
 @dataclass
 class Report:
+    """What a check found: problems (damage: the store is not OK), the paths they affect, harmless
+    notes, and counts of what was checked."""
+
     problems: list[str] = field(default_factory=list)
     damaged_paths: set[str] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)
@@ -124,7 +127,7 @@ class _Checker:
                     self.problem(f"{self.path(ino)}: extent outside its chunk", ino)
         except IntegrityError:
             self.problem("an extent record does not authenticate (index damaged)")
-        pack_sizes = {}
+        pack_sizes: dict[int, int | None] = {}
         for pack_id, _record in index.all_packs():
             try:
                 pack_sizes[pack_id] = os.path.getsize(self.packs.path(pack_id))

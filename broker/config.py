@@ -47,12 +47,12 @@ text is one line (the CLI prints it and exits 2). Sizes are bytes or a number wi
     map_size = "256M"                # the LMDB map (state on disk); when full, changes are refused
 
     # per-kind request rates (kinds: announce, lookup, relay_open, mailbox_open, mailbox_join,
-    # mailbox_io = put/get/close), per identity and per source IP:
-    [rates.mailbox_join]
-    per_minute = 10                  # per identity
-    burst = 10
-    source_per_minute = 10           # per source IP
-    source_burst = 10
+    # mailbox_io = put/get/close), per identity and per source IP (IPv6: one /64):
+    [rates.mailbox_join]             # joining a code: each join is one guess at a code's words
+    per_minute = 0.1                 # per identity: 4 at once, then one every 10 minutes
+    burst = 4
+    source_per_minute = 0.1          # per source IP (identities are free: this is the bound
+    source_burst = 4                 # that counts): 148 joins a day, each a 2^-24 guess
 """
 
 from __future__ import annotations
@@ -90,13 +90,15 @@ DEFAULT_RATES = {
     "lookup": Rate(120, 60, 600, 200),
     "relay_open": Rate(30, 10, 120, 40),
     "mailbox_open": Rate(10, 5, 30, 10),
-    "mailbox_join": Rate(10, 10, 10, 10),
+    "mailbox_join": Rate(0.1, 4, 0.1, 4),  # against guessing codes: see the module docstring
     "mailbox_io": Rate(600, 100, 2400, 400),
 }
 
 
 @dataclass(frozen=True)
 class BrokerConfig:
+    """The broker's settings (see the module docstring for each), validated when made."""
+
     listen: str = DEFAULT_LISTEN
     # announcements
     max_ttl: int = MAX_TTL
@@ -177,12 +179,12 @@ def parse_address(text: str) -> tuple[str, int]:
     try:
         if not sep or not port.isdigit():
             raise ValueError
-        host, port = str(ipaddress.ip_address(host)), int(port)
-        if not 0 <= port <= 65535:
+        host, number = str(ipaddress.ip_address(host)), int(port)
+        if not 0 <= number <= 65535:
             raise ValueError
     except ValueError:
         raise ConfigError(f"listen: not an address: {text!r} (expected IP:PORT, e.g. {DEFAULT_LISTEN})") from None
-    return host, port
+    return host, number
 
 
 def _number(key: str, value, kind):

@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 
-log = logging.getLogger("broker")
+log = logging.getLogger("broker")  # the event stream of every broker module (`event`), not this module's own log
 _QUOTE = frozenset(' ="\n')
 
 
@@ -31,7 +31,7 @@ def _timestamp(record: logging.LogRecord) -> str:
 def _fields(record: logging.LogRecord) -> tuple[str, dict]:
     name = getattr(record, "broker_event", None)
     if name is not None:
-        return name, dict(record.broker_fields)
+        return name, dict(record.broker_fields)  # type: ignore[attr-defined]  # set with broker_event (extra=)
     fields = {"logger": record.name, "msg": record.getMessage()}
     if record.exc_info:
         fields["exc"] = logging.Formatter().formatException(record.exc_info).splitlines()[-1]
@@ -39,6 +39,8 @@ def _fields(record: logging.LogRecord) -> tuple[str, dict]:
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, event, then the event's fields (see the module docstring)."""
+
     def format(self, record: logging.LogRecord) -> str:
         name, fields = _fields(record)
         doc = {"ts": _timestamp(record), "level": record.levelname.lower(), "event": name}
@@ -47,6 +49,9 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
+    """`TIME LEVEL event key=value ...`, a value in JSON quotes when it is empty or holds a space, `=`,
+    a quote or a newline."""
+
     def format(self, record: logging.LogRecord) -> str:
         name, fields = _fields(record)
         parts = [_timestamp(record), record.levelname, name]

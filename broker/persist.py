@@ -26,12 +26,12 @@ import time
 
 import lmdb
 
-from bpfs.net.codec import Bool, Bytes, List, ProtocolError, Record, Registry, Text, UInt, field
+from bpfs.net.codec import Bool, Bytes, List, ProtocolError, Record, Registry, Text, UInt, field, message
 
 from bpfs.rendezvous.wire import MAX_BODY, MAX_MAILBOX_MESSAGES, Announce
 from .state import Announcement, JournalFull, Mailbox, SeqMemory
 
-log = logging.getLogger("broker.persist")
+log = logging.getLogger(__name__)
 
 DB_NAME = "broker.lmdb"
 _TABLES = ("announcement", "seq", "mailbox")
@@ -39,22 +39,29 @@ _TABLES = ("announcement", "seq", "mailbox")
 STORE = Registry("bpfs.broker.store", max_frame=(2 * MAX_MAILBOX_MESSAGES + 4) * (MAX_BODY + 16))
 
 
-@STORE.message(0x10)
+@message(STORE, 0x10)
 class StoredAnnouncement:
+    """The `announcement` table's value (key: the store's public key): a `state.Announcement`."""
+
     announce: Announce = field(Record(Announce))
     observed: str = field(Text(64))
     source: str = field(Text(64))
     expires: int = field(UInt())  # milliseconds since the epoch
 
 
-@STORE.message(0x11)
+@message(STORE, 0x11)
 class StoredSeq:
+    """The `seq` table's value (key: the public key): a `state.SeqMemory`."""
+
     seq: int = field(UInt())
     forget_at: int = field(UInt())  # milliseconds since the epoch
 
 
-@STORE.message(0x12)
+@message(STORE, 0x12)
 class StoredMailbox:
+    """The `mailbox` table's value (key: the nameplate): a `state.Mailbox`, each side's messages in a
+    list of its own."""
+
     nameplate: int = field(UInt(999_999, min=1))
     sides: list = field(List(Bytes(32, min_len=32), 2))  # hashes of the side secrets
     opener: list = field(List(Bytes(MAX_BODY), MAX_MAILBOX_MESSAGES))
@@ -79,9 +86,9 @@ def encode(table: str, value) -> bytes:
         return STORE.encode(StoredAnnouncement(Announce(v.record, v.signature), v.observed, v.source, _ms(v.expires)))
     if table == "seq":
         return STORE.encode(StoredSeq(value.seq, _ms(value.forget_at)))
-    v: Mailbox = value
-    return STORE.encode(StoredMailbox(v.nameplate, list(v.sides), list(v.messages[0]), list(v.messages[1]),
-                                      v.closed[0], v.closed[1], v.source, _ms(v.expires)))
+    mb: Mailbox = value
+    return STORE.encode(StoredMailbox(mb.nameplate, list(mb.sides), list(mb.messages[0]), list(mb.messages[1]),
+                                      mb.closed[0], mb.closed[1], mb.source, _ms(mb.expires)))
 
 
 def decode(table: str, key: bytes, data: bytes):

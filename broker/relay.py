@@ -38,7 +38,7 @@ from .config import BrokerConfig
 from bpfs.rendezvous.wire import Refusal
 from .state import Refused
 
-log = logging.getLogger("broker.relay")
+log = logging.getLogger(__name__)
 
 _DAY = 86400
 
@@ -78,17 +78,20 @@ class Leg:
     """One store's side of a session."""
 
     __slots__ = ("session_id", "conn", "addr", "account", "peer", "session")
+    peer: Leg  # the other store's leg, and
+    session: Session  # their session: both set by `Relay.open` as soon as both legs exist
 
     def __init__(self, session_id: bytes, conn, account: Account):
         self.session_id = session_id
         self.conn = conn  # the store's broker connection (has .remote_address, .peer_id)
         self.addr = conn.remote_address
         self.account = account
-        self.peer: Leg | None = None
-        self.session: Session | None = None
 
 
 class Session:
+    """One relay session: its two legs, when it opened and expires, when it last carried a frame, and
+    the bytes and frames it carried."""
+
     __slots__ = ("legs", "opened", "expires", "last", "bytes", "frames")
 
     def __init__(self, legs: tuple[Leg, Leg], now: float, lifetime: float):
@@ -101,6 +104,9 @@ class Session:
 
 
 class Relay:
+    """The broker's relay (see the module docstring): sessions, accounts and counters; `open`, `close`
+    and `expire` sessions, `datagram` forwards a frame."""
+
     def __init__(self, config: BrokerConfig, send: Callable[[bytes, tuple], None] | None = None, *,
                  now: Callable[[], float] = time.time,
                  on_closed: Callable[[tuple, str], None] | None = None):
@@ -269,6 +275,7 @@ class Relay:
         self.bytes_relayed += n
         self.frames_relayed += 1
         peer = leg.peer
+        assert self.send is not None  # set once the endpoint exists, and frames come from it
         self.send(b"\x01" + peer.session_id + data[RELAY_OVERHEAD:], peer.addr)
 
     def _moved(self, leg: Leg, addr) -> bool:

@@ -49,7 +49,7 @@ from .persist import Persist
 from .relay import Relay
 from .state import BrokerState, Refused, format_address, source_key
 
-log = logging.getLogger("broker.server")
+log = logging.getLogger(__name__)
 
 LOCK_NAME = "broker.lock"
 
@@ -253,8 +253,8 @@ class Broker:
         ann = self.state.lookup(msg.token, source=info.source, identity=conn.peer_id)
         target = self._presence.get(ann.key)
         online = target is not None and not target.closed
-        observed = format_address(target.remote_address) if online else ann.observed
-        if online and target is not conn:
+        observed = format_address(target.remote_address) if target is not None and online else ann.observed
+        if target is not None and online and target is not conn:
             self._push(target, P.Punch(info.observed, list(msg.addresses)), "punch")
         event("lookup", logging.DEBUG, online=online)
         return P.Found(list(ann.record.addresses), observed, online)

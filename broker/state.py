@@ -18,7 +18,13 @@ What it holds, and its bounds (all in `BrokerConfig`):
 - mailboxes by nameplate (`max_mailboxes`, `max_mailboxes_per_source`, `max_mailbox_bytes`),
   each for `code_ttl` from its opening; side secrets only as hashes.
 - token buckets per (request kind, source) and (request kind, identity) (`rates`), at most
-  `max_buckets` (least recently used dropped first, idle full ones by `expire()`).
+  `max_buckets` (least recently used dropped first, idle full ones by `expire()`). Joining a code
+  is limited hardest (4 at once, then one per 10 minutes per source, by default): each join is
+  one online guess at a live code's words, and uses that code up.
+
+Verifiers and tokens are opaque here: a store makes them for this broker's public key and the
+current UTC day (`bpfs.rendezvous.wire.LookupKey`), so a token seen at another broker, or on
+another day, matches nothing this broker holds.
 
 Refusal texts are one line a person can act on, and never carry a token, side, verifier or body.
 """
@@ -49,6 +55,7 @@ _KIND_TEXT = {
     "announce": "announcements", "lookup": "lookups", "relay_open": "relay requests",
     "mailbox_open": "new codes", "mailbox_join": "attempts to join a code", "mailbox_io": "mailbox requests",
 }
+_KIND_WHY = {"mailbox_join": " (each is a guess at a code: limited so that guessing one is hopeless)"}
 
 
 class Refused(Exception):
@@ -156,6 +163,9 @@ class Buckets:
 
 @dataclass(frozen=True)
 class Announcement:
+    """An announcement the broker holds: the signed record as received, where it came from, and when
+    the broker forgets it."""
+
     record: AnnounceRecord
     signature: bytes
     observed: str  # the announcing connection's address, "IP:PORT"
@@ -169,6 +179,9 @@ class Announcement:
 
 @dataclass(frozen=True)
 class Mailbox:
+    """A pairing-by-code mailbox: its number, the hashed side secrets, each side's messages and
+    whether it closed; replaced whole on every change."""
+
     nameplate: int
     sides: tuple  # hashes of the side secrets: (opener,) or (opener, joiner)
     messages: tuple  # (opener's bodies, joiner's bodies), tuples of bytes
@@ -192,12 +205,16 @@ class Mailbox:
 
 @dataclass(frozen=True)
 class SeqMemory:
+    """The highest seq of a key whose record is gone, kept until `forget_at` against replays."""
+
     seq: int
     forget_at: float
 
 
 @dataclass
 class ExpiryReport:
+    """What `BrokerState.expire` removed: how many of each, and the mailboxes that went."""
+
     announcements: int = 0
     seqs: int = 0
     buckets: int = 0
@@ -217,6 +234,9 @@ Announcement), "seq" (public key, SeqMemory) or "mailbox" (nameplate, Mailbox)."
 # --------------------------------------------------------------------------- the state
 
 class BrokerState:
+    """The broker's rules and everything they hold (see the module docstring): `server` calls one method
+    per request, `expire` periodically and `restore` at start."""
+
     def __init__(self, config: BrokerConfig, broker_public_key: bytes, *, now: Callable[[], float] = time.time,
                  journal: Journal | None = None):
         self.config = config
@@ -242,12 +262,13 @@ class BrokerState:
         """Take one request of `kind` from the source's and the identity's buckets, or refuse."""
         rate = self.config.rates[kind]
         now = self.now()
+        why = _KIND_WHY.get(kind, "")
         wait = self.buckets.take((kind, "s", source), rate.source_per_minute / 60, rate.source_burst, now)
         if wait:
-            raise Refused(Refusal.LIMIT, f"too many {_KIND_TEXT[kind]} from this address; {_retry_in(wait)}")
+            raise Refused(Refusal.LIMIT, f"too many {_KIND_TEXT[kind]} from this address{why}; {_retry_in(wait)}")
         wait = self.buckets.take((kind, "i", identity), rate.per_minute / 60, rate.burst, now)
         if wait:
-            raise Refused(Refusal.LIMIT, f"too many {_KIND_TEXT[kind]} from this identity; {_retry_in(wait)}")
+            raise Refused(Refusal.LIMIT, f"too many {_KIND_TEXT[kind]} from this identity{why}; {_retry_in(wait)}")
 
     # ---- journal
 
@@ -484,7 +505,7 @@ class BrokerState:
         self.check_rate("mailbox_io", source, identity)
         mb = self._mailboxes.get(nameplate)
         i = self._side_index(mb, side) if mb is not None else None
-        if i is None or mb.closed[i]:
+        if mb is None or i is None or mb.closed[i]:
             return False
         closed = list(mb.closed)
         closed[i] = True

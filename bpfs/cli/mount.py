@@ -10,6 +10,7 @@ import click
 
 from ..config import DEFAULT_LISTEN, format_address, load_config, parse_address, parse_brokers
 from ..errors import BpfsError
+from ..store import key_path
 from .app import cli
 from .options import passphrase_option, resolve_store, store_argument, store_option, unlock
 
@@ -26,7 +27,8 @@ def _parse_options(values: tuple[str, ...]) -> dict[str, str | None]:
 
 
 MOUNT_OPTIONS = {"listen", "broker", "allow_other", "allow_root", "ro", "rw", "debug", "keyfile", "default_permissions", "noatime",
-                 "relatime", "nosuid", "nodev", "noexec", "suid", "dev", "exec", "snapdir", "fsname", "subtype"}
+                 "relatime", "nosuid", "nodev", "noexec", "suid", "dev", "exec", "snapdir", "fsname", "subtype",
+                 "nonempty"}
 NAMING_OPTIONS = ("fsname", "subtype")  # what mount tables show (source, type fuse.SUBTYPE): the daemon's defaults
 
 
@@ -36,6 +38,7 @@ NAMING_OPTIONS = ("fsname", "subtype")  # what mount tables show (source, type f
 @click.option("-f", "--foreground", is_flag=True, help="stay in the foreground (logs to stderr)")
 @click.option("-o", "options", multiple=True, metavar="OPTIONS",
               help="comma-separated: keyfile=PATH, listen=HOST:PORT, broker=HOST[:PORT], allow_other, ro, debug, "
+                   "nonempty (mount over a folder that is not empty, hiding what is in it), "
                    "snapdir=visible (list .snapshots in the root folder; by default it is reached by name only), "
                    "fsname=NAME, subtype=TYPE (what mount tables show; default: the store, bpfs)")
 @passphrase_option()
@@ -43,7 +46,10 @@ NAMING_OPTIONS = ("fsname", "subtype")  # what mount tables show (source, type f
               help=f"UDP address to serve partners on (default from bpfs.toml, else {DEFAULT_LISTEN}; 'none': do not listen)")
 @click.option("--broker", "brokers", multiple=True, metavar="HOST[:PORT]",
               help="rendezvous broker(s), tried in order (default from bpfs.toml; 'none': no broker)")
-def mount(args, store_opt, foreground, options, passphrase_file, listen, brokers):
+@click.option("--init", "create", is_flag=True,
+              help="create the store first if STORE holds none, as `bpfs init` does (the new passphrase is "
+                   "asked once and confirmed, and used for the mount too)")
+def mount(args, store_opt, foreground, options, passphrase_file, listen, brokers, create):
     """Mount STORE at MOUNTPOINT; returns once the mount is usable."""
     from ..daemon import mount as do_mount
 
@@ -70,8 +76,18 @@ def mount(args, store_opt, foreground, options, passphrase_file, listen, brokers
             if not value:
                 raise BpfsError(f"{k}= needs a value", exit_code=2)
             naming.add(f"{k}={value}")
-    store = resolve_store(store, store_opt)
-    keys = unlock(store, opts.pop("keyfile", None) or passphrase_file)
+    new_store = create and not os.path.exists(key_path(resolve_store(store, store_opt, existing=False)))
+    store = resolve_store(store, store_opt, existing=not new_store)
+    from ..daemon import check_mountpoint
+
+    check_mountpoint(mountpoint, nonempty="nonempty" in opts)  # before the passphrase is asked for
+    opts.pop("nonempty", None)
+    if new_store:
+        from .store import create_new_store
+
+        keys = create_new_store(store, opts.pop("keyfile", None) or passphrase_file, "moderate")
+    else:
+        keys = unlock(store, opts.pop("keyfile", None) or passphrase_file)
     debug = "debug" in opts
     fuse_opts = {k for k in opts if k in ("allow_other", "allow_root", "ro", "nosuid", "nodev", "noexec")}
     fuse_opts |= naming

@@ -18,6 +18,7 @@ import click
 from ..config import format_size, parse_brokers, parse_size
 from ..errors import BpfsError
 from ..peering import control
+from ..rendezvous.pairing import DEFAULT_WORDS, MAX_WORDS, MIN_WORDS, parse_code
 from .app import cli
 from .options import (daemon_socket, emit, in_process, json_option, passphrase_option, resolve_store,
                       store_argument, store_option)
@@ -37,35 +38,47 @@ def _store_and_code(args) -> tuple[str | None, str | None]:
     return None, None
 
 
-def _describe_offer(info: dict) -> str:
+COMPARE_IDS = ("Compare peer ids through another channel (by phone or in person, not the message that carried "
+               "the code) before accepting: ")
+
+
+def _describe_offer(info: dict, own_id: str) -> str:
     return (f"Partner {info['peer_id']}\n"
             f"  offers to keep up to {format_size(info['their_offer'])} of our data and asks us to keep up to "
             f"{format_size(info['their_ask'])} of its data.\n"
             f"  Agreed if you accept: we keep up to {format_size(info['we_keep'])} of its data, it keeps up to "
-            f"{format_size(info['they_keep'])} of ours.")
+            f"{format_size(info['they_keep'])} of ours.\n"
+            f"{COMPARE_IDS}the partner's `bpfs id` must show {info['peer_id']}, and it must see this store as "
+            f"{own_id}. Someone who guessed the code would show another id.")
 
 
 def _pair_by_code(store, sock, code, offer, ask, words, yes, as_json, passphrase_file, brokers) -> dict:
     """Both halves of pairing by code (see rendezvous.codepair), asking the user in between."""
+    from ..peering import offline  # lazily: it loads the partner service
+
+    if code:
+        parse_code(code)  # a mistyped code fails here, in one line, before anything starts
     if not yes and not sys.stdin.isatty():
         raise BpfsError("pairing by code asks you to confirm the partner: run it in a terminal, or pass --yes",
                         exit_code=2)
+    own_id = offline.own_id(store)
 
     def show_code(res: dict) -> None:
         minutes = max(1, round((res["expires"] - time.time()) / 60))
         if as_json:
-            click.echo(json.dumps({"code": res["code"], "expires": res["expires"]}))
+            click.echo(json.dumps({"code": res["code"], "expires": res["expires"], "peer_id": own_id}))
         else:
-            click.echo(f"code: {res['code']}")
+            click.echo(f"code: {res['code']}   (this store is {own_id}: compare peer ids before accepting)")
             click.echo(f"On the partner's machine run:  bpfs pair {res['code']}   (valid {minutes} minutes, "
-                       "once; waiting...)", err=True)
+                       f"once; waiting...)\n{COMPARE_IDS}the partner must see this store as {own_id}.", err=True)
         sys.stdout.flush()
 
     def confirm(info: dict) -> bool:
-        click.echo(_describe_offer(info), err=True)
+        click.echo(_describe_offer(info, own_id), err=True)
         if yes:
             return True
-        return click.confirm("Pair with this partner?", default=False, err=True)
+        return click.confirm(f"Is {info['peer_id']} the peer id your partner sees in `bpfs id`, and do you pair "
+                             "with it?", default=False, err=True)
 
     def flow(call) -> dict:
         """The steps, whoever runs the service: `call(op, **args)` asks it and waits for the answer."""
@@ -105,6 +118,23 @@ def _pair_by_code(store, sock, code, offer, ask, words, yes, as_json, passphrase
         return await trio.to_thread.run_sync(flow, call)  # the prompt must not block the service
 
     return in_process(store, passphrase_file, run, brokers=brokers)
+
+
+def _direct_hint(store: str, sock: str | None, own_id: str) -> str:
+    """What the other side of `bpfs pair --accept` runs: with the addresses this store's daemon
+    listens on, a placeholder (and how to learn them) when none is known."""
+    from ..store import read_daemon_info
+
+    addresses = ((read_daemon_info(store) or {}).get("addresses") or []) if sock else []
+    if addresses:
+        more = (f"\n  (this store also listens on {', '.join(addresses[1:])}: give the partner the address it "
+                "can reach)") if len(addresses) > 1 else ""
+        return f"On the other side run:\n  bpfs pair --direct {addresses[0]} --expect {own_id}{more}"
+    why = ("This store's daemon does not listen for partners (--listen none): pair by code instead, or restart "
+           "it with --listen HOST:PORT; `bpfs id` then shows the addresses it listens on." if sock else
+           "No daemon runs for this store, so nothing listens yet: start one (bpfs mount or bpfs serve); "
+           "`bpfs id` then shows the addresses it listens on.")
+    return f"{why}\nOn the other side run, with one of those addresses:\n  bpfs pair --direct HOST:PORT --expect {own_id}"
 
 
 def _fmt_time(t) -> str:
@@ -152,8 +182,8 @@ def _describe_audit(res: dict) -> str:
 @click.option("--ask", default="10G", show_default=True, help="how much of ours we ask the partner to keep")
 @click.option("--broker", "brokers", multiple=True, metavar="HOST[:PORT]",
               help="broker(s) to pair through, tried in order (default: the store's; see bpfs.toml)")
-@click.option("--words", type=click.IntRange(2, 4), default=2, show_default=True,
-              help="words in a new code (each adds 8 bits against guessing)")
+@click.option("--words", type=click.IntRange(MIN_WORDS, MAX_WORDS), default=DEFAULT_WORDS, show_default=True,
+              help="words in a new code (each adds 8 bits against guessing; fewer than 3 are not offered)")
 @click.option("--yes", is_flag=True, help="accept the partner's identity and offer without asking")
 @json_option()
 @passphrase_option("when no daemon runs")
@@ -194,8 +224,7 @@ def pair(args, accept, direct, expect, offer, ask, brokers, words, yes, as_json,
             res = offline.invite(store, accept, offer_n, ask_n)
         emit(as_json, res, f"{accept} may now pair with this store (it asks: keep up to "
                            f"{format_size(offer_n)} of its data; we ask it to keep up to {format_size(ask_n)}).\n"
-                           f"On the other side run: bpfs pair STORE --direct THIS_HOST:PORT --expect "
-                           f"{offline.own_id(store)}")
+                           + _direct_hint(store, sock, offline.own_id(store)))
         return
 
     def confirm(peer: str) -> None:
@@ -239,12 +268,20 @@ def peers(store, as_json):
         click.echo(json.dumps(rows))
         return
     if not rows:
-        click.echo("no partners (pair with: bpfs pair --accept / --direct)")
+        click.echo("no partners. Pair by code: `bpfs pair` on one machine prints a code, `bpfs pair CODE` on the "
+                   "other uses it;\nor directly: `bpfs pair --accept PEER_ID` on one side, then "
+                   "`bpfs pair --direct HOST:PORT` on the other")
     for r in rows:
-        click.echo(f"{r['peer_id']}  {r['state']:<9} {r.get('trust', '-'):<9} {r['address'] or '(dials us)'}\n"
-                   f"    we keep {format_size(r['held_for_them'])} of {format_size(r['we_keep'])} for it; "
-                   f"it keeps {format_size(r['held_by_them'])} of {format_size(r['they_keep'])} for us; "
-                   f"last seen {_fmt_time(r['last_seen'])}")
+        where = r['address'] or ('(address sealed)' if r.get('sealed') else '(dials us)')
+        state = r['state'] + (" (via relay)" if r.get("path") == "via relay" else "")
+        click.echo(f"{r['peer_id']}  {state:<9} {r.get('trust', '-'):<9} {where}\n"
+                   + (f"    {r['reason']}\n" if r.get("reason") else "") +
+                   (f"    we keep {format_size(r['held_for_them'])} of {format_size(r['we_keep'])} for it; "
+                    f"it keeps {format_size(r['held_by_them'])} of {format_size(r['they_keep'])} for us; "
+                    if r['state'] != "ended" else
+                    f"    unpaired {_fmt_time(r.get('ended_at'))}: it still holds {format_size(r['held_by_them'])} "
+                    f"of ours and we {format_size(r['held_for_them'])} of its, deleted after the grace period; ")
+                   + f"last seen {_fmt_time(r['last_seen'])}")
 
 @cli.command()
 @click.argument("args", nargs=-1, metavar="[STORE] PEER_ID")
@@ -260,7 +297,9 @@ def unpair(args, passphrase_file, store_opt):
         res = in_process(store, passphrase_file, lambda service: service.op_unpair(peer))
     click.echo(f"Unpaired {peer}" + ("" if res["told"] else " (it was not reachable: it will be refused "
                                       "from now on)") + f"; data held for each other is deleted after "
-               f"{res['grace_days']:g} days.")
+               f"{res['grace_days']:g} days"
+               + (f" (it holds {format_size(res['held_by_them'])} of ours, we {format_size(res['held_for_them'])}"
+                  " of its)" if "held_by_them" in res else "") + ".")
 
 @cli.command()
 @store_argument()
@@ -290,7 +329,7 @@ def status(store, as_json):
                       if dur.get("local_files") else ""))
     for p in doc["partners"]:
         total = p["replicated_bytes"] + p["pending_bytes"]
-        frac = p["replicated_bytes"] / total if total else 1.0
+        frac = p.get("progress", p["replicated_bytes"] / total if total else 1.0)  # counts packs under way
         bar = "#" * int(frac * 30) + "-" * (30 - int(frac * 30))
         eta = f", about {p['eta']} s left" if p.get("eta") else ""
         path = f" ({p['path']})" if p.get("path") else ""
@@ -300,6 +339,7 @@ def status(store, as_json):
                    f"    {p['replicated_packs']} packs ({format_size(p['replicated_bytes'])}) replicated, "
                    f"{p['pending_packs']} ({format_size(p['pending_bytes'])}) pending, "
                    f"{format_size(p['rate'])}/s{eta}; root generation {p['root_generation']}"
+                   + (f"\n    {p['reason']}" if p.get("reason") else "")
                    + (f"\n    last error: {p['last_error']}" if p.get("last_error") else "")
                    + (f"\n    ALARM: {p['root_alarm']}" if p.get("root_alarm") else ""))
 

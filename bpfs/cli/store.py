@@ -9,8 +9,9 @@ import time
 import click
 
 from .. import keyfile
-from ..config import format_size
+from ..config import CONFIG_NAME, default_config_text, format_size
 from ..errors import BpfsError
+from ..fsutil import write_private_file
 from ..passphrase import read_passphrase
 from ..store import create_store, is_locked, key_path, read_daemon_info
 from .app import cli
@@ -25,10 +26,17 @@ from .options import daemon_socket, emit, json_option, passphrase_option, store_
 @json_option("print {peer_id, recovery_secret} as JSON")
 def init(store, passphrase_file, kdf, as_json):
     """Create a new store in STORE (an empty or missing folder)."""
+    create_new_store(store, passphrase_file, kdf, as_json)
+
+
+def create_new_store(store: str, passphrase_file: str | None, kdf: str, as_json: bool = False) -> keyfile.KeyRing:
+    """`bpfs init` (and `bpfs mount --init`): ask for a new passphrase once and confirm it, create
+    the store, print its peer id and recovery secret; return its keys."""
     if os.path.exists(key_path(store)):
         raise BpfsError(f"{store} already holds a bpfs store", exit_code=2)
     passphrase = read_passphrase(passphrase_file, confirm=True)
     keys = create_store(store, passphrase, kdf)
+    write_private_file(os.path.join(store, CONFIG_NAME), default_config_text().encode())
     doc = {"peer_id": keys.identity.peer_id, "recovery_secret": keys.recovery_secret, "store": store}
     emit(as_json, doc,
          f"Created store {store}\n"
@@ -36,6 +44,7 @@ def init(store, passphrase_file, kdf, as_json):
          f"Recovery secret: {doc['recovery_secret']}\n"
          "Write the recovery secret down and keep it away from this drive: with it and one partner\n"
          "you can rebuild everything. It is shown only now.")
+    return keys
 
 
 @cli.command()

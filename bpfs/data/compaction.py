@@ -19,6 +19,7 @@ from ..chunkmap import ChunkMap
 from ..errors import IntegrityError
 from ..index import ChunkRecord, Index
 from ..packs import PackFiles
+import trio.lowlevel
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ class Mover:
                     continue
                 for e in self.index.extents(ino):
                     self._promote.setdefault(e.chunk_id, lane)
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
             moves, nbytes = [], 0
             while self._promote and nbytes < batch_bytes:
                 cid, lane = self._promote.popitem()

@@ -123,7 +123,7 @@ class FileData:
         extents.punch(self.index, self.chunks, ino, 0, extents.END)
 
     # ----- reading -------------------------------------------------------------------------
-    async def read(self, ino: int, offset: int, size: int, file_size: int) -> bytes:
+    async def read(self, ino: int, offset: int, size: int, file_size: int) -> bytes | memoryview:
         return await self.reader.read(ino, offset, size, file_size)
 
     def read_small(self, ino: int, size: int) -> bytes:

@@ -11,6 +11,8 @@ replicable file now uses (dedup with an ignored file) is handed to `compaction.M
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import trio
 
 from ..chunker import Chunker
@@ -21,6 +23,17 @@ from ..packs import PackFiles
 from . import extents
 from .buffers import Buffer
 from .extents import ZERO_ID
+
+class Reservation(NamedTuple):
+    """Room reserved in a pack for one new chunk: its id, where it is in the data being written
+    (`pos`, `length`: plaintext), and where its sealed form goes (`pack_id`, `offset`)."""
+
+    chunk_id: bytes
+    pos: int
+    length: int
+    pack_id: int
+    offset: int
+
 
 INLINE_BYTES = 128 << 10  # less work than this runs on the event loop: a thread hop costs more
 
@@ -82,7 +95,7 @@ class Pipeline:
         self.index = index
         self.packs = packs
         self._keys = keys
-        self.chunker = Chunker(keys.chunker_seed)
+        self.chunker = Chunker(keys.chunker_key)
         self.chunks = chunks
         self.lanes = lanes
         self.mover = mover
@@ -107,7 +120,7 @@ class Pipeline:
                 await buf.write_lock.acquire()  # keep phase 2 in file order
             except BaseException:
                 for r in reservations:
-                    self.packs.finish(r[3])
+                    self.packs.finish(r.pack_id)
                 buf.put_back(item, view)  # nothing written yet: all back into the live run
                 raise
         try:
@@ -145,33 +158,33 @@ class Pipeline:
                 pack_id, offset = self.packs.reserve(self.index, sealed_chunk_size(length), lane)
                 placed[cid] = ChunkRecord(pack_id, offset, sealed_chunk_size(length), length, 0,
                                           born=self.index.generation)
-                reservations.append((cid, pos, length, pack_id, offset))
+                reservations.append(Reservation(cid, pos, length, pack_id, offset))
         return placed, reservations
 
     async def _write_and_record(self, ino, view, start, pieces, placed, reservations, lane=LANE_NORMAL) -> None:
         try:
             if reservations:
                 await _in_threads(self._seal_and_write,
-                                  [(view, part) for part in _split(reservations, lambda r: r[2])],
-                                  sum(r[2] for r in reservations))
+                                  [(view, part) for part in _split(reservations, lambda r: r.length)],
+                                  sum(r.length for r in reservations))
         finally:
             for r in reservations:
-                self.packs.finish(r[3])
+                self.packs.finish(r.pack_id)
         async with self.apply_lock:
             self._apply(ino, start, pieces, placed, lane)
 
     def _seal_and_write(self, source: memoryview, reservations) -> None:
         """Pad and seal chunks in place in one buffer per run of a pack, then write the run."""
-        runs: list[list] = []
+        runs: list[list[Reservation]] = []
         for r in reservations:
             prev = runs[-1][-1] if runs else None
-            if prev and prev[3] == r[3] and prev[4] + sealed_chunk_size(prev[2]) == r[4]:
+            if prev and prev.pack_id == r.pack_id and prev.offset + sealed_chunk_size(prev.length) == r.offset:
                 runs[-1].append(r)
             else:
                 runs.append([r])
         for run in runs:
-            pack_id, base = run[0][3], run[0][4]
-            out = bytearray(run[-1][4] + sealed_chunk_size(run[-1][2]) - base)
+            pack_id, base = run[0].pack_id, run[0].offset
+            out = bytearray(run[-1].offset + sealed_chunk_size(run[-1].length) - base)
             for cid, pos, length, _, offset in run:
                 at = offset - base
                 out[at + NONCE_SIZE:at + NONCE_SIZE + length] = source[pos:pos + length]

@@ -80,7 +80,7 @@ class Reader:
         self.nursery: trio.Nursery | None = None
         self._loading: dict[bytes, trio.Event] = {}
 
-    async def read(self, ino: int, offset: int, size: int, file_size: int) -> bytes:
+    async def read(self, ino: int, offset: int, size: int, file_size: int) -> bytes | memoryview:
         end = min(offset + size, file_size)
         if offset >= end:
             return b""

@@ -10,10 +10,12 @@ Modules, bottom up (each imports only modules listed before it; no circle):
   certificate and the channel binding. The only module that touches aioquic internals,
   each behind a named helper; `check_aioquic` verifies them at import.
 - `auth`:    mutual Ed25519 authentication bound to the connection (stream 0).
+- `retry`:   address validation with QUIC Retry: the tokens and the Retry packet.
 - `stream`:  one QUIC stream: bounded buffered reads, bounded writes, reset; `StreamHost`,
   the interface a stream needs from its connection.
 - `quic`:    `Endpoint` (one trio UDP socket; dials and listens), `Connection` (implements
-  `StreamHost`), `open_endpoint`, `TransportConfig`; every resource bounded. Re-exports
+  `StreamHost`), `open_endpoint`, `TransportConfig`; every resource bounded, and a handshake
+  flood answered with Retry and kept from crowding out peers that prove their address. Re-exports
   the errors, `RelayPath` and `Stream`.
 - `rpc`:     one request per stream; `Dispatcher` with per-peer rate limits.
 

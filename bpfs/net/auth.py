@@ -30,8 +30,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..identity import Identity, verify_signature
-from .errors import AuthenticationError, LimitExceeded, PeerRefused
+from ..identity import Identity, peer_id, verify_signature
+from .errors import AuthenticationError, LimitExceeded, PeerRefused, WrongPeer
 
 VERSION = 1
 DOMAIN = b"bpfs/net/auth/v1\x00"
@@ -77,7 +77,7 @@ class Ed25519Authenticator:
                 await stream.send(make_hello(self._identity, CLIENT, binding), end=True)
                 key = check_hello(await stream.receive_all(HELLO_SIZE), SERVER, binding)
                 if not accept(key):
-                    raise PeerRefused("the server is not the peer we dialled")
+                    raise WrongPeer(f"the server is {peer_id(key)}, not the peer we dialled", peer_id(key))
             else:
                 key = check_hello(await stream.receive_all(HELLO_SIZE), CLIENT, binding)
                 if not accept(key):

@@ -28,7 +28,7 @@ Declaring messages:
 
     PEER = Registry("peer", max_frame=8 << 20)
 
-    @PEER.message(0x20)
+    @message(PEER, 0x20)  # what PEER.message(0x20) does, in the form type checkers see through
     class GetBlob:
         blob_id: bytes = field(Bytes(32, min_len=32))
         offset: int = field(UInt(1 << 40))
@@ -41,7 +41,9 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from typing import Any
+from typing import Any, Callable, TypeVar, dataclass_transform, overload
+
+_T = TypeVar("_T")
 
 VERSION = 1
 HEADER = struct.Struct(">BBI")
@@ -108,6 +110,8 @@ class Kind:
 
 
 class UInt(Kind):
+    """An unsigned integer within `min`..`max` (at most 64 bits), sent in its shortest width."""
+
     def __init__(self, max: int = _UINTS[-1][1], min: int = 0):
         if not 0 <= min <= max <= _UINTS[-1][1]:
             raise ValueError("UInt bounds must satisfy 0 <= min <= max < 2**64")
@@ -137,6 +141,8 @@ class UInt(Kind):
 
 
 class Bool(Kind):
+    """True or false (a tag of its own, no payload)."""
+
     def check(self, value):
         if type(value) is not bool:
             raise ProtocolError(f"expected a bool, got {type(value).__name__}")
@@ -152,6 +158,8 @@ class Bool(Kind):
 
 
 class Bytes(Kind):
+    """A byte string of `min_len`..`max_len` bytes."""
+
     def __init__(self, max_len: int, min_len: int = 0):
         if not 0 <= min_len <= max_len <= HARD_MAX_FRAME:
             raise ValueError("Bytes bounds must satisfy 0 <= min_len <= max_len <= HARD_MAX_FRAME")
@@ -245,6 +253,8 @@ class List(Kind):
 
 
 class Optional(Kind):
+    """A value of `inner` kind, or None (sent as the `none` tag)."""
+
     def __init__(self, inner: Kind):
         if not isinstance(inner, Kind) or isinstance(inner, Optional):
             raise ValueError("Optional needs a non-Optional Kind")
@@ -292,7 +302,7 @@ class Record(Kind):
         return _get_fields(self.cls, r, depth + 1)
 
 
-def field(kind: Kind, **kwargs):
+def field(kind: Kind, **kwargs: Any) -> Any:
     """Declare a message field of the given wire `kind` (dataclass field)."""
     if not isinstance(kind, Kind):
         raise TypeError("field() needs a Kind")
@@ -314,6 +324,13 @@ def _get_fields(cls, r: _Reader, depth: int):
     return cls(**values)
 
 
+# `dataclass_transform` tells type checkers that these decorators make dataclasses (frozen, with
+# `field` declaring the fields), so they see each message's fields and its __init__.
+@overload
+def record(cls: type[_T]) -> type[_T]: ...
+@overload
+def record(cls: None = None) -> Callable[[type[_T]], type[_T]]: ...
+@dataclass_transform(frozen_default=True, field_specifiers=(field,))
 def record(cls=None):
     """Class decorator: a frozen dataclass whose fields all have wire kinds."""
 
@@ -343,11 +360,14 @@ class Registry:
         self.max_frame = max_frame
         self._types: dict[int, type] = {}
         if core:
-            for cls in (Ping, Pong, Error):
-                self._types[cls.TYPE] = cls
+            self._types.update(_CORE)
 
-    def message(self, type_id: int):
-        """Class decorator: declare a message type of this registry."""
+    @dataclass_transform(frozen_default=True, field_specifiers=(field,))
+    def message(self, type_id: int) -> Callable[[type[_T]], type[_T]]:
+        """Class decorator: declare a message type of this registry.
+
+        mypy does not honour `dataclass_transform` on a method (python/mypy#16527): declare messages
+        with the module-level `message(registry, type_id)`, which does the same and which it does."""
 
         def wrap(cls):
             if not 0x10 <= type_id <= 0xFF:
@@ -365,11 +385,12 @@ class Registry:
         return dict(self._types)
 
     def encode(self, msg) -> bytes:
-        if self._types.get(getattr(type(msg), "TYPE", None)) is not type(msg):
+        type_id = getattr(type(msg), "TYPE", None)
+        if type_id is None or self._types.get(type_id) is not type(msg):
             raise ProtocolError(f"{type(msg).__name__} is not a message of {self.name}")
         return encode(msg, self.max_frame)
 
-    def decode_header(self, header: bytes) -> tuple[int, int]:
+    def decode_header(self, header: bytes | bytearray | memoryview) -> tuple[int, int]:
         """(type, body length) from the first HEADER_SIZE bytes of a frame."""
         if len(header) != HEADER_SIZE:
             raise ProtocolError("truncated frame header")
@@ -398,6 +419,12 @@ class Registry:
         return msg
 
 
+@dataclass_transform(frozen_default=True, field_specifiers=(field,))
+def message(registry: Registry, type_id: int) -> Callable[[type[_T]], type[_T]]:
+    """Class decorator: declare a message type of `registry` (as `registry.message(type_id)` does)."""
+    return registry.message(type_id)
+
+
 def encode(msg, max_frame: int = HARD_MAX_FRAME) -> bytes:
     """The frame of `msg` (validated against its schema and `max_frame`)."""
     type_id = getattr(type(msg), "TYPE", None)
@@ -419,14 +446,15 @@ def decode(data, registry: "Registry | None" = None):
 
 # --------------------------------------------------------------------------- core messages
 
-_CORE: set = set()
+_CORE: dict[int, type] = {}  # type id -> core message class (in every registry)
 
 
-def _core(type_id: int):
+@dataclass_transform(frozen_default=True, field_specifiers=(field,))
+def _core(type_id: int) -> Callable[[type[_T]], type[_T]]:
     def wrap(cls):
         cls = record(cls)
         cls.TYPE = type_id
-        _CORE.add(cls)
+        _CORE[type_id] = cls
         return cls
 
     return wrap
@@ -434,11 +462,16 @@ def _core(type_id: int):
 
 @_core(0x01)
 class Ping:
+    """A liveness probe, in every registry: a store sends it to its broker as a keepalive; the reply
+    is `Pong` with the same nonce (or an `Error` where no handler serves it)."""
+
     nonce: int = field(UInt())
 
 
 @_core(0x02)
 class Pong:
+    """The reply to `Ping`: its nonce, echoed."""
+
     nonce: int = field(UInt())
 
 
@@ -452,6 +485,8 @@ class Error:
 
 
 class ErrorCode:
+    """The core `Error` codes `bpfs.net.rpc` replies with; protocols add their own from 16 up."""
+
     UNSUPPORTED = 1  # unknown message type, or no handler for it
     RATE_LIMITED = 2
     INTERNAL = 3

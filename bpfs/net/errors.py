@@ -17,12 +17,33 @@ class ConnectionClosed(TransportError):
         self.by_peer = by_peer
 
 
+class NoAnswer(ConnectionClosed):
+    """Nothing answered a connection we dialled: not a packet from `address` within `waited`
+    seconds (no listener, a host that is down or unreachable, a firewall). The words for the
+    user belong to the caller, which knows what it dialled (a store, a broker)."""
+
+    def __init__(self, address, waited: float):
+        super().__init__(0, f"no answer from {address} within {waited:.0f} s")
+        self.args = (self.reason,)
+        self.address = address
+        self.waited = waited
+
+
 class AuthenticationError(TransportError):
     """The peer failed authentication, or is not the peer we wanted."""
 
 
 class PeerRefused(AuthenticationError):
     """The peer proved its identity, but policy does not accept that identity."""
+
+
+class WrongPeer(PeerRefused):
+    """The peer we dialled proved an identity, but not the one we expected: `peer_id` is the one
+    it proved."""
+
+    def __init__(self, message: str, peer_id: str):
+        super().__init__(message)
+        self.peer_id = peer_id
 
 
 class StreamReset(TransportError):

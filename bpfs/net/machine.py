@@ -37,7 +37,8 @@ aioquic internals used (all here, all checked by `check_aioquic`)
 Everything else (`quic` and `stream`) uses aioquic's public API only: `connect`,
 `receive_datagram`, `datagrams_to_send`, `next_event`, `get_timer`, `handle_timer`,
 `close`, `host_cid`, `get_next_available_stream_id`, `send_stream_data`, `reset_stream`,
-`stop_stream`, the events, and `pull_quic_header` for routing.
+`stop_stream`, the events, `pull_quic_header` for routing, and `encode_quic_retry` with the
+constructor's `retry_source_connection_id` for address validation (`retry`).
 
 Channel binding (`export_binding`)
 ----------------------------------
@@ -133,7 +134,8 @@ def check_aioquic() -> None:
     def unsupported(what: str) -> ImportError:
         return ImportError(f"bpfs.net: unsupported aioquic (no {what})")
 
-    for attr in ("_write_connection_limits", "_write_stream_limits", "get_timer", "handle_timer"):
+    for attr in ("_write_connection_limits", "_write_stream_limits", "_handle_connection_close_frame", "get_timer",
+                 "handle_timer"):
         if not callable(getattr(QuicConnection, attr, None)):
             raise unsupported(f"QuicConnection.{attr}")
     probe = QuicConnection(configuration=QuicConfiguration(is_client=True))
@@ -267,11 +269,14 @@ class BpfsQuic(QuicConnection):
 
     Attributes:
         credit: the owning connection's `Credit`; MAX_DATA / MAX_STREAM_DATA follow it.
+        peer_closed: the peer sent CONNECTION_CLOSE (aioquic's own ends, such as its idle
+                     timeout, leave it False).
     """
 
     def __init__(self, credit: Credit, *, max_streams: int, **kwargs):
         super().__init__(**kwargs)
         self.credit = credit
+        self.peer_closed = False  # the peer sent CONNECTION_CLOSE (else aioquic ended it here: idle timeout)
         _limit_peer_streams(self, bidi=max_streams, uni=0)
         _install_pacer(self)
 
@@ -305,6 +310,10 @@ class BpfsQuic(QuicConnection):
 
     # ---- overridden aioquic hooks
 
+    def _handle_connection_close_frame(self, context, frame_type, buf) -> None:
+        self.peer_closed = True
+        super()._handle_connection_close_frame(context, frame_type, buf)
+
     def _write_connection_limits(self, builder, space) -> None:
         credit = self.credit
         limit = self._local_max_data
@@ -334,11 +343,14 @@ class BpfsQuic(QuicConnection):
 
 
 def make_quic(credit: Credit, *, is_client: bool, odcid: bytes | None, idle_timeout: float,
-              max_datagram_size: int, congestion_control: str, max_streams: int) -> BpfsQuic:
+              max_datagram_size: int, congestion_control: str, max_streams: int,
+              retry_scid: bytes | None = None) -> BpfsQuic:
     """A QUIC machine granting receive credit from `credit` (its current windows are the
     initial ones: the pre-authentication windows), letting the peer open `max_streams`
     bidirectional streams, with our ALPN, connection id length and, on the server side,
-    the process certificate."""
+    the process certificate. A server connection whose client answered a Retry gets the id
+    that Retry gave (`retry_scid`) and the client's first destination id (`odcid`, from the
+    token): the handshake's transport parameters must repeat both (RFC 9000 section 7.3)."""
     qcfg = QuicConfiguration(
         is_client=is_client,
         alpn_protocols=[ALPN],
@@ -352,4 +364,6 @@ def make_quic(credit: Credit, *, is_client: bool, odcid: bytes | None, idle_time
     )
     if not is_client:
         qcfg.certificate, qcfg.private_key = process_certificate()
-    return BpfsQuic(credit, max_streams=max_streams, configuration=qcfg, original_destination_connection_id=odcid)
+    extra = {} if is_client else {"original_destination_connection_id": odcid,
+                                  "retry_source_connection_id": retry_scid}
+    return BpfsQuic(credit, max_streams=max_streams, configuration=qcfg, **extra)

@@ -13,8 +13,8 @@ Objects
 `Endpoint`   one UDP socket in one trio event loop. It dials (`connect`) and, when
              listening, accepts (`accept`, `async for conn in endpoint`). Datagrams are
              routed by destination connection id; unknown ids are dropped unless they
-             are a well-formed client Initial and the endpoint has room. Garbage is
-             dropped and counted (`dropped_datagrams`), never raised.
+             are a well-formed client Initial and the endpoint admits it (below).
+             Garbage is dropped and counted (`dropped_datagrams`), never raised.
 `Connection` one authenticated QUIC connection: `open_stream()`, incoming streams via
              `accept_stream()` / `async for stream in conn`, `close()` / `aclose()`,
              `wait_closed()`, `peer_id`, `peer_public_key`, `channel_binding`.
@@ -32,14 +32,32 @@ buffer is full).
 Bounds (`TransportConfig`)
 --------------------------
 - connections per endpoint (`max_connections`), of which unauthenticated server-side
-  ones (`max_pending`, and `max_pending_per_host` from one IP address); a deadline for
-  the handshake + authentication (`handshake_timeout`); `idle_timeout`.
+  ones (`max_pending`, and `max_pending_per_host` from one host: an IPv4 address, an IPv6
+  /64, a relay); a deadline for the handshake + authentication (`handshake_timeout`);
+  `idle_timeout`.
 - concurrent peer-opened streams per connection (`max_streams`; no unidirectional ones).
 - bytes buffered per stream (`max_stream_data`) and per connection (`max_data`): credit
   follows what the application consumed, so a slow reader throttles the sender (see
   `machine.Credit`, one per connection). Until the peer is authenticated both windows
   are `preauth_window`.
 - bytes queued for sending per stream (`send_buffer`): `Stream.send` waits.
+
+Admission of a new incoming connection (a handshake flood must not keep peers out)
+-------------------------------------------------------------------------------------
+A client Initial is answered with a QUIC Retry (`retry`) instead of a connection whenever
+`retry_threshold` connections are pending, or its host has `max_pending_per_host` pending, or
+the endpoint is full: only a client that receives packets at its source address comes back,
+with a token. Initials from spoofed or throwaway addresses then cost one small Retry each and
+no state. A connection has *proved its address* when it came back with a valid token or
+completed the QUIC handshake. When the endpoint is full, a connection that proved its address
+makes room by evicting a pending one (which is closed and forgotten at once), in this order:
+the oldest that did not prove its address (from its own host first when that host is at its
+limit); else, for a client at a host `known_host` names (a partner's), the oldest of the host
+with the most pending that is not known; else the oldest of the host with the most pending,
+if that host has at least two more pending than the newcomer's. So to keep a peer out, a flood
+must complete handshakes from at least as many distinct hosts as `max_pending` (and from
+hosts other than known partners' to keep those out). Retry proves an address, not an
+identity: authentication below still decides who the peer is.
 
 Authentication (see `auth` and `machine.export_binding`): the client opens stream 0 and
 both sides exchange Ed25519-signed hellos bound to this connection's TLS handshake; only
@@ -64,19 +82,20 @@ from aioquic.quic.packet import QuicPacketType, QuicProtocolVersion, pull_quic_h
 from aioquic.quic.rangeset import RangeSet
 
 from . import machine
-from .errors import (AuthenticationError, Code, ConnectionClosed, LimitExceeded, PeerRefused, StreamClosed,
-                     StreamReset, TransportError)
+from .errors import (AuthenticationError, Code, ConnectionClosed, LimitExceeded, NoAnswer, PeerRefused, StreamClosed,
+                     StreamReset, TransportError, WrongPeer)
 from .machine import CID_LENGTH
 from .relay import RELAY_OVERHEAD, RelayPath, is_quic, parse_relay_frame, relay_frame
+from .retry import RetryTokens, retry_packet
 from .stream import Stream, StreamHost
 
 __all__ = [
-    "AuthenticationError", "Code", "Connection", "ConnectionClosed", "Endpoint", "LimitExceeded",
+    "AuthenticationError", "Code", "Connection", "ConnectionClosed", "Endpoint", "LimitExceeded", "NoAnswer",
     "PeerRefused", "RelayPath", "Stream", "StreamClosed", "StreamHost", "StreamReset", "TransportConfig",
-    "TransportError", "open_endpoint",
+    "TransportError", "WrongPeer", "open_endpoint",
 ]
 
-log = logging.getLogger("bpfs.net")
+log = logging.getLogger(__name__)
 
 _MIN_INITIAL_SIZE = 1200  # RFC 9000 section 14.1: client Initial datagrams are padded to this
 _RECV_BATCH = 64  # datagrams read per wake-up before processing
@@ -101,7 +120,11 @@ class TransportConfig:
         send_buffer:          unsent bytes queued per stream before `Stream.send` waits.
         max_connections:      connections per endpoint, in any state.
         max_pending:          accepted but not yet authenticated connections per endpoint.
-        max_pending_per_host: of those, from one IP address (a relay counts as its host).
+        max_pending_per_host: of those, from one host (an IPv4 address, an IPv6 /64; a
+                              relay counts as its host).
+        retry_threshold:      pending connections from which a new client must first prove
+                              its address with a QUIC Retry (0: always; None: max_pending // 4,
+                              at least 1). See the module docstring.
         max_streams:          concurrent streams the peer may open per connection.
         socket_buffer:        SO_RCVBUF / SO_SNDBUF of the endpoint's socket.
         congestion_control:   "reno" or "cubic".
@@ -116,7 +139,8 @@ class TransportConfig:
     send_buffer: int = 4 << 20  # unsent bytes queued per stream before send() waits
     max_connections: int = 64  # per endpoint, any state
     max_pending: int = 16  # per endpoint, accepted but not yet authenticated
-    max_pending_per_host: int = 4  # of those, from one IP address
+    max_pending_per_host: int = 4  # of those, from one host (IPv4 address, IPv6 /64)
+    retry_threshold: int | None = None  # pending connections from which Initials get a Retry first
     max_streams: int = 64  # concurrent streams the peer may open per connection
     socket_buffer: int = 4 << 20  # SO_RCVBUF / SO_SNDBUF
     congestion_control: str = "reno"  # "reno" or "cubic"
@@ -132,6 +156,13 @@ class TransportConfig:
         for name in ("max_connections", "max_pending", "max_pending_per_host", "max_streams", "send_buffer"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.retry_threshold is not None and not 0 <= self.retry_threshold <= self.max_pending:
+            raise ValueError("retry_threshold must be within 0..max_pending")
+
+    @property
+    def retry_from(self) -> int:
+        """`retry_threshold`, or its default (a quarter of `max_pending`, at least 1)."""
+        return max(1, self.max_pending // 4) if self.retry_threshold is None else self.retry_threshold
 
 
 # --------------------------------------------------------------------------- connection
@@ -143,8 +174,8 @@ class Connection:
     Attributes:
         is_client:       True if we dialled.
         remote_address:  the peer's (host, port), or a `RelayPath` if relayed.
-        peer_id:         the authenticated peer's id (None until authenticated).
-        peer_public_key: its Ed25519 public key (32 bytes; None until authenticated).
+        peer_id:         (property) the authenticated peer's id (an error until authenticated).
+        peer_public_key: (property) its Ed25519 public key (32 bytes; an error until authenticated).
         channel_binding: 32 bytes bound to this connection's TLS handshake (see
                          `machine.export_binding`); None before the handshake completes.
         closed:          (property) closed or closing.
@@ -157,7 +188,7 @@ class Connection:
     """
 
     def __init__(self, endpoint: "Endpoint", *, is_client: bool, address, odcid: bytes | None = None,
-                 accept: Callable[[bytes], bool] | None = None):
+                 retry_scid: bytes | None = None, accept: Callable[[bytes], bool] | None = None):
         self._ep = endpoint
         self._cfg = cfg = endpoint._cfg
         self.is_client = is_client
@@ -177,22 +208,43 @@ class Connection:
         self._terminated = False
         self._authenticated = False
         self._close_info: ConnectionClosed | None = None
+        self._heard = False  # a datagram came in for this connection
+        self._started = trio.current_time()
+        self._refused: PeerRefused | None = None  # why authentication refused the peer
         self._timer_wake = trio.Event()
         self._armed = math.inf
         self._cids: set[bytes] = set()
         self._counted_pending = False  # counts towards the endpoint's max_pending
+        self._host = _host_key(address)  # what per-host bounds count by
+        self._validated = retry_scid is not None  # the peer proved its address (Retry or handshake)
+        self._known = False  # at a host the endpoint's known_host() names (server side)
         self.channel_binding: bytes | None = None
-        self.peer_public_key: bytes | None = None
-        self.peer_id: str | None = None
+        self._peer_public_key: bytes | None = None  # see `peer_public_key`
+        self._peer_id: str | None = None  # see `peer_id`
         # A relayed datagram carries the relay frame's header too: keep it within the same size.
         size = cfg.max_datagram_size - (RELAY_OVERHEAD if isinstance(address, RelayPath) else 0)
-        self._quic = machine.make_quic(self._credit, is_client=is_client, odcid=odcid, idle_timeout=cfg.idle_timeout,
+        self._quic = machine.make_quic(self._credit, is_client=is_client, odcid=odcid, retry_scid=retry_scid,
+                                       idle_timeout=cfg.idle_timeout,
                                        max_datagram_size=size, congestion_control=cfg.congestion_control,
                                        max_streams=cfg.max_streams)
 
     def __repr__(self) -> str:
-        who = self.peer_id or "unauthenticated"
+        who = self._peer_id or "unauthenticated"
         return f"<Connection {'to' if self.is_client else 'from'} {self.remote_address} {who}>"
+
+    @property
+    def peer_id(self) -> str:
+        """The authenticated peer's id: every connection `connect` returns or `accept` yields has one."""
+        if self._peer_id is None:
+            raise RuntimeError(f"{self!r} is not authenticated yet: no peer id")
+        return self._peer_id
+
+    @property
+    def peer_public_key(self) -> bytes:
+        """The authenticated peer's Ed25519 public key (as `peer_id`)."""
+        if self._peer_public_key is None:
+            raise RuntimeError(f"{self!r} is not authenticated yet: no peer key")
+        return self._peer_public_key
 
     @property
     def _consumed(self) -> int:
@@ -252,7 +304,7 @@ class Connection:
 
     async def wait_closed(self) -> ConnectionClosed:
         await self._terminated_event.wait()
-        return self._close_info
+        return self._close_info or ConnectionClosed(reason="terminated")  # (set by then: as `_wake_all`)
 
     # ---- stream.StreamHost (what our streams use)
 
@@ -344,41 +396,61 @@ class Connection:
 
     def _handle_events(self) -> None:
         quic = self._quic
-        while (ev := quic.next_event()) is not None:
-            kind = type(ev)
-            if kind is events.StreamDataReceived:
+        while (ev := quic.next_event()) is not None:  # (`type(ev) is` each time: mypy narrows that)
+            if type(ev) is events.StreamDataReceived:
                 self._on_stream_data(ev)
-            elif kind is events.StreamReset:
+            elif type(ev) is events.StreamReset:
                 stream = self._streams.get(ev.stream_id)
                 if stream is not None:
                     stream.on_reset(ev.error_code)
-            elif kind is events.StopSendingReceived:
+            elif type(ev) is events.StopSendingReceived:
                 stream = self._streams.get(ev.stream_id)
                 if stream is not None:
                     stream.on_stop_sending(ev.error_code)
                     self.release_stream(stream)
-            elif kind is events.HandshakeCompleted:
+            elif type(ev) is events.HandshakeCompleted:
+                self._validated = True  # the peer received our handshake packets: its address is real
                 try:
                     self.channel_binding = machine.export_binding(quic)
                 except AuthenticationError as exc:
                     self.close(Code.AUTH_FAILED, str(exc))
                 self._handshake_done.set()
-            elif kind is events.ConnectionIdIssued:
+            elif type(ev) is events.ConnectionIdIssued:
                 self._ep._register(ev.connection_id, self)
-            elif kind is events.ConnectionIdRetired:
+            elif type(ev) is events.ConnectionIdRetired:
                 self._ep._unregister(ev.connection_id, self)
-            elif kind is events.ConnectionTerminated:
+            elif type(ev) is events.ConnectionTerminated:
                 self._on_terminated(ev)
 
     def _on_terminated(self, ev: events.ConnectionTerminated) -> None:
         if self._terminated:
             return
-        self._terminated = True
         if self._close_info is None:
-            self._close_info = ConnectionClosed(ev.error_code, ev.reason_phrase, by_peer=True)
+            by_peer = self._quic.peer_closed  # else aioquic ended it here (idle timeout)
+            if self.is_client and not by_peer and not self._heard:
+                self._close_info = NoAnswer(_show(self.remote_address), trio.current_time() - self._started)
+            else:
+                reason = ev.reason_phrase
+                if not by_peer and reason == "Idle timeout":
+                    reason = f"nothing heard from the peer for {self._cfg.idle_timeout:.0f} s (idle timeout)"
+                self._close_info = ConnectionClosed(ev.error_code, reason, by_peer=by_peer)
+        self._tear_down()
+
+    def _tear_down(self) -> None:
+        self._terminated = True
         self._ep._forget(self)
         self._wake_all()
         self._terminated_event.set()
+
+    def _evict(self, reason: str) -> None:
+        """An unauthenticated server-side connection makes room for another (see the module
+        docstring): CONNECTION_CLOSE goes out, and the state is dropped now, not after draining."""
+        if self._terminated:
+            return
+        self.close(Code.REFUSED, reason)
+        if self._counted_pending:
+            self._ep._pending_done(self)
+        self._tear_down()
 
     def _wake_all(self) -> None:
         exc = self._close_info or ConnectionClosed(reason="terminated")
@@ -421,8 +493,8 @@ class Connection:
     def _on_authenticated(self, key: bytes) -> None:
         from ..identity import peer_id
 
-        self.peer_public_key = key
-        self.peer_id = peer_id(key)
+        self._peer_public_key = key
+        self._peer_id = peer_id(key)
         self._authenticated = True
         self._credit.widen(self._cfg.max_data, self._cfg.max_stream_data)
         for stream in self._early:  # server streams that overtook the server's hello
@@ -452,6 +524,7 @@ class Connection:
                 else:
                     await self._auth_stream_ready.wait()
                     self.check_open()
+                    assert self._auth_stream is not None  # set with _auth_stream_ready
                     stream = self._auth_stream
                 key = await ep._authenticator.authenticate(self, stream, accept=self._accept or (lambda key: True))
                 # From here to _on_authenticated() nothing may await: the peer may use
@@ -462,8 +535,11 @@ class Connection:
                 if not stream.closed:
                     stream.reset()
         except trio.TooSlowError:
+            if self.is_client and not self._heard and self._close_info is None:
+                self._close_info = NoAnswer(_show(self.remote_address), trio.current_time() - self._started)
             self.close(Code.TIMEOUT, "handshake or authentication timed out")
         except PeerRefused as exc:
+            self._refused = exc
             self.close(Code.REFUSED, "peer refused")
             log.info("%r: %s", self, exc)
         except AuthenticationError as exc:
@@ -491,12 +567,15 @@ class Endpoint:
         local_address:     the socket's (host, port).
         socket_buffers:    (SO_RCVBUF, SO_SNDBUF) as the kernel granted them.
         dropped_datagrams: datagrams dropped as garbage, unroutable or unwanted.
+        retries_sent:      client Initials answered with a Retry (see the module docstring).
+        evicted:           pending connections evicted to make room for one that proved its address.
         connections:       (property) the live connections, in any state.
     """
 
     def __init__(self, sock: socket.socket, authenticator, config: TransportConfig, nursery: trio.Nursery, *,
                  listen: bool, accept_peer: Callable[[str], bool] | None,
-                 on_datagram: Callable[[bytes, tuple], None] | None = None):
+                 on_datagram: Callable[[bytes, tuple], None] | None = None,
+                 known_host: Callable[[str], bool] | None = None):
         self._sock = sock
         self._authenticator = authenticator
         self._cfg = config
@@ -505,8 +584,12 @@ class Endpoint:
         self._accept_peer = accept_peer
         self._by_cid: dict[bytes, Connection] = {}
         self._connections: set[Connection] = set()
-        self._pending = 0
+        self._pending: dict[Connection, None] = {}  # unauthenticated server-side ones, oldest first
         self._pending_by_host: dict[str, int] = {}
+        self._known_host = known_host
+        self._retry = RetryTokens()
+        self.retries_sent = 0
+        self.evicted = 0
         self._incoming_send, self._incoming_recv = trio.open_memory_channel(config.max_pending)
         self._backlog: collections.deque = collections.deque()
         self._backlog_wake = trio.Event()
@@ -546,7 +629,11 @@ class Endpoint:
         await conn._established.wait()
         if not conn._authenticated:
             info = conn._close_info
-            if info is not None and info.error_code in (Code.AUTH_FAILED, Code.REFUSED):
+            if isinstance(conn._refused, WrongPeer):
+                raise WrongPeer(f"could not authenticate {_show(address)}: it is {conn._refused.peer_id}, not the peer "
+                                f"we dialled", conn._refused.peer_id)
+            if info is not None and not isinstance(info, NoAnswer) and info.error_code in (Code.AUTH_FAILED,
+                                                                                           Code.REFUSED):
                 raise AuthenticationError(f"could not authenticate {address}: {info.reason}")
             raise info or ConnectionClosed(reason="connection failed")
         return conn
@@ -675,6 +762,7 @@ class Endpoint:
         return self._deliver(conn, data, addr)
 
     def _deliver(self, conn: Connection, data: bytes, addr) -> Connection | None:
+        conn._heard = True
         try:
             conn._quic.receive_datagram(data, addr, now=trio.current_time())
         except Exception:  # aioquic drops bad packets itself; this is a last resort
@@ -688,11 +776,28 @@ class Endpoint:
             or header.packet_type != QuicPacketType.INITIAL
             or header.version not in (QuicProtocolVersion.VERSION_1, QuicProtocolVersion.VERSION_2)
             or len(data) < _MIN_INITIAL_SIZE
-            or len(header.destination_cid) < 8
-            or len(self._connections) >= self._cfg.max_connections
-            or self._pending >= self._cfg.max_pending
-            or self._pending_by_host.get(addr[0], 0) >= self._cfg.max_pending_per_host
+            or not 8 <= len(header.destination_cid) <= 20
         ):
+            return None
+        cfg = self._cfg
+        host = _host_key(addr)
+        now = trio.current_time()
+        if header.token:
+            # the client answers our Retry: the token must be ours, for this address and this id
+            odcid = self._retry.check(header.token, addr, header.destination_cid, now)
+            if odcid is None:
+                return None
+            retry_scid = header.destination_cid
+        else:
+            if (len(self._pending) >= cfg.retry_from or len(self._pending) >= cfg.max_pending
+                    or self._pending_by_host.get(host, 0) >= cfg.max_pending_per_host
+                    or len(self._connections) >= cfg.max_connections):
+                self._sendto(retry_packet(self._retry, header, addr, now), addr)
+                self.retries_sent += 1
+                return None
+            odcid, retry_scid = header.destination_cid, None
+        known = retry_scid is not None and self._known_host is not None and bool(self._known_host(str(addr[0])))
+        if not self._make_room(host, validated=retry_scid is not None, known=known):
             return None
         accept = None
         if self._accept_peer is not None:
@@ -700,10 +805,11 @@ class Endpoint:
 
             policy = self._accept_peer
             accept = lambda key: bool(policy(peer_id(key)))  # noqa: E731
-        conn = Connection(self, is_client=False, address=addr, odcid=header.destination_cid, accept=accept)
+        conn = Connection(self, is_client=False, address=addr, odcid=odcid, retry_scid=retry_scid, accept=accept)
+        conn._known = known
         self._connections.add(conn)
-        self._pending += 1
-        self._pending_by_host[addr[0]] = self._pending_by_host.get(addr[0], 0) + 1
+        self._pending[conn] = None
+        self._pending_by_host[host] = self._pending_by_host.get(host, 0) + 1
         conn._counted_pending = True
         self._register(header.destination_cid, conn)
         self._register(conn._quic.host_cid, conn)
@@ -711,10 +817,46 @@ class Endpoint:
         self._nursery.start_soon(conn._establish)
         return conn
 
+    def _make_room(self, host: str, *, validated: bool, known: bool) -> bool:
+        """Whether a new pending connection from `host` fits, evicting others for it if it
+        proved its address (the order is in the module docstring)."""
+        cfg = self._cfg
+        for _ in range(3):  # each round frees one pending slot, one connection and (maybe) one of the host's
+            mine = self._pending_by_host.get(host, 0)
+            if mine >= cfg.max_pending_per_host:
+                victim = self._oldest(lambda c: c._host == host and not c._validated) if validated else None
+            elif len(self._pending) >= cfg.max_pending or len(self._connections) >= cfg.max_connections:
+                victim = self._victim(host, mine, known) if validated else None
+            else:
+                return True
+            if victim is None:
+                return False
+            self.evicted += 1
+            victim._evict("too many handshakes pending")
+        return False
+
+    def _oldest(self, pred) -> Connection | None:
+        return next((c for c in self._pending if pred(c)), None)
+
+    def _victim(self, host: str, mine: int, known: bool) -> Connection | None:
+        victim = self._oldest(lambda c: not c._validated)
+        if victim is not None:
+            return victim
+        counts: dict[str, int] = {}
+        for c in self._pending:
+            if c._host != host and not c._known:
+                counts[c._host] = counts.get(c._host, 0) + 1
+        if not counts:
+            return None
+        top = max(counts, key=counts.__getitem__)
+        if known or counts[top] >= mine + 2:
+            return self._oldest(lambda c: c._host == top and not c._known)
+        return None
+
     def _pending_done(self, conn: Connection) -> None:
         conn._counted_pending = False
-        self._pending -= 1
-        host = conn.remote_address[0]
+        self._pending.pop(conn, None)
+        host = conn._host
         left = self._pending_by_host.get(host, 1) - 1
         if left > 0:
             self._pending_by_host[host] = left
@@ -735,6 +877,28 @@ class Endpoint:
         for cid in list(conn._cids):
             self._unregister(cid, conn)
         self._connections.discard(conn)
+
+
+def _show(addr) -> str:
+    """An address as people write it: 192.0.2.7:7450, [2001:db8::1]:7450, or a relay path."""
+    if isinstance(addr, RelayPath):
+        return str(addr)
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def _host_key(addr) -> str:
+    """What per-host bounds count by: the IPv4 address, the IPv6 /64 (one subscriber's prefix:
+    an IPv6 host has as many addresses as it likes within it), or a relay's host."""
+    try:
+        ip = ipaddress.ip_address(str(addr[0]).split("%", 1)[0])
+    except ValueError:
+        return str(addr[0])
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+    return str(ip)
 
 
 def _make_socket(host: str, port: int, buffer_size: int) -> socket.socket:
@@ -763,13 +927,16 @@ def _make_socket(host: str, port: int, buffer_size: int) -> socket.socket:
 async def open_endpoint(authenticator, host: str = "127.0.0.1", port: int = 0, *,
                         config: TransportConfig | None = None, listen: bool = True,
                         accept_peer: Callable[[str], bool] | None = None,
-                        on_datagram: Callable[[bytes, tuple], None] | None = None):
+                        on_datagram: Callable[[bytes, tuple], None] | None = None,
+                        known_host: Callable[[str], bool] | None = None):
     """An `Endpoint` on a new UDP socket, running until the block exits (then every
     connection is closed). `authenticator` is an `Identity` (Ed25519 authentication,
     see `auth`) or an object with `authenticate(conn, stream, accept)`.
     `accept_peer(peer_id) -> bool` filters incoming connections. `on_datagram(data, addr)` gets
     the datagrams that are not QUIC (first byte without the fixed bit) and not a relay frame of a
-    session this endpoint accepts (`add_relay_session`); without it they are dropped."""
+    session this endpoint accepts (`add_relay_session`); without it they are dropped.
+    `known_host(ip) -> bool` names the hosts of known peers (partners): their clients, once they
+    proved their address, may evict any other pending connection (see the module docstring)."""
     from .auth import Ed25519Authenticator
 
     if not hasattr(authenticator, "authenticate"):
@@ -779,7 +946,7 @@ async def open_endpoint(authenticator, host: str = "127.0.0.1", port: int = 0, *
     try:
         async with trio.open_nursery() as nursery:
             ep = Endpoint(sock, authenticator, config, nursery, listen=listen, accept_peer=accept_peer,
-                          on_datagram=on_datagram)
+                          on_datagram=on_datagram, known_host=known_host)
             nursery.start_soon(ep._receive_loop)
             nursery.start_soon(ep._send_loop)
             try:

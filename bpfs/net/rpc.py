@@ -31,7 +31,7 @@ import trio
 from .codec import CORE, HEADER_SIZE, Error, ErrorCode, ProtocolError, Registry, UnknownMessage
 from .quic import Code, Connection, LimitExceeded, TransportError
 
-log = logging.getLogger("bpfs.net.rpc")
+log = logging.getLogger(__name__)
 
 
 class RemoteError(TransportError):
@@ -119,7 +119,8 @@ class Dispatcher:
 
     def handler(self, cls: type):
         def wrap(fn: Handler) -> Handler:
-            if self.registry.types().get(getattr(cls, "TYPE", None)) is not cls:
+            type_id = getattr(cls, "TYPE", None)
+            if type_id is None or self.registry.types().get(type_id) is not cls:
                 raise ValueError(f"{cls.__name__} is not a message of {self.registry.name}")
             self._handlers[cls] = fn
             return fn

@@ -157,6 +157,7 @@ class Stream:
         """The connection transmitted: wake the writer waiting in `send` if there is room
         now (or nothing more may be sent). Only called while it waits (`send_waiters`)."""
         if self._send_room() or self._send_done or self._send_error:
+            assert self._send_wake is not None  # `send` set it before joining send_waiters
             self._send_wake.set()
 
     # ---- receiving
@@ -209,7 +210,8 @@ class Stream:
     async def receive_all(self, limit: int) -> bytes:
         """Everything up to the end of the stream; `LimitExceeded` (and the stream is
         stopped) as soon as more than `limit` bytes arrive."""
-        parts, total = [], 0
+        parts: list[bytes] = []
+        total = 0
         while True:
             data = await self.receive_some(1 << 20)
             if not data:
@@ -247,7 +249,9 @@ class Stream:
             n = min(total - pos, step)
             last = pos + n >= total
             try:
-                self._quic.send_stream_data(self.stream_id, view[pos:pos + n], end_stream=end and last)
+                # aioquic annotates `data` as bytes but takes any buffer (it appends it to a bytearray)
+                self._quic.send_stream_data(self.stream_id, view[pos:pos + n],  # type: ignore[arg-type]
+                                            end_stream=end and last)
             except (RuntimeError, ValueError) as exc:  # reset by STOP_SENDING meanwhile
                 raise self._send_error or StreamClosed(str(exc)) from None
             self._written += n

@@ -41,7 +41,8 @@ def socket_path(store_dir: str) -> str:
 
 
 class ControlError(BpfsError):
-    pass
+    """A control request that failed (the daemon unreachable or refusing it, a malformed request):
+    one line and an exit code, for the CLI."""
 
 
 async def serve(operations: Mapping[str, Callable], path: str, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -44,7 +44,7 @@ from ..packtree import root_of_file
 from . import protocol as P
 from .sources import Source, SourceDown, SourceGone
 
-log = logging.getLogger("bpfs.peering.fetcher")
+log = logging.getLogger(__name__)
 
 PER_PARTNER = 4  # packs fetched at once from one partner
 BUSY_PAUSE = 1.0  # after a partner said it is busy (rate limited), before asking it again
@@ -164,6 +164,7 @@ class Fetcher:
                 pass
             holders = []
             for s in self.sources:
+                assert s.packs is not None  # self.sources are the listed ones (__init__)
                 held = s.packs.get(pid)
                 if held is None:
                     continue
@@ -387,6 +388,7 @@ class Fetcher:
         file, from the start), check it, and put it in place. `progress` hears of every byte
         written, and of every byte thrown away again (negative), so it counts what is kept."""
         job = self.jobs[pid]
+        assert s.packs is not None  # self.sources are the listed ones (__init__)
         size = job.size if job.size is not None else s.packs[pid][0]
         path = self.path_of(pid)
         part = path + (".part" if not second else f".part-{s.peer_id[:6]}")

@@ -39,7 +39,7 @@ from ..snapshot import SignedRoot, SnapshotError, verify_root
 from . import protocol as P
 from .ledger import ENDED, HostedRecord, Invite, Ledger, Partner
 
-log = logging.getLogger("bpfs.peering.holder")
+log = logging.getLogger(__name__)
 
 _DISK_RESERVE = 256 << 20  # never fill the holder's disk past this
 SWEEP_INTERVAL = 3600.0
@@ -49,6 +49,9 @@ AUDIT_BURST = 8192  # ... and saved up at most (a `bpfs challenge` of 2,048 pack
 
 
 class Holder:
+    """Serves partners' requests (`dispatcher`, for the partner protocol) and keeps what they send under
+    STORE/hosted within the quotas in the ledger; `run_sweeper` deletes what the grace period allows."""
+
     def __init__(self, store_dir: str, identity: Identity, ledger: Ledger, config: Config, *,
                  listen_port: Callable[[], int], on_paired: Callable[[Partner, object], None],
                  on_unpaired: Callable[[Partner], None], on_beacon: Callable[[], None] = lambda: None,
@@ -84,7 +87,7 @@ class Holder:
 
     def _admit_frame(self, conn, type_id: int, length: int) -> str | None:
         """Strangers may only ask to pair (a small frame); nothing else of theirs is read."""
-        if type_id == P.PairRequest.TYPE:
+        if type_id == P.PairRequest.TYPE:  # type: ignore[attr-defined]  # set by the @message decorator
             return None if length <= _MAX_PAIR_FRAME else "oversized pairing request"
         if self.ledger.partner(conn.peer_id) is None:
             return "not paired with you"
@@ -309,7 +312,10 @@ class Holder:
     async def _repair_piece(self, conn, msg: P.PutPiece, rec: HostedRecord):
         """A piece of a repair upload: the complete copy here failed an audit. The new bytes go to
         a side file and replace the copy only if they hash to the digest it was accepted by."""
-        owner = self.ledger.partner(conn.peer_id).raw_id
+        p = self.ledger.partner(conn.peer_id)
+        if p is None:  # unpaired meanwhile
+            raise Reject("not paired with you", P.Refusal.NOT_PAIRED)
+        owner = p.raw_id
         path = self.path(owner, msg.kind, msg.id)
         side = path + ".repair"
         try:
@@ -402,9 +408,10 @@ class Holder:
         return P.Done(n)
 
     async def _beacon(self, conn, msg: P.Beacon):
-        """Announce this verifier for the partner (so it can find us after losing its drive)."""
+        """Announce this beacon key's verifiers for the partner (so it can find us after losing its
+        drive: `rendezvous.beacon`)."""
         p = self._partner(conn, writing=True)
-        beacon = bytes(msg.verifier).hex()
+        beacon = bytes(msg.key).hex()
         if p.beacon != beacon:
             p.beacon = beacon
             self.ledger.put_partner(p)
@@ -582,7 +589,7 @@ def _prove_all(msg: P.Prove, records: dict, paths: dict) -> tuple[list, int]:
             tree, cost = _load_sidecar(paths[pid], size)
             rebuilt += cost
 
-            def read(offset: int, length: int) -> bytes:
+            def read(offset: int, length: int, fd: int = fd) -> bytes:
                 return os.pread(fd, length, offset)
 
             leaves, paths_out = [], []

@@ -19,7 +19,7 @@ import trio
 
 from ..net.quic import Connection, TransportError
 
-log = logging.getLogger("bpfs.peering.links")
+log = logging.getLogger(__name__)
 
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 300.0
@@ -34,6 +34,9 @@ class Unreachable(TransportError):
 
 
 class Links:
+    """The partners' connections, at most one each (see the module docstring): `get` the live one or
+    dial with backoff, `adopt` one already open (incoming, or dialled for pairing), `drop` one."""
+
     def __init__(self, endpoint, nursery: trio.Nursery, serve_connection, dial, *,
                  rng: random.Random | None = None, on_contact=lambda peer, ok, dialled: None):
         self.endpoint = endpoint
@@ -44,6 +47,7 @@ class Links:
         self._conns: dict[str, Connection] = {}
         self._delay: dict[str, float] = {}
         self._retry_at: dict[str, float] = {}
+        self._why: dict[str, str] = {}  # why the last dial failed (shown while its backoff lasts)
         self._locks: dict[str, trio.Lock] = {}
         self._changed = trio.Event()
         self._rng = rng or random.Random()
@@ -59,6 +63,10 @@ class Links:
     def connected(self, peer: str) -> bool:
         return self.connection(peer) is not None
 
+    def unreachable(self, peer: str) -> bool:
+        """The last dial to the partner failed and it has not connected since."""
+        return peer in self._why and not self.connected(peer)
+
     def adopt(self, conn: Connection) -> None:
         """An authenticated connection (incoming, or dialled for pairing) now serves this partner."""
         old = self.connection(conn.peer_id)
@@ -68,6 +76,7 @@ class Links:
             self._on_contact(conn.peer_id, True, False)
         self._delay.pop(conn.peer_id, None)
         self._retry_at.pop(conn.peer_id, None)
+        self._why.pop(conn.peer_id, None)
         self._changed.set()
         self._changed = trio.Event()
 
@@ -91,7 +100,9 @@ class Links:
             now = trio.current_time()
             retry_at = self._retry_at.get(peer, 0.0)
             if now < retry_at:
-                raise Unreachable(f"{peer} unreachable; next attempt in {retry_at - now:.0f} s", retry_at)
+                why = self._why.get(peer)
+                raise Unreachable(f"{peer} is unreachable{f' ({why})' if why else ''}; next attempt in "
+                                  f"{retry_at - now:.0f} s", retry_at)
             conn = error = None
             try:
                 conn = await self._dial(peer, addresses)
@@ -99,14 +110,15 @@ class Links:
                 error = e
             if conn is None:
                 self._on_contact(peer, False, True)
-                e, address = error, " or ".join(addresses) or "any address"
+                err, address = error, " or ".join(addresses) or "any address"
                 delay = min(BACKOFF_MAX, self._delay.get(peer, BACKOFF_FIRST / 2) * 2)
                 self._delay[peer] = delay
                 wait = delay * (0.5 + self._rng.random())
                 self._retry_at[peer] = now + wait
                 log.info("could not reach %s at %s (%s); retrying in %.0f s", peer, address,
-                         type(e).__name__ if not str(e) else e, wait)
-                raise Unreachable(f"could not reach {peer} at {address}: {e or type(e).__name__}",
+                         type(err).__name__ if not str(err) else err, wait)
+                self._why[peer] = f"{err or type(err).__name__}"
+                raise Unreachable(f"{peer} is unreachable: {err or type(err).__name__} (tried {address})",
                                   now + wait) from None
             self._on_contact(peer, True, True)
             self._nursery.start_soon(self._serve, conn)

@@ -5,6 +5,12 @@ ledger.
 Read from the partner ledger and (without keys) the outbox's counts; nothing here connects to
 anyone. A daemon's answers come through the control socket instead (`control`), with the same
 rows plus what only a running service knows (connection state, rates).
+
+These commands take no passphrase, so they open the ledger without keys: they show what the
+ledger keeps in the clear (ids, quotas, states, times, holdings, trust) and not what it seals
+(a partner's addresses, pair key and beacon: `address` is null and `sealed` true in `bpfs
+peers`). Asking for the passphrase instead would make `bpfs status` and `peers` unusable in
+scripts and cron jobs for the sake of one column a running daemon shows anyway.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from . import protocol as P
 from .holdings import Holdings
 from .ledger import Invite, Ledger
 from .reputation import Reputations
+from .replicator import partner_state
 from .service import INVITE_VALID, check_peer_id, reputation_rows
 
 
@@ -50,7 +57,9 @@ def offline_peers(store: str) -> list[dict]:
             held_by = sum(sizes.get(pid, 0) for pid in ledger.sent(p.peer_id, P.PACK))
             st = reps.standing(p.peer_id, failing=len(holdings.failing(p.peer_id)),
                                held=len(holdings.held(p.peer_id))) if p.active else None
-            rows.append({"peer_id": p.peer_id, "address": p.address, "state": "offline" if p.active else "ended",
+            rows.append({"peer_id": p.peer_id, "address": p.address, "sealed": ledger.sealed,
+                         "state": partner_state(p.active, True, None, connected=False)[0], "reason": None,
+                         "connected": False, "path": None,
                          "we_keep": p.we_keep, "they_keep": p.they_keep, "held_for_them": held_for,
                          "held_by_them": held_by, "last_seen": p.last_seen, "paired_at": p.paired_at,
                          "ended_at": p.ended_at, "root_generation": p.root_generation,
@@ -89,7 +98,9 @@ def offline_status(store: str) -> dict:
             out.append({"peer_id": p.peer_id, "replicated_packs": len(done),
                         "replicated_bytes": sum(sizes[i] for i in done), "pending_packs": len(todo),
                         "pending_bytes": sum(sizes[i] for i in todo), "sent_bytes": 0, "rate": 0, "eta": None,
-                        "root_generation": p.root_generation, "state": "offline", "last_error": None})
+                        "root_generation": p.root_generation,
+                        "state": partner_state(True, True, None, connected=False)[0], "reason": None,
+                        "last_error": None})
         return {"peer_id": own_id(store), "latest_generation": latest, "partners": out}
     finally:
         ledger.close()
@@ -108,7 +119,7 @@ def offline_snapshots(store: str, keys) -> list[dict]:
         index.close()
     held: dict[str, set[int]] = {}
     if os.path.isdir(os.path.join(store, "partners")):
-        ledger = Ledger(store)
+        ledger = Ledger(store, keys)
         try:
             held = {p.peer_id: ledger.sent(p.peer_id, P.ROOT) for p in ledger.partners() if p.active}
         finally:

@@ -41,14 +41,14 @@ Messages (request -> reply); every request but PairRequest needs an active partn
   GetRoot()                               -> RootInfo(generation, size, digest, created): the newest
   ListRoots(after, limit)                 -> RootList(generations, sizes, digests, created, released)
   Prove(version, nonce, packs, leaves)    -> Proofs(one PackProof per pack: status, size, leaves, paths)
-  Beacon(verifier)                        -> Done: announce this verifier for me (`rendezvous.beacon`)
+  Beacon(key)                             -> Done: announce this beacon key's verifiers for me (`rendezvous.beacon`)
 """
 
 from __future__ import annotations
 
 import struct
 
-from ..net.codec import Bool, Bytes, List, Optional, Record, Registry, Text, UInt, field, record
+from ..net.codec import Bool, Bytes, List, Optional, Record, Registry, Text, UInt, field, message, record
 from ..packtree import LEAF_SIZE, MAX_DEPTH, root_of_bytes
 
 PARTNER_IDLE_TIMEOUT = 8.0  # seconds of silence before a connection is dead (a killed peer sends no close)
@@ -85,8 +85,11 @@ _ID = UInt((1 << 63) - 1)
 _SIZE = UInt(MAX_OBJECT)
 
 
-@PARTNER.message(0x10)
+@message(PARTNER, 0x10)
 class PairRequest:
+    """Sent by the store running `bpfs pair` (or finishing a code pairing) to the peer that invited it:
+    the one request a stranger may make. Reply: `PairReply`, or `Error(NOT_INVITED)`."""
+
     offer: int = field(UInt(MAX_QUOTA))  # the requester keeps up to this much of the responder's data
     ask: int = field(UInt(MAX_QUOTA))  # and asks the responder to keep up to this much of its own
     listen_port: int = field(UInt(0xFFFF))  # where the requester accepts connections (0: it does not)
@@ -94,30 +97,43 @@ class PairRequest:
     pair_key: bytes = field(Bytes(32, min_len=32))
 
 
-@PARTNER.message(0x11)
+@message(PARTNER, 0x11)
 class PairReply:
+    """The reply to `PairRequest`: the quotas agreed (each the smaller of what one side offers and
+    the other asks; the standing ones if already paired) and the port the responder listens on."""
+
     keep_for_you: int = field(UInt(MAX_QUOTA))  # the responder keeps this much of the requester's data
     keep_for_me: int = field(UInt(MAX_QUOTA))  # the requester is asked to keep this much of the responder's
     listen_port: int = field(UInt(0xFFFF))
 
 
-@PARTNER.message(0x12)
+@message(PARTNER, 0x12)
 class Unpair:
+    """Sent by a store running `bpfs unpair` to end the partnership: the receiver keeps what it holds
+    of the sender for the grace period, then deletes it. Reply: `Done`."""
+
     reason: str = field(Text(200))
 
 
-@PARTNER.message(0x13)
+@message(PARTNER, 0x13)
 class Done:
+    """The reply to `Unpair`, `Release` and `Beacon`: what changed (for `Release`, how many objects
+    were newly released; 1 otherwise)."""
+
     count: int = field(UInt())
 
 
-@PARTNER.message(0x14)
+@message(PARTNER, 0x14)
 class Usage:
-    pass
+    """An owner asks what its partner keeps for it (a recovery's first question to each source; an
+    audit with no packs to prove). Reply: `UsageReply`."""
 
 
-@PARTNER.message(0x15)
+@message(PARTNER, 0x15)
 class UsageReply:
+    """The reply to `Usage`: the quota the holder grants the asker (0 once the partnership ended),
+    the bytes it uses, and what it holds."""
+
     quota: int = field(UInt(MAX_QUOTA))  # what the holder agreed to keep for the asker
     used: int = field(UInt(MAX_QUOTA))  # bytes it holds (or has reserved) for the asker, incl. grace
     packs: int = field(UInt())  # complete packs held
@@ -125,20 +141,29 @@ class UsageReply:
     root_generation: int = field(UInt())  # of the root held (0: none)
 
 
-@PARTNER.message(0x16)
+@message(PARTNER, 0x16)
 class Have:
+    """Sent by the replicator before uploading packs: how much of each the holder has, so an upload
+    resumes where it stopped. Reply: `HaveReply`."""
+
     kind: int = field(_KIND)
     ids: list = field(List(_ID, MAX_IDS))
 
 
-@PARTNER.message(0x17)
+@message(PARTNER, 0x17)
 class HaveReply:
+    """The reply to `Have`, one entry per id asked, in order: bytes held (of a partial upload too)
+    and whether the object is complete."""
+
     sizes: list = field(List(UInt(MAX_OBJECT), MAX_IDS))
     complete: list = field(List(Bool(), MAX_IDS))
 
 
-@PARTNER.message(0x18)
+@message(PARTNER, 0x18)
 class PutPiece:
+    """One piece of an object the owner's replicator uploads, in order; the last one carries the
+    digest. Reply: `PutAck`, or a refusal (quota, disk full, digest, root checks)."""
+
     kind: int = field(_KIND)
     id: int = field(_ID)
     total: int = field(_SIZE)  # the object's full size, the same on every piece
@@ -148,68 +173,94 @@ class PutPiece:
     repair: bool = field(Bool(), default=False)  # replace a complete copy that failed an audit
 
 
-@PARTNER.message(0x19)
+@message(PARTNER, 0x19)
 class PutAck:
+    """The reply to `PutPiece`: the bytes of the object the holder now has, and whether it is
+    complete (digest checked, on disk)."""
+
     held: int = field(_SIZE)
     complete: bool = field(Bool())
 
 
-@PARTNER.message(0x1A)
+@message(PARTNER, 0x1A)
 class ListHeld:
+    """An owner lists its objects of one kind at a holder, ids above `after` (the replicator
+    reconciling on each new connection, a recovery finding packs). Reply: `HeldList`."""
+
     kind: int = field(_KIND)
     after: int = field(UInt())  # ids greater than this
     limit: int = field(UInt(MAX_IDS))
 
 
-@PARTNER.message(0x1B)
+@message(PARTNER, 0x1B)
 class HeldList:
+    """The reply to `ListHeld`: at most `limit` objects in id order, each with its size, whether it
+    is complete and, if so, the digest it was accepted by (b"" otherwise)."""
+
     ids: list = field(List(_ID, MAX_IDS))
     sizes: list = field(List(UInt(MAX_OBJECT), MAX_IDS))
     complete: list = field(List(Bool(), MAX_IDS))
     digests: list = field(List(Bytes(DIGEST_SIZE), MAX_IDS))  # the digest each complete object was accepted by
 
 
-@PARTNER.message(0x1C)
+@message(PARTNER, 0x1C)
 class GetPiece:
+    """An owner reads back part of one of its complete objects (a recovery fetching roots and packs).
+    Reply: `PieceData`, or `Error(NOT_FOUND)`."""
+
     kind: int = field(_KIND)
     id: int = field(_ID)
     offset: int = field(_SIZE)
     length: int = field(UInt(PIECE))
 
 
-@PARTNER.message(0x1D)
+@message(PARTNER, 0x1D)
 class PieceData:
+    """The reply to `GetPiece`: the object's bytes from `offset`, at most `length` (fewer at its end)."""
+
     data: bytes = field(Bytes(PIECE))
 
 
-@PARTNER.message(0x1E)
+@message(PARTNER, 0x1E)
 class Release:
+    """An owner signs away objects a holder keeps for it (roots it no longer retains, packs it
+    deleted, what a spare held): the holder deletes them after its grace period. Reply: `Done`."""
+
     kind: int = field(_KIND)
     ids: list = field(List(_ID, MAX_IDS))
     signature: bytes = field(Bytes(SIGNATURE_SIZE, min_len=SIGNATURE_SIZE))
 
 
-@PARTNER.message(0x1F)
+@message(PARTNER, 0x1F)
 class GetRoot:
-    pass
+    """An owner asks for its newest root a holder keeps and has not released. Reply: `RootInfo`.
+    (The daemon itself uses `ListRoots`.)"""
 
 
-@PARTNER.message(0x20)
+@message(PARTNER, 0x20)
 class RootInfo:
+    """The reply to `GetRoot`: the newest root held and not released (generation 0: none)."""
+
     generation: int = field(UInt())  # 0: no root held
     size: int = field(_SIZE)
     digest: bytes = field(Bytes(DIGEST_SIZE))  # b"": no root
     created: int = field(UInt())  # ns since the epoch, as the root says
 
 
-@PARTNER.message(0x23)
+@message(PARTNER, 0x23)
 class ListRoots:
+    """An owner lists the roots a holder keeps for it, generations above `after`, released ones
+    too (the replicator reconciling, a recovery choosing a root). Reply: `RootList`."""
+
     after: int = field(UInt())  # generations greater than this
     limit: int = field(UInt(MAX_IDS))
 
 
-@PARTNER.message(0x24)
+@message(PARTNER, 0x24)
 class RootList:
+    """The reply to `ListRoots`: at most `limit` complete roots, oldest first, each with its size,
+    digest, creation time (ns) and whether the owner released it."""
+
     generations: list = field(List(_ID, MAX_IDS))
     sizes: list = field(List(UInt(MAX_OBJECT), MAX_IDS))
     digests: list = field(List(Bytes(DIGEST_SIZE), MAX_IDS))
@@ -234,8 +285,11 @@ class ProofStatus:
     INCOMPLETE = 4  # an upload of it is in progress
 
 
-@PARTNER.message(0x21)
+@message(PARTNER, 0x21)
 class Prove:
+    """A storage audit, sent by the owner's auditor: prove these packs with `leaves` leaves each,
+    chosen by `nonce` (see above). Reply: `Proofs`, or `Error(AUDIT_LIMIT)` past the budget."""
+
     version: int = field(UInt(0xFF))
     nonce: bytes = field(Bytes(NONCE_SIZE, min_len=NONCE_SIZE))
     packs: list = field(List(_ID, MAX_AUDIT_PACKS))
@@ -244,20 +298,28 @@ class Prove:
 
 @record
 class PackProof:
+    """One pack's answer in `Proofs`: a `ProofStatus`, the size of the holder's copy and, when
+    HELD, the challenged leaves with their Merkle paths."""
+
     status: int = field(UInt(4))
     size: int = field(UInt(MAX_OBJECT))  # the size of the holder's copy
     leaves: list = field(List(Bytes(LEAF_SIZE), MAX_PROOF_LEAVES))  # in the order of the derived indices
     paths: list = field(List(List(Bytes(DIGEST_SIZE, min_len=DIGEST_SIZE), MAX_DEPTH), MAX_PROOF_LEAVES))
 
 
-@PARTNER.message(0x22)
+@message(PARTNER, 0x22)
 class Proofs:
+    """The reply to `Prove`: one `PackProof` per pack asked, in the order asked."""
+
     proofs: list = field(List(Record(PackProof), MAX_AUDIT_PACKS))
 
 
-@PARTNER.message(0x25)
+@message(PARTNER, 0x25)
 class Beacon:
-    verifier: bytes = field(Bytes(DIGEST_SIZE, min_len=DIGEST_SIZE))
+    """Sent by the replicator when it gives a partner a recovery beacon slot: the partner announces
+    this key's verifiers at its brokers, so our recovery can find it (`rendezvous.beacon`). Reply: `Done`."""
+
+    key: bytes = field(Bytes(DIGEST_SIZE, min_len=DIGEST_SIZE))  # the slot's beacon key (32 bytes)
 
 
 def object_digest(data) -> bytes:

@@ -323,7 +323,7 @@ def _rebuilt_generation(store: str) -> int:
 class Plan:
     """One `bpfs recover` run's inputs."""
 
-    store: str | None
+    store: str
     froms: list[str]
     expect: str | None
     at: tuple | None
@@ -396,13 +396,28 @@ class _Run:
         self.fetched_bytes = 0  # this run
         self.fetched_packs = 0
         self.used: set[str] = set()  # partners we received bytes from this run
-        self.finder: Finder | None = None
+        self._finder: Finder | None = None  # see `finder`
         self.started = time.monotonic()
         self.phase = "find"
         self._unreached: list[str] = []  # listed partners that could not be reached
         self.created: str | None = None  # "folder" or "store": what this run created (removed if useless)
         self.timings: dict[str, float] = {}  # step -> seconds (this run)
         self._lap_at = time.monotonic()
+
+    @property
+    def finder(self) -> Finder:
+        """The partners found (set up by `main`, which every step runs inside)."""
+        if self._finder is None:
+            raise RuntimeError("the Finder exists only while main() runs")
+        return self._finder
+
+    @property
+    def _state(self) -> dict:
+        """`state`, once the recovery has one (a run that continues one, or `_create`): every step
+        after finding partners."""
+        if self.state is None:
+            raise RuntimeError("no recovery state yet")
+        return self.state
 
     def _lap(self, step: str) -> None:
         now = time.monotonic()
@@ -449,7 +464,7 @@ class _Run:
         async with open_endpoint(self.keys.identity, host, 0, config=config, listen=False) as ep:
             async with trio.open_nursery() as nursery:
                 lookups = Lookups(ep, self.plan.brokers, nursery) if self.plan.brokers else None
-                self.finder = Finder(self.keys, ep, lookups, nursery, warn=self.console.warn)
+                self._finder = Finder(self.keys, ep, lookups, nursery, warn=self.console.warn)
                 try:
                     return await self._steps()
                 finally:
@@ -478,18 +493,18 @@ class _Run:
         self._note_unreached(chosen)
         for s in finder.live():
             if s.usage is not None:
-                self.state["floor"] = max(self.state.get("floor", 0), s.usage.highest_pack)
+                self._state["floor"] = max(self._state.get("floor", 0), s.usage.highest_pack)
             for row in s.roots.values():
-                self.state["top_generation"] = max(self.state.get("top_generation", 0), row.generation)
-        _save_state(self.store, self.state)
+                self._state["top_generation"] = max(self._state.get("top_generation", 0), row.generation)
+        _save_state(self.store, self._state)
         self._lap("find")
-        if self.state["phase"] == "meta":
+        if self._state["phase"] == "meta":
             self.phase = "fetching snapshot metadata"
             history = await self._metadata(chosen, history)
             self._lap("metadata")
             await self._rebuild(chosen)
             self._lap("rebuild")
-        if self.state["phase"] == "data":
+        if self._state["phase"] == "data":
             self.phase = "fetching data"
             missing = await self._data(chosen)
             self._lap("data")
@@ -544,7 +559,7 @@ class _Run:
             self.console.progress(f"checking {len(wanted)} older snapshots...", force=True)
             await book.open_many(wanted, rows)
         out: dict[int, OpenedRoot] = {}
-        for (gen, digest), opened in sorted(book.opened.items()):
+        for (gen, _digest), opened in sorted(book.opened.items()):
             if gen < chosen.generation and gen not in out:
                 out[gen] = opened
         return [out[g] for g in sorted(out)]
@@ -554,6 +569,8 @@ class _Run:
 
         if not os.path.exists(key_path(self.store)):
             self.created = "store" if os.path.isdir(self.store) else "folder"
+            if self.plan.passphrase is None:  # `recover` asked for it: there was no store
+                raise RuntimeError("no passphrase for the new store")
             create_store_from_recovery_secret(self.store, self.keys.recovery_secret, self.plan.passphrase,
                                               self.plan.kdf)
             self.console.say(f"created {self.store} for peer id {self.keys.identity.peer_id}")
@@ -592,8 +609,9 @@ class _Run:
         from ..packs import PackFiles
 
         packs = PackFiles(self.store)
-        total = sum(j.size if j.size is not None else max((s.packs[j.pack_id][0] for s in sources
-                                                           if j.pack_id in s.packs), default=0) for j in jobs)
+        listed = [s.packs for s in sources if s.packs is not None]  # (all of them: see `_listed`)
+        total = sum(j.size if j.size is not None else max((held[j.pack_id][0] for held in listed
+                                                           if j.pack_id in held), default=0) for j in jobs)
         meter = Meter(self.console, what, total, len(sources))
         fetcher = Fetcher(self.keys, jobs, sources, packs.path, progress=meter.add, warn=self.console.warn)
         meter.start(fetcher.result.present)
@@ -605,9 +623,9 @@ class _Run:
             self.fetched_bytes += res.bytes
             self.fetched_packs += len(res.done)
             self.used |= {p for p, n in res.by_source.items() if n}
-            self.state["fetched_bytes"] = self.state.get("fetched_bytes", 0) + res.bytes
-            self.state["fetched_packs"] = self.state.get("fetched_packs", 0) + len(res.done)
-            _save_state(self.store, self.state)
+            self._state["fetched_bytes"] = self._state.get("fetched_bytes", 0) + res.bytes
+            self._state["fetched_packs"] = self._state.get("fetched_packs", 0) + len(res.done)
+            _save_state(self.store, self._state)
         if total:
             self.console.progress(meter.line(), force=True)
             self.console.clear()
@@ -667,8 +685,8 @@ class _Run:
                     kept.append(root)
             if len(kept) != len(history):
                 history = kept
-                self.state["history"] = [r.generation for r in history]
-                _save_state(self.store, self.state)
+                self._state["history"] = [r.generation for r in history]
+                _save_state(self.store, self._state)
         return history
 
     async def _rebuild(self, chosen: OpenedRoot) -> None:
@@ -677,7 +695,7 @@ class _Run:
 
         self.console.progress("rebuilding the index...", force=True)
         packs = PackFiles(self.store)
-        floor = self.state.get("floor", 0)
+        floor = self._state.get("floor", 0)
         try:
             await trio.to_thread.run_sync(
                 lambda: rebuild_index(self.store, self.keys, chosen.blob, local_fetcher(packs), pack_id_floor=floor))
@@ -687,8 +705,8 @@ class _Run:
             # interrupted just after the rebuild: it is done
         finally:
             packs.close()
-        self.state["phase"] = "data"
-        _save_state(self.store, self.state)
+        self._state["phase"] = "data"
+        _save_state(self.store, self._state)
 
     async def _data(self, chosen: OpenedRoot) -> dict[int, str]:
         """Fetch every data pack the snapshot needs; the packs that could not be had (-> why)."""
@@ -706,9 +724,12 @@ class _Run:
                     continue
                 known = index.get_pack_root(pid)
                 rec = index.get_pack(pid)
-                if known is None and rec is None:
+                if known is not None:
+                    root, size = known
+                elif rec is not None:
+                    root, size = None, rec.size
+                else:
                     continue  # gone from the index since (a mount after an earlier run compacted it)
-                root, size = known if known is not None else (None, rec.size)
 
                 def entries(pid=pid):
                     out = []
@@ -762,7 +783,7 @@ class _Run:
                 rec = index.get_pack(pid)
                 if rec is not None and not rec.local and pid not in missing and os.path.exists(packs.path(pid)):
                     index.seal_pack(pid, rec)  # sealed, and in the outbox: partners confirm they hold it
-            top = self.state.get("top_generation", 0)
+            top = self._state.get("top_generation", 0)
             if index.generation <= top:  # our next snapshot must outrank every root a partner holds
                 index.put_counter("generation", top + 1)
             roots = {}
@@ -779,7 +800,7 @@ class _Run:
         adopted = {chosen.generation, *kept}
         partners = self._adopt_partners(chosen, adopted, roots, tombs)
         _remove_parts(os.path.join(self.store, "packs"))
-        self.state["phase"] = "done"
+        self._state["phase"] = "done"
         shutil.rmtree(_roots_dir(self.store), ignore_errors=True)
         os.unlink(_state_path(self.store))
         fsync_dir(self.store)
@@ -788,7 +809,7 @@ class _Run:
                 "created": chosen.manifest.created_ns / 1e9, "files": chosen.manifest.files,
                 "file_bytes": chosen.manifest.file_bytes, "history": sorted(kept),
                 "packs_this_run": self.fetched_packs, "bytes_this_run": self.fetched_bytes,
-                "packs": self.state.get("fetched_packs", 0), "bytes": self.state.get("fetched_bytes", 0),
+                "packs": self._state.get("fetched_packs", 0), "bytes": self._state.get("fetched_bytes", 0),
                 "partners": sorted(self.used), "known_partners": partners,
                 "from": sorted(self.used)[0] if self.used else None, "tombstones": len(tombs),
                 "missing": {f"{pid:012x}": why for pid, why in sorted(missing.items())}, "unrestored": unrestored}
@@ -801,7 +822,7 @@ class _Run:
 
         rows = {r["peer_id"]: r for r in partner_rows(chosen.manifest) if r["peer_id"] != self.keys.identity.peer_id}
         reached = {s.peer_id: s for s in self.finder.live()}
-        ledger = Ledger(self.store)
+        ledger = Ledger(self.store, self.keys)
         now = time.time()
         try:
             for peer in sorted(set(rows) | set(reached)):
@@ -953,7 +974,7 @@ def _listing(finder: Finder, book: RootBook, console: Console) -> dict:
             row = s.roots[g]
             key = (g, row.digest)
             opened = book.opened.get(key)
-            entry = {"generation": g, "released": row.released, "valid": opened is not None}
+            entry: dict = {"generation": g, "released": row.released, "valid": opened is not None}
             if opened is not None:
                 m = opened.manifest
                 entry.update(name=names[g], created=m.created_ns / 1e9, files=m.files, bytes=m.file_bytes)

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from ..config import Config, in_window
+from ..config import Config, format_size, in_window
 from ..errors import first_error
 from ..net.quic import TransportError
 from ..net.rpc import RemoteError, request
@@ -51,17 +51,19 @@ from .links import Links, Unreachable
 from ..rendezvous.beacon import free_slot
 from .reputation import Standing
 
-log = logging.getLogger("bpfs.peering.replicator")
+log = logging.getLogger(__name__)
 
 PARALLEL_PACKS = 4  # uploads in flight per partner (each one piece at a time)
 REQUEST_TIMEOUT = 60.0
 IDLE_RECHECK = 30.0
+IDLE_POLL = 0.5  # how often an idle partner loop looks for packs sealed meanwhile
+LIMITED_RECENTLY = 3.0  # the bandwidth limit held an upload back this recently: `status` says so
 ERROR_PAUSE = 2.0
 QUOTA_PAUSE = 60.0
 
 
 class SyncTimeout(Exception):
-    pass
+    """`sync` did not meet its replica target, or cannot: the text says why (for the user)."""
 
 
 @dataclass
@@ -75,8 +77,11 @@ class Progress:
     pending_bytes: int = 0
     sent_bytes: int = 0  # piece bytes sent (acknowledged) by this process since it started
     root_generation: int = 0
-    state: str = "idle"  # idle | sending | offline | quota full | waiting for window | error | not assigned
+    state: str = "connecting"  # see `partner_state`
+    reason: str | None = None  # why it waits (window, bandwidth limit, backoff, quota), for `status`
     last_error: str | None = None
+    in_flight: dict[int, int] = field(default_factory=dict)  # pack id -> bytes of it the partner holds
+    limited_at: float = float("-inf")  # when the bandwidth limit last held an upload back
     failing_packs: int = 0  # packs that failed an audit there and are not repaired yet
     root_alarm: str | None = None  # the partner holds a root we did not make, or refused ours
     foreign_root: int = 0  # the newest such root's generation (0: none)
@@ -96,15 +101,25 @@ class Progress:
         span = max(1.0, now - self._window[0][0])
         return sum(n for _, n in self._window) / span
 
+    def in_flight_bytes(self) -> int:
+        """Bytes of pending packs the partner already holds (uploads under way or resumed)."""
+        return sum(self.in_flight.values())
+
     def as_dict(self, now: float) -> dict:
+        """`progress` counts bytes: whole packs held plus what the partner acknowledged of packs
+        under way, so it moves as pieces arrive. An estimate only while sending at a known rate."""
         rate = self.rate(now)
+        moving = min(self.in_flight_bytes(), self.pending_bytes)
+        total = self.replicated_bytes + self.pending_bytes
+        left = self.pending_bytes - moving
         return {"peer_id": self.peer_id, "replicated_packs": self.replicated_packs,
                 "replicated_bytes": self.replicated_bytes, "pending_packs": self.pending_packs,
-                "pending_bytes": self.pending_bytes, "sent_bytes": self.sent_bytes, "rate": round(rate),
-                "eta": round(self.pending_bytes / rate) if rate > 0 and self.pending_bytes else (
-                    0 if not self.pending_bytes else None),
-                "root_generation": self.root_generation, "state": self.state, "last_error": self.last_error,
-                "failing_packs": self.failing_packs, "root_alarm": self.root_alarm}
+                "pending_bytes": self.pending_bytes, "in_flight_bytes": moving, "sent_bytes": self.sent_bytes,
+                "progress": (self.replicated_bytes + moving) / total if total else 1.0, "rate": round(rate),
+                "eta": 0 if not self.pending_bytes else (
+                    round(left / rate) if rate > 0 and self.state == "sending" else None),
+                "root_generation": self.root_generation, "state": self.state, "reason": self.reason,
+                "last_error": self.last_error, "failing_packs": self.failing_packs, "root_alarm": self.root_alarm}
 
 
 class ByteLimiter:
@@ -239,6 +254,19 @@ class Replicator:
         with trio.move_on_after(timeout):
             await wake.wait()
 
+    async def _wait_idle(self, partner: Partner, prog: Progress) -> None:
+        """Nothing to send: wait for a wake, IDLE_RECHECK, or a pack sealed meanwhile (looked for
+        every IDLE_POLL seconds; the outbox's read is cached per commit), so that an idle partner
+        never has packs pending for long."""
+        wake = self._wake
+        with trio.move_on_after(IDLE_RECHECK):
+            while not wake.is_set():
+                with trio.move_on_after(IDLE_POLL):
+                    await wake.wait()
+                held = self.held(partner.peer_id)
+                if any(pid not in held for pid in self.source.outbox.pending()):
+                    return
+
     async def _partner_loop(self, peer: str, scope: trio.CancelScope) -> None:
         prog = self.progress.setdefault(peer, Progress(peer))
         with scope:
@@ -248,10 +276,12 @@ class Replicator:
                     return
                 try:
                     if not self._forced and not in_window(self.config.window, _minute_now()):
-                        prog.state = "waiting for window"
+                        prog.state, prog.reason = "waiting for window", _window_reason(self.config.window)
                         self._count_pending(partner, prog)
                         await self._wait_wake(60.0)
                         continue
+                    if self.links.connection(peer) is None and prog.state not in ("offline", "connecting"):
+                        prog.state, prog.reason = "connecting", None
                     conn = await self.links.get(peer, partner.addresses)
                     partner.last_seen = self._clock()
                     if self._reconciled.get(peer) is not conn:
@@ -263,26 +293,31 @@ class Replicator:
                                                root_created=partner.root_created)
                     prog.last_error = None
                     if not worked:
-                        prog.state = "idle"
-                        await self._wait_wake(IDLE_RECHECK)
+                        prog.state, prog.reason = "idle", None
+                        await self._wait_idle(partner, prog)
                 except Unreachable as e:
-                    prog.state, prog.last_error = "offline", str(e)
+                    prog.state, prog.reason, prog.last_error = "offline", None, str(e)
                     self._count_pending(partner, prog)
                     await self._wait_wake(max(0.5, e.retry_at - trio.current_time()))
                 except RemoteError as e:
                     quota = e.code == P.Refusal.QUOTA
                     prog.state = "quota full" if quota else "error"
+                    prog.reason = (f"the partner is full (its quota for us is used up); asking again in "
+                                   f"{QUOTA_PAUSE:.0f} s" if quota else f"backing off after an error; retrying in "
+                                   f"{ERROR_PAUSE:.0f} s")
                     prog.last_error = e.message
                     log.warning("%s refused: %s", peer, e.message)
                     await self._wait_wake(QUOTA_PAUSE if quota else ERROR_PAUSE)
                 except (TransportError, trio.TooSlowError, OSError) as e:
                     prog.state, prog.last_error = "error", str(e) or type(e).__name__
+                    prog.reason = f"backing off after an error; retrying in {ERROR_PAUSE:.0f} s"
                     log.info("replicating to %s: %s", peer, prog.last_error)
                     if not isinstance(e, OSError):
                         self.links.drop(peer)  # a timed-out request: the next round dials afresh
                     await trio.sleep(ERROR_PAUSE)
                 except Exception as e:  # a bug: log it, keep the others (and the mount) going
                     prog.state, prog.last_error = "error", f"internal error: {type(e).__name__}"
+                    prog.reason = f"backing off after an error; retrying in {ERROR_PAUSE * 5:.0f} s"
                     log.exception("replicating to %s failed", peer)
                     await trio.sleep(ERROR_PAUSE * 5)
 
@@ -316,8 +351,8 @@ class Replicator:
         self.holdings.reconcile(partner.peer_id, confirmed, known)
 
     async def _send_beacon(self, conn, partner: Partner) -> None:
-        """Give the partner a recovery beacon slot of its own and the verifier to announce for
-        it, so that a recovery finds it through a broker (`rendezvous.beacon`)."""
+        """Give the partner a recovery beacon slot of its own and the key whose verifiers it
+        announces for us, so that a recovery finds it through a broker (`rendezvous.beacon`)."""
         if partner.beacon_slot is None:
             taken = {p.beacon_slot for p in self.ledger.partners() if p.beacon_slot is not None and p.active}
             partner.beacon_slot = free_slot(taken)
@@ -325,7 +360,7 @@ class Replicator:
                 return  # every slot is taken: found by address or pair key only
             partner.beacon_sent = False
         if not partner.beacon_sent:
-            await request(conn, P.Beacon(self.source.beacon_verifier(partner.beacon_slot)), registry=P.PARTNER)
+            await request(conn, P.Beacon(self.source.beacon_key(partner.beacon_slot)), registry=P.PARTNER)
             partner.beacon_sent = True
             self.ledger.update_partner(partner.peer_id, beacon_slot=partner.beacon_slot, beacon_sent=True)
 
@@ -392,7 +427,7 @@ class Replicator:
         todo = self._count_pending(partner, prog)
         worked = False
         if todo:
-            prog.state = "sending"
+            prog.state, prog.reason = "sending", None
             await self._upload_packs(conn, partner, prog, todo)
             worked = True
             self._count_pending(partner, prog)
@@ -410,7 +445,7 @@ class Replicator:
         for root in self.source.retained():
             if root.generation in sent or not root.needed <= held:
                 continue
-            prog.state = "sending"
+            prog.state, prog.reason = "sending", None
             try:
                 await self._upload(conn, partner, prog, P.ROOT, root.generation, _BytesObject(root.blob),
                                    digest=P.object_digest(root.blob))
@@ -472,6 +507,7 @@ class Replicator:
                 if repair:
                     log.info("repaired pack %012x at %s", pid, partner.peer_id)
                 self.holdings.acknowledged(partner.peer_id, [pid])
+                prog.in_flight.pop(pid, None)
 
         try:
             async with trio.open_nursery() as nursery:
@@ -479,6 +515,8 @@ class Replicator:
                     nursery.start_soon(worker)
         except BaseExceptionGroup as eg:
             raise first_error(eg) from None
+        finally:
+            prog.in_flight.clear()
 
     async def _upload(self, conn, partner: Partner, prog: Progress, kind: int, obj_id: int, obj, held: int = 0,
                       *, digest: bytes, repair: bool = False) -> None:
@@ -487,15 +525,22 @@ class Replicator:
         total = obj.size
         offset = min(held, total)
         while True:
+            if kind == P.PACK:
+                prog.in_flight[obj_id] = offset  # `status` counts it: progress moves piece by piece
             data = await trio.to_thread.run_sync(obj.read, offset, min(P.PIECE, total - offset)) if offset < total \
                 else b""
             last = offset + len(data) >= total
+            asked = trio.current_time()
             await self.limiter.take(len(data))
+            if self.limiter.rate > 0 and trio.current_time() - asked > 0.05:
+                prog.limited_at = trio.current_time()
             ack = await request(conn, P.PutPiece(kind, obj_id, total, offset, data, digest if last else None,
                                                  repair),
                                 registry=P.PARTNER, timeout=REQUEST_TIMEOUT)
             prog.record(len(data), trio.current_time())
             if ack.complete:
+                if kind == P.PACK:
+                    prog.in_flight[obj_id] = total
                 return
             if ack.held != offset + len(data):
                 raise TransportError(f"partner holds {ack.held} bytes of {kind}/{obj_id}, expected "
@@ -537,9 +582,8 @@ class Replicator:
         names = {p.peer_id for p in assigned}
         for p in self.active():
             held = sorted(self.held(p.peer_id))
-            if p.peer_id in names or not held or not self.links.connected(p.peer_id):
+            if p.peer_id in names or not held or (conn := self.links.connection(p.peer_id)) is None:
                 continue
-            conn = self.links.connection(p.peer_id)
             for i in range(0, len(held), P.MAX_IDS):
                 batch = held[i:i + P.MAX_IDS]
                 sig = self.identity.sign(P.release_message(p.raw_id, P.PACK, batch))
@@ -561,9 +605,9 @@ class Replicator:
     def synced(self, generation: int) -> tuple[bool, list[str]]:
         """Whether the target is met: enough partners in good standing hold root `generation` and
         every pack it needs."""
-        behind = []
-        if self.shortfall():
-            behind.append(self.shortfall())
+        behind: list[str] = []
+        if short := self.shortfall():
+            behind.append(short)
         for p in self.counting():
             if not self.holds_root(p, generation):
                 prog = self.progress.get(p.peer_id)
@@ -609,14 +653,16 @@ class Replicator:
         for p in self.active():
             prog = self.progress.setdefault(p.peer_id, Progress(p.peer_id))
             self._count_pending(p, prog)
-            if p.peer_id not in assigned:
-                prog.state = "not assigned"
             row = prog.as_dict(now)
+            state, reason = partner_state(True, p.peer_id in assigned, prog,
+                                          connected=self.links.connection(p.peer_id) is not None,
+                                          unreachable=self.links.unreachable(p.peer_id),
+                                          limit=self.limiter.rate, now=now)
             st = self.standing(p.peer_id)
             row.update(assigned=p.peer_id in assigned, trust=st.level, trust_reason=st.reason, counts=st.good,
-                       roots_held=len(self.ledger.sent(p.peer_id, P.ROOT)))
-            if p.peer_id not in assigned:
-                row.update(eta=None)
+                       roots_held=len(self.ledger.sent(p.peer_id, P.ROOT)), state=state, reason=reason)
+            if state != "sending" and row["eta"]:
+                row.update(eta=None)  # an estimate means something only while bytes move
             out.append(row)
         return out
 
@@ -628,6 +674,39 @@ class _BytesObject:
 
     def read(self, offset: int, length: int) -> bytes:
         return self.blob[offset:offset + length]
+
+
+def _window_reason(window: tuple[int, int] | None) -> str:
+    if window is None:
+        return "the upload window is closed"
+    start, end = window
+    return (f"outside the upload window {start // 60:02d}:{start % 60:02d}-{end // 60:02d}:{end % 60:02d} "
+            "(bpfs.toml; bpfs sync ignores it)")
+
+
+def partner_state(active: bool, assigned: bool, prog: Progress | None, *, connected: bool,
+                  unreachable: bool = False, limit: int = 0, now: float = 0.0) -> tuple[str, str | None]:
+    """The one word `bpfs peers` and `bpfs status` both show for a partner, and why it waits.
+
+    ended (unpaired) | offline (the last dial failed, or no daemon runs to know) | connecting |
+    sending | idle (reachable, nothing to send) | waiting for window | quota full | error (backing
+    off) | not assigned (a spare: it receives our data when an assigned partner fails). A partner
+    whose round found nothing to do is idle while its connection is closed for silence; one with
+    packs pending is never idle."""
+    if not active:
+        return "ended", None
+    if prog is None:
+        return ("connected", None) if connected else ("offline", None)
+    if not assigned:
+        if unreachable and not connected:
+            return "offline", None
+        return "not assigned", "a spare: it receives our data when an assigned partner fails"
+    state, reason = prog.state, prog.reason
+    if state == "idle" and prog.pending_packs:
+        state = "sending"  # sealed since the last round: the loop takes it up within IDLE_POLL
+    if state == "sending" and limit > 0 and now - prog.limited_at < LIMITED_RECENTLY:
+        reason = f"held back by the bandwidth limit ({format_size(limit)}/s, upload_limit in bpfs.toml)"
+    return state, reason
 
 
 def _minute_now() -> int:

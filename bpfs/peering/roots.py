@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -23,6 +24,9 @@ from ..history import snapshot_name, snapshot_names
 from ..net.rpc import RemoteError
 from . import protocol as P
 from .sources import Finder, RootRow, Source, SourceDown, SourceGone
+
+if TYPE_CHECKING:
+    from ..snapshot import SnapshotManifest
 
 OPEN_PARALLEL = 8  # roots fetched and opened at once
 _NAME = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ)(?:-g(\d+))?$")
@@ -50,10 +54,13 @@ def parse_at(text: str | None):
 
 @dataclass
 class OpenedRoot:
+    """One of our roots that verified: its generation, its digest, the signed bytes and the manifest
+    opened from them."""
+
     generation: int
     digest: bytes
     blob: bytes
-    manifest: object  # snapshot.SnapshotManifest
+    manifest: SnapshotManifest
 
 
 class RootBook:
@@ -205,12 +212,12 @@ def warn_disagreement(sources: list[Source], newest: OpenedRoot, warn) -> None:
         if row is not None and not row.released and row.digest != chosen.digest:
             warn(f"{s.peer_id} holds another root than ours for generation {chosen.generation} (not ours, "
                  "or damaged): not used")
-        newest = s.newest_root()
-        if newest is None:
+        theirs = s.newest_root()
+        if theirs is None:
             warn(f"{s.peer_id} ({s.found}) holds no snapshot of this store")
-        elif newest.generation < chosen.generation:
-            warn(f"{s.peer_id} serves snapshot generation {newest.generation} "
-                         f"({snapshot_name(newest.created)}) as its newest, older than generation "
+        elif theirs.generation < chosen.generation:
+            warn(f"{s.peer_id} serves snapshot generation {theirs.generation} "
+                         f"({snapshot_name(theirs.created)}) as its newest, older than generation "
                          f"{chosen.generation} at {', '.join(best) or 'another partner'}: it missed later syncs, or "
                          "it is rolling us back; using generation " + str(chosen.generation))
 

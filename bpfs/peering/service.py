@@ -20,13 +20,15 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import TypeVar
 
 import trio
 
-from ..config import Config, format_address, parse_address
+from ..config import Config, ConfigError, format_address, parse_address
 from ..errors import BpfsError, first_error
+from ..index import LANE_PRIORITY
 from ..outbox import Outbox
-from ..net.quic import RelayPath, TransportConfig, TransportError, open_endpoint
+from ..net.quic import Endpoint, NoAnswer, RelayPath, TransportConfig, TransportError, WrongPeer, open_endpoint
 from ..net.rpc import RemoteError, request
 from .. import snapshot as snap
 from ..history import RetentionPolicy, snapshot_names
@@ -37,15 +39,17 @@ from .holder import Holder
 from .holdings import Holdings
 from .ledger import ENDED, Ledger, Partner
 from .links import Links, Unreachable
-from .replicator import Replicator, SyncTimeout
+from .replicator import Replicator, SyncTimeout, partner_state
 from .reputation import Reputations, summary
-from ..rendezvous.beacon import beacon_verifier
+from ..rendezvous.beacon import beacon_key, beacon_lookup_key
 from ..rendezvous.brokers import BrokerClient
 from ..rendezvous.codepair import CodePairing
-from ..rendezvous.dialer import Dialer, NoRoute, token_for
-from ..rendezvous.wire import lookup_token, verifier
+from ..rendezvous.dialer import Dialer, NoRoute, lookup_key_for
+from ..rendezvous.pairing import DEFAULT_WORDS
+from ..rendezvous.wire import LookupKey, pair_lookup_key
 
-log = logging.getLogger("bpfs.peering")
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 INVITE_VALID = 7 * 86400.0
 CODE_INVITE_VALID = 20 * 60.0  # an invitation made by a pairing by code: the code's life and then some
@@ -53,7 +57,8 @@ PAIR_TIMEOUT = 20.0
 
 
 class PeeringError(BpfsError):
-    pass
+    """A partner operation that failed (pairing, unpairing, sync, ...): one line and an exit code,
+    for the CLI."""
 
 
 @dataclass
@@ -84,6 +89,7 @@ class ReplicationSource:
         self.outbox = Outbox(index, packs)
         self._roots: dict[int, RootInfo] = {}
         self._manifests: dict[int, snap.SnapshotManifest] = {}
+        self._reserved_at_snapshot = 0  # packs.replicable_reserved when the last snapshot was taken
 
     def known_pack_root(self, pack_id: int) -> tuple[bytes, int] | None:
         """(tree root, size) of a pack as recorded in the index, if it is."""
@@ -115,6 +121,7 @@ class ReplicationSource:
         for gen in gens:
             if gen not in self._roots:
                 blob = snap.retained_root(self.index, gen)
+                assert blob is not None  # one of retained_generations
                 manifest = snap.open_manifest(self.keys, blob)
                 needed = set(manifest.packs) | {c.pack for c in manifest.chunks}
                 self._roots[gen] = RootInfo(manifest.generation, blob, needed, manifest.created_ns,
@@ -144,9 +151,10 @@ class ReplicationSource:
         root = next((r for r in self.retained() if r.generation == generation), None)
         return root.created_ns if root is not None else 0
 
-    def beacon_verifier(self, slot: int) -> bytes:
-        """What the partner in recovery beacon slot `slot` is asked to announce for us."""
-        return beacon_verifier(self.keys, slot)
+    def beacon_key(self, slot: int) -> bytes:
+        """The key the partner in recovery beacon slot `slot` announces verifiers of for us
+        (`rendezvous.beacon`)."""
+        return beacon_key(self.keys, slot)
 
     def generation(self) -> int:
         """The index's generation counter: every root we made is of a lower generation."""
@@ -168,6 +176,25 @@ class ReplicationSource:
         return partners is not None and _partner_keys(partners) != _partner_keys(
             self.manifest_of(retained[-1]).partners or b"")
 
+    def snapshot_due(self, partners: bytes, batch_bytes: int, batch_delay: float, now_ns: int | None = None) -> bool:
+        """Whether the periodic snapshot should be taken now: something changed, and enough of
+        it to be worth a root of its own. Small changes are batched, so that a partner cannot
+        count small files or tell when each was written: a root goes out once `batch_bytes` of
+        new data went into packs that replicate since the last one (or a priority pack holds
+        any), once the newest root is `batch_delay` old, or when the partners changed. `bpfs
+        sync` does not wait (`snapshot`)."""
+        if not self.changed_since_snapshot(partners):
+            return False
+        retained = snap.retained_generations(self.index)
+        if not retained or self.packs.replicable_reserved - self._reserved_at_snapshot >= batch_bytes \
+                or self.packs.open_bytes(LANE_PRIORITY):
+            return True
+        newest = self.manifest_of(retained[-1])
+        if _partner_keys(partners) != _partner_keys(newest.partners or b""):
+            return True
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        return now_ns - newest.created_ns >= batch_delay * 1e9
+
     async def snapshot(self, partners: bytes = b"") -> int:
         """Flush everything written so far, then snapshot the index if it changed; the generation.
         `partners`: the partner list the snapshot carries (JSON, see `partner_list`)."""
@@ -179,6 +206,7 @@ class ReplicationSource:
 
     def _export(self, partners: bytes) -> int:
         if self.changed_since_snapshot(partners or None):
+            self._reserved_at_snapshot = self.packs.replicable_reserved
             started = time.monotonic()
             manifest = snap.export_snapshot(self.index, self.keys, self.packs, policy=self.policy, partners=partners)
             stats = manifest.stats
@@ -214,7 +242,18 @@ class ReplicationSource:
                 "local_files": local, "local_bytes": local_bytes, "target": target}
 
 
+def _running(part: _T | None) -> _T:
+    """A part `PartnerService.run` sets up (its endpoint, nursery, links, dialer, ...): the loops it
+    starts and the operations (served once it is ready) use them only while it runs."""
+    if part is None:
+        raise RuntimeError("the partner service is not running")
+    return part
+
+
 class PartnerService:
+    """The partner service of one store (see the module docstring): `run` it in the daemon's nursery;
+    `operations()` are what the CLI may call, through `control` or in-process."""
+
     def __init__(self, store_dir: str, keys, config: Config, source: ReplicationSource | None, *,
                  listen: str | None, transport: TransportConfig | None = None, brokers=None):
         self.store_dir = store_dir
@@ -229,20 +268,22 @@ class PartnerService:
         self.codes: CodePairing | None = None
         self.transport = transport or TransportConfig(max_data=32 << 20, max_stream_data=8 << 20,
                                                       socket_buffer=8 << 20, idle_timeout=PARTNER_IDLE_TIMEOUT)
-        self.ledger = Ledger(store_dir)
+        self.ledger = Ledger(store_dir, keys)
         self.holdings = Holdings(self.ledger)
         self.reputations = Reputations(self.ledger, config)
-        self.endpoint = None
+        self.endpoint: Endpoint | None = None
         self.links: Links | None = None
         self.replicator: Replicator | None = None
         self.auditor: Auditor | None = None
         self.durability: dict = {}  # the last count of files below the replica target (`status`)
-        self._nursery = None
+        self._nursery: trio.Nursery | None = None
         self.holder = Holder(store_dir, self.identity, self.ledger, config, listen_port=self._listen_port,
                              on_paired=self._paired, on_unpaired=self._partners_changed,
                              on_beacon=self._announce_again)
         self.ready = trio.Event()
         self._paired_event = trio.Event()
+        self._known_hosts: set[str] = set()
+        self._known_hosts_at = float("-inf")
 
     def _listen_port(self) -> int:
         return self.endpoint.local_address[1] if self.endpoint is not None and self.listen else 0
@@ -301,11 +342,11 @@ class PartnerService:
         seen, gap = None, DURABILITY_GAP
         while True:
             holders = self._holders()
-            target = self.replicator.target()
-            key = (self.source.index.generation, target, tuple((len(h), c) for h, c in holders))
+            target = _running(self.replicator).target()
+            key = (_running(self.source).index.generation, target, tuple((len(h), c) for h, c in holders))
             if key != seen:
                 started = time.monotonic()
-                result = await trio.to_thread.run_sync(self.source.count_below_target, holders, target)
+                result = await trio.to_thread.run_sync(_running(self.source).count_below_target, holders, target)
                 took = time.monotonic() - started
                 result["seconds"], result["at"] = round(took, 3), time.time()
                 self.durability, seen = result, key
@@ -325,12 +366,34 @@ class PartnerService:
         keys += [inv.pair_key for inv in self.ledger.invites() if inv.pair_key and inv.expires > now]
         return [bytes.fromhex(k) for k in dict.fromkeys(keys)]
 
-    def _verifiers(self) -> list[bytes]:
-        """What our announcements list: one verifier per pairing, and the recovery beacons our
-        partners asked us to announce for them (`rendezvous.beacon`)."""
-        pairs = [verifier(lookup_token(k, self.identity.public_key)) for k in self._pair_keys()]
-        beacons = [bytes.fromhex(p.beacon) for p in self.ledger.partners() if p.active and p.beacon]
-        return list(dict.fromkeys(pairs + beacons))
+    def _lookup_keys(self) -> list[LookupKey]:
+        """Who may find us through a broker: one lookup key per pairing, and the recovery beacons
+        our partners gave us to announce for them (`rendezvous.beacon`). The broker client makes
+        the verifiers for its broker and the current days (`wire.LookupKey`)."""
+        keys = [pair_lookup_key(k, self.identity.public_key) for k in self._pair_keys()]
+        for p in self.ledger.partners():
+            if p.active and p.beacon:
+                try:
+                    keys.append(beacon_lookup_key(bytes.fromhex(p.beacon)))
+                except ValueError:
+                    log.warning("the recovery beacon %s gave us is malformed: not announced", p.peer_id)
+        return keys
+
+    def _known_host(self, ip: str) -> bool:
+        """Whether `ip` is where an active partner was last seen or is dialled: its handshakes get
+        room in a flood (`net.quic`). The ledger is read at most every KNOWN_HOSTS_TTL seconds."""
+        now = time.monotonic()
+        if now - self._known_hosts_at > KNOWN_HOSTS_TTL:
+            hosts = set()
+            for p in self.ledger.partners():
+                if p.active:
+                    for a in p.addresses:
+                        try:
+                            hosts.add(parse_address(a)[0])
+                        except ConfigError:  # an address the ledger holds but we cannot read
+                            continue
+            self._known_hosts, self._known_hosts_at = hosts, now
+        return ip in self._known_hosts
 
     def _announce_again(self) -> None:
         if self.broker is not None:
@@ -338,8 +401,13 @@ class PartnerService:
 
     async def _dial_partner(self, peer: str, addresses: list[str]):
         p = self.ledger.partner(peer)
-        token = token_for(p.pair_key, p.public_key) if p is not None else None
-        return await self.dialer.reach(peer, addresses, token)
+        key = None
+        if p is not None:
+            try:
+                key = lookup_key_for(p.pair_key, p.public_key)
+            except ValueError:
+                log.warning("the pair key recorded for %s is malformed: it is not looked up", peer)
+        return await _running(self.dialer).reach(peer, addresses, key)
 
     @property
     def addresses(self) -> list[str]:
@@ -354,13 +422,14 @@ class PartnerService:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         host, port = parse_address(self.listen) if self.listen else ("0.0.0.0", 0)
         try:
-            cm = open_endpoint(self.identity, host, port, config=self.transport, listen=bool(self.listen))
+            cm = open_endpoint(self.identity, host, port, config=self.transport, listen=bool(self.listen),
+                               known_host=self._known_host)
             async with cm as ep:
                 self.endpoint = ep
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
                     self.broker = BrokerClient(self.identity, ep, self.brokers, addresses=lambda: self.addresses,
-                                               verifiers=self._verifiers, standing=lambda: bool(self._pair_keys()))
+                                               lookup_keys=self._lookup_keys, standing=lambda: bool(self._pair_keys()))
                     self.dialer = Dialer(ep, self.broker)
                     self.codes = CodePairing(self.broker, self.identity, invite=self._code_invite,
                                              uninvite=self._code_uninvite, pair_with=self._code_pair_with,
@@ -369,7 +438,8 @@ class PartnerService:
                     nursery.start_soon(_guarded, "pairing by code", self.codes.run)
                     self.links = Links(ep, nursery, self._serve_connection, self._dial_partner,
                                        on_contact=self._contact)
-                    nursery.start_soon(_guarded, "accepting connections", self._accept_loop)
+                    if self.listen:  # --listen none: nothing to accept, and nothing to say about it
+                        nursery.start_soon(_guarded, "accepting connections", self._accept_loop)
                     nursery.start_soon(_guarded, "sweeping hosted data", self.holder.run_sweeper)
                     if self.source is not None:
                         self.replicator = Replicator(self.identity, self.ledger, self.links, self.source, self.config,
@@ -396,8 +466,8 @@ class PartnerService:
             log.exception("the partner service failed: partners are not served until the next start")
 
     async def _accept_loop(self) -> None:
-        async for conn in self.endpoint:
-            self._nursery.start_soon(self._serve_connection, conn)
+        async for conn in _running(self.endpoint):
+            _running(self._nursery).start_soon(self._serve_connection, conn)
 
     async def _serve_connection(self, conn) -> None:
         try:
@@ -417,7 +487,7 @@ class PartnerService:
                 p.observed = format_address(conn.remote_address)
                 p.last_seen = time.time()
                 self.ledger.put_partner(p)
-            self.links.adopt(conn)
+            _running(self.links).adopt(conn)
             self._changed()
         await self.holder.dispatcher.serve_connection(conn)
 
@@ -427,10 +497,11 @@ class PartnerService:
             await trio.sleep(self.config.snapshot_interval)
             try:
                 partners = partner_list(self.ledger)
-                if self.source.changed_since_snapshot(partners) and any(p.active for p in self.ledger.partners()):
-                    await self.source.snapshot(partners)
+                if any(p.active for p in self.ledger.partners()) and _running(self.source).snapshot_due(
+                        partners, self.config.batch_bytes, self.config.batch_delay):
+                    await _running(self.source).snapshot(partners)
                     self._changed()
-                self.source.commit()
+                _running(self.source).commit()
             except Exception:
                 log.exception("periodic snapshot failed")
 
@@ -467,9 +538,15 @@ class PartnerService:
         addr = parse_address(address)
         try:
             with trio.fail_after(PAIR_TIMEOUT):
-                return await self.endpoint.connect(addr, expected_peer=expect)
+                return await _running(self.endpoint).connect(addr, expected_peer=expect)
         except trio.TooSlowError:
-            raise PeeringError(f"no answer from {format_address(addr)} within {PAIR_TIMEOUT:.0f} s") from None
+            raise PeeringError(f"no bpfs store answered at {format_address(addr)} within {PAIR_TIMEOUT:.0f} s") \
+                from None
+        except NoAnswer as e:
+            raise PeeringError(f"no bpfs store answered at {format_address(addr)} within {e.waited:.0f} s") from None
+        except WrongPeer as e:
+            raise PeeringError(f"the store at {format_address(addr)} has peer id {e.peer_id}, not {expect} "
+                               "(check --expect: nothing was paired)") from None
         except TransportError as e:
             raise PeeringError(f"could not connect to {format_address(addr)}: {e}") from None
 
@@ -506,8 +583,8 @@ class PartnerService:
             partner.root_generation = old.root_generation if old.active else 0
             partner.paired_at = old.paired_at if old.active else partner.paired_at
         self.ledger.put_partner(partner)
-        self._nursery.start_soon(self.holder.dispatcher.serve_connection, conn)
-        self.links.adopt(conn)
+        _running(self._nursery).start_soon(self.holder.dispatcher.serve_connection, conn)
+        _running(self.links).adopt(conn)
         self._partners_changed()
         return {"peer_id": expect, "address": partner.address, "we_keep": partner.we_keep,
                 "they_keep": partner.they_keep, "path": _path(conn)}
@@ -523,7 +600,7 @@ class PartnerService:
 
     async def _code_pair_with(self, peer: str, offer: int, ask: int, pair_key: bytes, public_key: bytes) -> dict:
         try:
-            conn = await self.dialer.reach(peer, [], lookup_token(pair_key, public_key))
+            conn = await _running(self.dialer).reach(peer, [], pair_lookup_key(pair_key, public_key))
         except NoRoute as e:
             raise PeeringError(f"could not reach {peer}: {e}") from None
         address = None if isinstance(conn.remote_address, RelayPath) else format_address(conn.remote_address)
@@ -534,27 +611,27 @@ class PartnerService:
             while True:
                 p = self.ledger.partner(peer)
                 if p is not None and p.active and p.pair_key:
-                    conn = self.links.connection(peer)
+                    conn = _running(self.links).connection(peer)
                     return {"peer_id": peer, "address": p.address, "we_keep": p.we_keep, "they_keep": p.they_keep,
                             "path": _path(conn)}
                 await self._paired_event.wait()
         raise PeeringError(f"{peer} agreed but did not reach this store within {timeout:.0f} s (is one of "
                            "you offline, or is UDP blocked?)")
 
-    async def op_code_open(self, offer: int, ask: int, words: int = 2) -> dict:
-        return await self.codes.open(offer, ask, words)
+    async def op_code_open(self, offer: int, ask: int, words: int = DEFAULT_WORDS) -> dict:
+        return await _running(self.codes).open(offer, ask, words)
 
     async def op_code_wait(self, session: str) -> dict:
-        return await self.codes.wait(session)
+        return await _running(self.codes).wait(session)
 
     async def op_code_join(self, code: str, offer: int, ask: int) -> dict:
-        return await self.codes.join(code, offer, ask)
+        return await _running(self.codes).join(code, offer, ask)
 
     async def op_code_decide(self, session: str, accept: bool) -> dict:
-        return await self.codes.decide(session, bool(accept))
+        return await _running(self.codes).decide(session, bool(accept))
 
     async def op_code_cancel(self, session: str) -> dict:
-        return await self.codes.cancel(session)
+        return await _running(self.codes).cancel(session)
 
     async def op_unpair(self, peer: str) -> dict:
         p = self.ledger.partner(peer)
@@ -564,15 +641,16 @@ class PartnerService:
         if p.active:
             try:
                 with trio.fail_after(PAIR_TIMEOUT):
-                    conn = await self.links.get(peer, p.addresses)
+                    conn = await _running(self.links).get(peer, p.addresses)
                     await request(conn, P.Unpair("unpaired by its owner"), registry=P.PARTNER)
                 told = True
             except (TransportError, trio.TooSlowError) as e:
                 log.info("could not tell %s about the unpairing: %s", peer, e)
             p = self.ledger.update_partner(peer, state=ENDED, ended_at=time.time()) or p
-            self.links.drop(peer)
+            _running(self.links).drop(peer)
             self._changed()
-        return {"peer_id": peer, "told": told, "grace_days": self.config.grace_days}
+        return {"peer_id": peer, "told": told, "grace_days": self.config.grace_days,
+                "held_by_them": self._held_by(peer), "held_for_them": self.holder.held_for(peer)}
 
     def op_peers(self) -> list[dict]:
         status = {}
@@ -581,16 +659,26 @@ class PartnerService:
         out = []
         for p in sorted(self.ledger.partners(), key=lambda p: p.paired_at):
             conn = self.links.connection(p.peer_id) if self.links is not None else None
-            state = "ended" if not p.active else (
-                "offline" if conn is None else "connected" + (" via relay" if _path(conn) == "via relay" else ""))
-            out.append({"peer_id": p.peer_id, "address": p.address, "state": state, "we_keep": p.we_keep,
+            row = status.get(p.peer_id)  # the same state as `status` (replicator.partner_state decides both)
+            state, reason = (row["state"], row["reason"]) if row is not None and p.active else \
+                partner_state(p.active, True, None, connected=conn is not None)
+            out.append({"peer_id": p.peer_id, "address": p.address, "state": state, "reason": reason,
+                        "connected": conn is not None, "path": _path(conn), "we_keep": p.we_keep,
                         "they_keep": p.they_keep, "held_for_them": self.holder.held_for(p.peer_id),
-                        "held_by_them": status.get(p.peer_id, {}).get("replicated_bytes", 0),
+                        "held_by_them": row["replicated_bytes"] if row is not None else self._held_by(p.peer_id),
                         "last_seen": p.last_seen, "paired_at": p.paired_at, "ended_at": p.ended_at,
                         "root_generation": p.root_generation,
                         "received_bytes": self.holder.received_bytes.get(p.peer_id, 0),
                         **self._trust_fields(p)})
         return out
+
+    def _held_by(self, peer: str) -> int:
+        """Bytes of our packs `peer` holds as counted (an unpaired partner keeps them for its grace
+        period: `peers` shows them until then)."""
+        if self.source is None:
+            return 0
+        pending = self.source.outbox.pending()
+        return sum(pending[pid].size for pid in self.holdings.held(peer) if pid in pending)
 
     def _trust_fields(self, p: Partner) -> dict:
         if not p.active:
@@ -603,7 +691,7 @@ class PartnerService:
         root = self.source.latest_root() if self.source is not None else None
         rows = self.replicator.status() if self.replicator is not None else []
         for row in rows:
-            row["path"] = _path(self.links.connection(row["peer_id"]))
+            row["path"] = _path(_running(self.links).connection(row["peer_id"]))
         b = self.broker
         rep = self.replicator
         return {"peer_id": self.identity.peer_id, "latest_generation": root.generation if root else 0,
@@ -622,7 +710,7 @@ class PartnerService:
         try:
             result = await self.auditor.challenge(peer, packs, leaves or 4)
         except Unreachable as e:
-            raise PeeringError(f"could not reach {peer}: {e}") from None
+            raise PeeringError(str(e)) from None
         except (TransportError, trio.TooSlowError) as e:
             raise PeeringError(f"could not reach {peer} to audit it: {e or 'no answer'}") from None
         except RemoteError as e:
@@ -656,8 +744,8 @@ class PartnerService:
         if not self.replicator.active():
             raise PeeringError("no partners: pair with one first (bpfs pair --direct ...)")
         started = time.monotonic()
-        generation = await self.source.snapshot(partner_list(self.ledger))
-        self.source.commit()
+        generation = await _running(self.source).snapshot(partner_list(self.ledger))
+        _running(self.source).commit()
         self._changed()
         for _ in range(SYNC_SPOT_CHECKS):
             left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
@@ -677,10 +765,10 @@ class PartnerService:
         worth of packs now (so a partner that lost everything since its last audit is caught
         here, not an hour later). True if any proof failed (what failed is being repaired)."""
         failed = False
-        for p in self.replicator.counting():
-            count = max(1, round(self.auditor.plan_for(p.peer_id).per_audit))
+        for p in _running(self.replicator).counting():
+            count = max(1, round(_running(self.auditor).plan_for(p.peer_id).per_audit))
             try:
-                result = await self.auditor.audit(p.peer_id, self.auditor.choose(p.peer_id, count))
+                result = await _running(self.auditor).audit(p.peer_id, _running(self.auditor).choose(p.peer_id, count))
             except (Unreachable, TransportError, trio.TooSlowError) as e:
                 log.info("sync: could not audit %s: %s", p.peer_id, e or type(e).__name__)
                 continue
@@ -692,6 +780,7 @@ class PartnerService:
 
 
 RESTART_PAUSE = 5.0
+KNOWN_HOSTS_TTL = 10.0  # seconds the partners' hosts are cached for the endpoint's admission
 DURABILITY_GAP = 2.0
 SYNC_SPOT_CHECKS = 3  # rounds of replicate-then-audit a sync makes before it gives up
 
@@ -787,12 +876,13 @@ def _local_addresses(v6: bool) -> list[str]:
     """Addresses of this machine's interfaces (for `bpfs id`), loopback last."""
     import socket
 
-    out = []
+    out: list[str] = []
     try:
         for info in socket.getaddrinfo(socket.gethostname(), None):
+            # (typeshed's sockaddr has an int first for a Python built without IPv6; never here)
             fam, addr = info[0], info[4][0]
             if fam == (socket.AF_INET6 if v6 else socket.AF_INET) and addr not in out:
-                out.append(addr)
+                out.append(addr)  # type: ignore[arg-type]
     except OSError:
         pass
     loop = "::1" if v6 else "127.0.0.1"

@@ -2,9 +2,10 @@
 
 Owns, for `recovery` (and `bpfs recover --list`), reaching partners from what a recovery knows:
   - addresses given with `--from` (each may be a partner: `--expect` pins the peer id of one);
-  - the recovery beacons a broker answers for (`rendezvous.beacon`: lookup tokens only the
-    recovery secret derives, one per slot), with hole punching and the broker's relay as the
-    partners' own connections use them (`rendezvous.dialer.dial_first`);
+  - the recovery beacons a broker answers for (`rendezvous.beacon`: lookup keys only the
+    recovery secret derives, one per slot, whose tokens are made for the broker connected and
+    today, as every lookup token is: `rendezvous.wire.LookupKey`), with hole punching and the
+    broker's relay as the partners' own connections use them (`rendezvous.dialer.dial_first`);
   - once a root is open, the partner list its manifest carries (peer ids, addresses, pair keys).
 A reached partner is a `Source`: who it is, how it was found, what it serves (usage figures, the
 roots it holds, its complete packs with their digests) and one connection to it, redialled with
@@ -28,6 +29,7 @@ import ipaddress
 import logging
 import random
 import socket
+import time
 from dataclasses import dataclass
 
 import trio
@@ -37,12 +39,12 @@ from ..net.codec import ProtocolError
 from ..net.quic import RelayPath, TransportError
 from ..net.rpc import Dispatcher, RemoteError, request
 from ..rendezvous import wire as B
-from ..rendezvous.beacon import SLOTS, beacon_token
+from ..rendezvous.beacon import SLOTS, beacon_key, beacon_lookup_key
 from ..rendezvous.brokers import BrokerUnavailable, resolve
-from ..rendezvous.dialer import DIRECT_TIMEOUT, PUNCH_WINDOW, RELAY_TIMEOUT, NoRoute, dial_first, token_for
+from ..rendezvous.dialer import DIRECT_TIMEOUT, PUNCH_WINDOW, RELAY_TIMEOUT, NoRoute, dial_first, lookup_key_for
 from . import protocol as P
 
-log = logging.getLogger("bpfs.peering.sources")
+log = logging.getLogger(__name__)
 
 REQUEST_TIMEOUT = 60.0  # one request (a 1 MiB piece at most); a dead peer is noticed sooner (idle timeout)
 BROKER_TIMEOUT = 10.0
@@ -78,9 +80,11 @@ class RootRow:
 
 class Lookups:
     """Broker lookups and relays for a recovery, on the recovery's own endpoint (so hole punching
-    and relay frames use the socket the partner connections use). Never announces."""
+    and relay frames use the socket the partner connections use). Never announces. Tokens are
+    made from lookup keys for the broker connected and the epoch of `now` (unix seconds)."""
 
-    def __init__(self, endpoint, brokers: list[BrokerAddress], nursery):
+    def __init__(self, endpoint, brokers: list[BrokerAddress], nursery, now=time.time):
+        self._now = now
         self.endpoint = endpoint
         self.brokers = list(brokers)
         self.nursery = nursery
@@ -133,13 +137,17 @@ class Lookups:
         self.endpoint.remove_relay_session(bytes(msg.session))
         return B.Ok()
 
-    async def lookup(self, token: bytes) -> B.Found:
-        conn = await self.connection()
-        return await request(conn, B.Lookup(token, []), registry=B.BROKER, timeout=BROKER_TIMEOUT)
+    def _token(self, conn, key: B.LookupKey) -> bytes:
+        return key.token(conn.peer_public_key, B.epoch_of(self._now()))
 
-    async def open_relay(self, token: bytes) -> RelayPath:
+    async def lookup(self, key: B.LookupKey) -> B.Found:
         conn = await self.connection()
-        reply = await request(conn, B.RelayOpen(token), registry=B.BROKER, timeout=BROKER_TIMEOUT)
+        return await request(conn, B.Lookup(self._token(conn, key), []), registry=B.BROKER, timeout=BROKER_TIMEOUT)
+
+    async def open_relay(self, key: B.LookupKey) -> RelayPath:
+        conn = await self.connection()
+        reply = await request(conn, B.RelayOpen(self._token(conn, key)), registry=B.BROKER, timeout=BROKER_TIMEOUT)
+        assert self.address is not None  # set with the connection
         path = RelayPath(self.address[0], self.address[1], bytes(reply.session))
         self.endpoint.add_relay_session(path)
         return path
@@ -196,7 +204,8 @@ async def _resolve(endpoint, texts) -> tuple[list, list[str]]:
             except OSError as e:
                 errors.append(f"{host}: {e.strerror or e}")
                 continue
-            found = [(i[4][0], i[4][1]) for i in infos]
+            # (typeshed's sockaddr has an int first for a Python built without IPv6; never here)
+            found = [(i[4][0], i[4][1]) for i in infos]  # type: ignore[misc]
         out += [a for a in found if a not in out]
     return out, errors
 
@@ -206,7 +215,7 @@ class Source:
 
     Attributes:
       found: how it was found ("--from ADDR", "beacon N", "partner list").
-      addresses: where to dial it; token: our broker lookup token for it (None: no broker help).
+      addresses: where to dial it; key: our broker lookup key for it (None: no broker help).
       expect: the peer id it must prove (None: anyone, who must then prove to hold our roots).
       peer_id, public_key (hex): who answered (set once connected; every redial must prove it).
       address: where the last connection went ("relay ..." through the broker).
@@ -218,7 +227,7 @@ class Source:
       error: the last failure, for messages.
     """
 
-    def __init__(self, endpoint, lookups: Lookups | None, *, found: str, addresses=(), token: bytes | None = None,
+    def __init__(self, endpoint, lookups: Lookups | None, *, found: str, addresses=(), key: B.LookupKey | None = None,
                  expect: str | None = None, slot: int | None = None, listed: dict | None = None,
                  rng: random.Random | None = None, on_connect=lambda conn: None):
         self.endpoint = endpoint
@@ -226,11 +235,11 @@ class Source:
         self.lookups = lookups
         self.found = found
         self.addresses = list(addresses)
-        self.token = token
+        self.key = key
         self.expect = expect
         self.slot = slot
         self.listed = listed
-        self.peer_id: str | None = None
+        self._peer_id: str | None = None  # see `peer_id`
         self.public_key: str | None = None
         self.address: str | None = None
         self.conn = None
@@ -240,7 +249,7 @@ class Source:
         self.dead = False
         self.error: str | None = None
         self.redials = 0
-        self.announced = False  # a broker knows where it is (its lookup token is announced)
+        self.announced = False  # a broker knows where it is (its lookup key's token is announced)
         self._down_since: float | None = None
         self._lock = trio.Lock()
         self._rng = rng or random.Random()
@@ -249,9 +258,17 @@ class Source:
         return f"<Source {self.name}>"
 
     @property
+    def peer_id(self) -> str:
+        """The peer id it proved on connecting: every source a `Finder` keeps (and what reads from
+        those) has one."""
+        if self._peer_id is None:
+            raise RuntimeError(f"{self.found}: never connected, so no peer id yet")
+        return self._peer_id
+
+    @property
     def name(self) -> str:
         """The peer id once known, else how it was found."""
-        return self.peer_id or self.found
+        return self._peer_id or self.found
 
     @property
     def connected(self) -> bool:
@@ -259,12 +276,12 @@ class Source:
 
     # ----- connecting ---------------------------------------------------------------------------
     async def _dial(self):
-        expected = self.peer_id or self.expect
+        expected = self._peer_id or self.expect
         direct, bad = await _resolve(self.endpoint, self.addresses)
         relay, note = False, "".join(f" ({e})" for e in bad)
-        if self.token is not None and self.lookups is not None and self.lookups.configured:
+        if self.key is not None and self.lookups is not None and self.lookups.configured:
             try:
-                found = await self.lookups.lookup(self.token)
+                found = await self.lookups.lookup(self.key)
                 self.announced = True
                 direct += [a for a in _parse([found.observed, *found.addresses]) if a not in direct]
                 relay = found.online
@@ -284,7 +301,7 @@ class Source:
                 error = f"{e}{note}"
         if relay:
             try:
-                path = await self.lookups.open_relay(self.token)
+                path = await self.lookups.open_relay(self.key)
             except RemoteError as e:
                 raise NoRoute(f"{error}; relay refused: {e.message}") from None
             except (BrokerUnavailable, TransportError, ProtocolError, trio.TooSlowError) as e:
@@ -305,8 +322,8 @@ class Source:
             self._adopt(conn)
 
     def _adopt(self, conn) -> None:
-        if self.peer_id is None:
-            self.peer_id = conn.peer_id
+        if self._peer_id is None:
+            self._peer_id = conn.peer_id
             self.public_key = conn.peer_public_key.hex()
         self.conn = conn
         self._down_since = None
@@ -465,7 +482,8 @@ class Finder:
                   for a in froms]
         beacons = []
         if self.lookups is not None and self.lookups.configured:
-            beacons = [self._source(found=f"beacon {slot}", token=beacon_token(self.keys, slot), slot=slot)
+            beacons = [self._source(found=f"beacon {slot}", key=beacon_lookup_key(beacon_key(self.keys, slot)),
+                                    slot=slot)
                        for slot in range(SLOTS)]
         scope = trio.CancelScope()
 
@@ -497,20 +515,20 @@ class Finder:
                 continue
             self._tried.add(peer)
             addresses = [a for a in (row.get("address"), row.get("observed")) if isinstance(a, str) and a]
-            token = None
+            key = None
             try:
                 if row.get("pair_key") and row.get("public_key"):
-                    token = token_for(row["pair_key"], row["public_key"])
+                    key = lookup_key_for(row["pair_key"], row["public_key"])
             except (ValueError, TypeError):
-                token = None
-            candidates.append(self._source(found="partner list", addresses=addresses, token=token, expect=peer,
+                key = None
+            candidates.append(self._source(found="partner list", addresses=addresses, key=key, expect=peer,
                                            listed=row))
         before = set(self.sources)
         with trio.move_on_after(wait if wait is not None else float("inf")) as scope:
             await self._open_all(candidates)
         if scope.cancelled_caught:
             for c in candidates:
-                if c.peer_id not in self.sources:
+                if c._peer_id not in self.sources and c.expect is not None:  # (each expects its row's peer)
                     self.why.setdefault(c.expect, f"no answer within {wait:.0f} s")
                     self.failures.append(f"partner list: {c.expect}: no answer within {wait:.0f} s")
         return [s for p, s in self.sources.items() if p not in before]

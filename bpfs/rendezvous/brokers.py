@@ -6,6 +6,10 @@ signed announcement of this store's addresses (renewed before it expires and whe
 partner list change), what the broker pushes (punch requests, relay offers and closures), and the
 requests a store makes of a broker (lookup, relay, mailbox).
 
+Lookup tokens and the verifiers an announcement lists are made here for the broker actually
+connected (its public key, as the connection proved it) and the epoch of this store's clock
+(`now`; see `wire.LookupKey`): callers hand over `LookupKey`s, never tokens.
+
 The connection runs on the store's own QUIC endpoint (its partner port): the NAT mapping the
 broker observes is the one partners must use, and relay frames leave from the same socket.
 
@@ -25,11 +29,11 @@ import trio
 from . import wire as B
 from ..config import BrokerAddress, ConfigError, format_address, parse_address
 from ..net.codec import Ping
-from ..net.quic import Connection, RelayPath, TransportError
+from ..net.quic import Connection, NoAnswer, RelayPath, TransportError
 from ..net.relay import punch_probe
 from ..net.rpc import Dispatcher, RemoteError, request
 
-log = logging.getLogger("bpfs.rendezvous")
+log = logging.getLogger(__name__)
 
 ANNOUNCE_TTL = 600  # seconds; renewed at half-life
 KEEPALIVE = 15.0  # seconds between pings: keeps the NAT mapping to the broker open
@@ -48,27 +52,31 @@ async def resolve(broker: BrokerAddress, family: int) -> tuple[str, int]:
     infos = await trio.socket.getaddrinfo(broker.host, broker.port, family=family, type=socket.SOCK_DGRAM)
     if not infos:
         raise OSError(f"no {'IPv6' if family == socket.AF_INET6 else 'IPv4'} address for {broker.host}")
-    return infos[0][4][0], infos[0][4][1]
+    # (typeshed's sockaddr has an int first for a Python built without IPv6; never here)
+    return infos[0][4][0], infos[0][4][1]  # type: ignore[return-value]
 
 
 class BrokerClient:
     """The store's link to its brokers. `run()` in the service's nursery."""
 
-    def __init__(self, identity, endpoint, brokers: list[BrokerAddress], *, addresses, verifiers, standing,
-                 rng: random.Random | None = None):
+    def __init__(self, identity, endpoint, brokers: list[BrokerAddress], *, addresses, lookup_keys, standing,
+                 rng: random.Random | None = None, now=time.time):
         self.identity = identity
         self.endpoint = endpoint
         self.brokers = list(brokers)
         self._addresses = addresses  # () -> list[str]: where this store listens
-        self._verifiers = verifiers  # () -> list[bytes]: one per partner that may look us up
+        self._lookup_keys = lookup_keys  # () -> list[LookupKey]: one per partner (or beacon) that may look us up
         self._standing = standing  # () -> bool: partners may look for us (hold a connection)
         self._holds = 0  # pairings in progress
         self._rng = rng or random.Random()
+        self._now = now  # unix seconds: this store's clock (tokens' epochs, announcements' expiry)
         self.conn: Connection | None = None
         self.broker: BrokerAddress | None = None
         self.broker_address: tuple[str, int] | None = None
         self.observed: str | None = None  # our address as the broker sees it
         self.last_error: str | None = None
+        self._tried = trio.Event()  # set (and renewed) when a round over every broker reached none
+        self._round_errors: list[str] = []  # what each broker said in the last such round
         self._seq = 0
         self._kick = trio.Event()
         self._connected = trio.Event()
@@ -77,7 +85,7 @@ class BrokerClient:
         self.dispatcher.handler(B.Punch)(self._on_punch)
         self.dispatcher.handler(B.RelayOffer)(self._on_relay_offer)
         self.dispatcher.handler(B.RelayClosed)(self._on_relay_closed)
-        self._nursery = None
+        self._nursery: trio.Nursery | None = None
         self._punching = 0
 
     # ----- wanting a connection ---------------------------------------------------------------------
@@ -106,8 +114,11 @@ class BrokerClient:
         if not self.brokers:
             raise BrokerUnavailable("no broker configured (set brokers in bpfs.toml or pass --broker)")
         self._kick.set()
+        tried = self._tried
         with trio.move_on_after(timeout):
             while self.conn is None or self.conn.closed:
+                if tried.is_set():  # every broker failed since we asked: say why now
+                    raise BrokerUnavailable("; ".join(self._round_errors) or "no broker reachable")
                 await self._connected.wait()
             return self.conn
         raise BrokerUnavailable(f"no broker reachable ({self.last_error or 'still connecting'}; tried "
@@ -129,17 +140,26 @@ class BrokerClient:
                     self._kick = trio.Event()
                     await self._kick.wait()
                 held = False
+                errors = []
                 for broker in self.brokers:
                     try:
                         conn, address = await self._connect(broker)
                     except (OSError, TransportError, trio.TooSlowError) as e:
-                        self.last_error = f"{broker}: {e or type(e).__name__}"
+                        self.last_error = str(e) if isinstance(e, BrokerUnavailable) else \
+                            f"{broker}: {e or type(e).__name__}"
+                        errors.append(self.last_error)
                         log.info("broker %s not reachable: %s", broker, e or type(e).__name__)
                         continue
                     held = True
                     delay = BACKOFF_FIRST / 2
                     await self._hold_connection(broker, address, conn)
                     break
+                if not held:  # wake those waiting for a connection: none came
+                    self._round_errors = errors
+                    self._tried.set()
+                    self._tried = trio.Event()
+                    self._connected.set()
+                    self._connected = trio.Event()
                 if not held or not self._wanted():
                     delay = min(BACKOFF_MAX, delay * 2)
                     with trio.move_on_after(delay * (0.5 + self._rng.random())):
@@ -148,9 +168,16 @@ class BrokerClient:
 
     async def _connect(self, broker: BrokerAddress):
         family = socket.AF_INET6 if ":" in self.endpoint.local_address[0] else socket.AF_INET
-        with trio.fail_after(CONNECT_TIMEOUT):
-            address = await resolve(broker, family)
-            conn = await self.endpoint.connect(address, expected_peer=broker.peer_id)
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                address = await resolve(broker, family)
+                conn = await self.endpoint.connect(address, expected_peer=broker.peer_id)
+        except socket.gaierror as e:
+            raise BrokerUnavailable(f"cannot find the broker {broker.host}: {e.strerror or e}") from None
+        except NoAnswer as e:
+            raise BrokerUnavailable(f"no bpfs broker answered at {broker} within {e.waited:.0f} s") from None
+        except trio.TooSlowError:
+            raise BrokerUnavailable(f"no bpfs broker answered at {broker} within {CONNECT_TIMEOUT:.0f} s") from None
         return conn, address
 
     async def _hold_connection(self, broker: BrokerAddress, address, conn: Connection) -> None:
@@ -183,7 +210,7 @@ class BrokerClient:
             try:
                 reply = await self._announce(conn)
                 self.observed = reply.observed
-                expires_in = max(30, reply.expires - int(time.time()))
+                expires_in = max(30, min(ANNOUNCE_TTL, reply.expires - int(self._now())))
                 announced.set()
             except RemoteError as e:
                 log.warning("broker %s refused our announcement: %s", self.broker, e.message)
@@ -207,11 +234,25 @@ class BrokerClient:
                     conn.close(reason="keepalive failed")
                     return
 
+    def verifiers(self, broker_key: bytes, now: float | None = None) -> list[bytes]:
+        """What our announcement to the broker with public key `broker_key` lists: each lookup
+        key's verifiers for every epoch the record may be looked up in (`wire.announced_epochs`),
+        those of the current epoch first so that a cut keeps them."""
+        now = self._now() if now is None else now
+        epochs = B.announced_epochs(now, ANNOUNCE_TTL)
+        keys = list(self._lookup_keys())
+        out = [v for e in epochs for k in keys for v in k.verifiers(broker_key, [e])]
+        out = list(dict.fromkeys(out))
+        if len(out) > B.MAX_VERIFIERS:
+            log.warning("%d partner verifiers do not fit in one announcement: only %d are announced",
+                        len(out), B.MAX_VERIFIERS)
+        return out[:B.MAX_VERIFIERS]
+
     async def _announce(self, conn: Connection):
-        self._seq = max(self._seq + 1, time.time_ns() // 1000)  # grows across restarts too
-        msg = B.signed_announcement(self.identity, conn.peer_public_key, self._seq, time.time() + ANNOUNCE_TTL,
-                                    list(self._addresses())[:B.MAX_ADDRESSES],
-                                    list(self._verifiers())[:B.MAX_VERIFIERS])
+        now = self._now()
+        self._seq = max(self._seq + 1, int(now * 1_000_000))  # grows across restarts too
+        msg = B.signed_announcement(self.identity, conn.peer_public_key, self._seq, now + ANNOUNCE_TTL,
+                                    list(self._addresses())[:B.MAX_ADDRESSES], self.verifiers(conn.peer_public_key, now))
         return await request(conn, msg, registry=B.BROKER, timeout=REQUEST_TIMEOUT)
 
     # ----- requests --------------------------------------------------------------------------
@@ -219,12 +260,19 @@ class BrokerClient:
         conn = await self.connection()
         return await request(conn, msg, registry=B.BROKER, timeout=timeout)
 
-    async def lookup(self, token: bytes) -> B.Found:
-        return await self.call(B.Lookup(token, list(self._addresses())[:B.MAX_ADDRESSES]))
+    def token(self, conn: Connection, key: B.LookupKey) -> bytes:
+        """`key`'s token for the broker on `conn`, today (this store's clock)."""
+        return key.token(conn.peer_public_key, B.epoch_of(self._now()))
 
-    async def open_relay(self, token: bytes) -> RelayPath:
+    async def lookup(self, key: B.LookupKey) -> B.Found:
         conn = await self.connection()
-        reply = await request(conn, B.RelayOpen(token), registry=B.BROKER, timeout=REQUEST_TIMEOUT)
+        msg = B.Lookup(self.token(conn, key), list(self._addresses())[:B.MAX_ADDRESSES])
+        return await request(conn, msg, registry=B.BROKER, timeout=REQUEST_TIMEOUT)
+
+    async def open_relay(self, key: B.LookupKey) -> RelayPath:
+        conn = await self.connection()
+        reply = await request(conn, B.RelayOpen(self.token(conn, key)), registry=B.BROKER, timeout=REQUEST_TIMEOUT)
+        assert self.broker_address is not None  # set with the connection
         path = RelayPath(self.broker_address[0], self.broker_address[1], bytes(reply.session))
         self._accept_relay(path, reply.expires)
         return path
@@ -261,7 +309,7 @@ class BrokerClient:
             self._nursery.start_soon(self._expire_relay, path.session, expires)
 
     async def _expire_relay(self, session: bytes, expires: int) -> None:
-        await trio.sleep(max(0.0, expires - time.time()))
+        await trio.sleep(max(0.0, expires - self._now()))
         self.endpoint.remove_relay_session(session)
 
     async def _on_relay_offer(self, conn, msg: B.RelayOffer):

@@ -33,7 +33,7 @@ from ..net.rpc import RemoteError
 from .brokers import BrokerClient, BrokerUnavailable
 from .pairing import CREATOR, DEFAULT_WORDS, JOINER, Decision, Exchange, Intro, PairingError, make_code, parse_code
 
-log = logging.getLogger("bpfs.rendezvous.pairing")
+log = logging.getLogger(__name__)
 
 GET_WAIT = 25  # seconds a mailbox get waits at the broker
 PAIRED_TIMEOUT = 90.0  # after both said yes: the joiner must reach us within this
@@ -41,6 +41,9 @@ MAX_SESSIONS = 8
 
 
 class Session:
+    """One pairing by code in progress, the creator's or the joiner's: its mailbox (number, side
+    secret), the SPAKE2 exchange, what the other side introduced, and messages sent and received."""
+
     def __init__(self, role: bytes, offer: int, ask: int):
         self.handle = secrets.token_hex(8)
         self.role = role
@@ -49,15 +52,28 @@ class Session:
         self.nameplate = 0
         self.side = b""
         self.deadline = 0.0  # unix seconds
-        self.exchange: Exchange | None = None
+        self._exchange: Exchange | None = None  # see `exchange`
         self.other: Intro | None = None
         self.got = 0  # messages of the other side received
         self.sent = 0
         self.lock = trio.Lock()
         self.done = False
 
+    @property
+    def exchange(self) -> Exchange:
+        """The SPAKE2 exchange: set by `open` / `join` as soon as the code is known, before anything
+        is exchanged (a session whose setup failed is finished at once)."""
+        if self._exchange is None:
+            raise RuntimeError("this pairing session has no code exchange yet")
+        return self._exchange
+
+    @exchange.setter
+    def exchange(self, exchange: Exchange) -> None:
+        self._exchange = exchange
+
     def summary(self) -> dict:
         o = self.other
+        assert o is not None  # called once `_exchange` got it
         return {"session": self.handle, "peer_id": peer_id(bytes(o.public_key)), "their_offer": o.offer,
                 "their_ask": o.ask, "we_keep": min(o.ask, self.offer), "they_keep": min(o.offer, self.ask)}
 
@@ -73,7 +89,7 @@ class CodePairing:
         self._invite, self._uninvite = invite, uninvite
         self._pair_with, self._wait_paired = pair_with, wait_paired
         self.sessions: dict[str, Session] = {}
-        self._nursery = None
+        self._nursery: trio.Nursery | None = None
 
     async def run(self) -> None:
         """Expire sessions a CLI abandoned."""
@@ -248,6 +264,8 @@ class CodePairing:
                 raise PairingError(f"the broker refused: {e.message}") from None
             except (BrokerUnavailable, TransportError, trio.TooSlowError) as e:
                 if not retry or time.time() > s.deadline:
+                    if isinstance(e, BrokerUnavailable):  # it says which broker and what happened
+                        raise PairingError(str(e)) from None
                     raise PairingError(f"lost the broker: {e or type(e).__name__}") from None
                 log.info("mailbox request failed (%s); retrying", e or type(e).__name__)
                 await trio.sleep(1.0)

@@ -6,9 +6,10 @@ whatever path it takes: a wrong address, a NAT or a relay can delay us, never fo
 
 1. Known addresses (what the partner told us, where it last came from) and, when a broker is
    configured and we share a pair key with the partner, what the broker says (its announced
-   addresses and the address the broker sees it at). Asking the broker also makes it tell the
-   partner to punch towards us. All of these are dialled at once; the first to authenticate wins
-   and the others are abandoned.
+   addresses and the address the broker sees it at), asked with the pair's lookup key (the
+   broker client makes today's token for that broker from it: `wire.LookupKey`). Asking the
+   broker also makes it tell the partner to punch towards us. All of these are dialled at once;
+   the first to authenticate wins and the others are abandoned.
 2. If none answers within the punch window and a broker is there, a relay session through it
    (`bpfs.rendezvous.wire`, `bpfs.net.relay`), dialled like any address.
 """
@@ -21,11 +22,11 @@ import trio
 
 from . import wire as B
 from ..config import ConfigError, format_address, parse_address
-from ..net.quic import Connection, RelayPath, TransportError
+from ..net.quic import Connection, NoAnswer, RelayPath, TransportError
 from ..net.rpc import RemoteError
 from .brokers import BrokerClient, BrokerUnavailable
 
-log = logging.getLogger("bpfs.rendezvous.dialer")
+log = logging.getLogger(__name__)
 
 DIRECT_TIMEOUT = 15.0  # without a broker to fall back on
 PUNCH_WINDOW = 7.0  # direct attempts (with punching) before we try the relay
@@ -33,7 +34,7 @@ RELAY_TIMEOUT = 15.0
 
 
 class NoRoute(TransportError):
-    pass
+    """No path to the partner worked: what each attempt said (direct, broker, relay)."""
 
 
 async def dial_first(endpoint, addresses: list, expected_peer: str, timeout: float) -> Connection:
@@ -46,6 +47,9 @@ async def dial_first(endpoint, addresses: list, expected_peer: str, timeout: flo
     async def attempt(addr, scope):
         try:
             conn = await endpoint.connect(addr, expected_peer=expected_peer)
+        except NoAnswer as e:
+            errors.append(f"no bpfs store answered at {_show(addr)} within {e.waited:.0f} s")
+            return
         except (TransportError, OSError) as e:
             errors.append(f"{_show(addr)}: {e or type(e).__name__}")
             return
@@ -81,38 +85,42 @@ def _parse(texts) -> list:
 
 
 class Dialer:
+    """How the partner service dials a partner (`reach`): its addresses and the broker's lookup at
+    once, then the broker's relay (see the module docstring)."""
+
     def __init__(self, endpoint, broker: BrokerClient | None):
         self.endpoint = endpoint
         self.broker = broker
 
-    async def reach(self, peer: str, addresses: list[str], token: bytes | None) -> Connection:
-        """A connection to `peer`. `token` is our lookup token for it (None: no broker help)."""
+    async def reach(self, peer: str, addresses: list[str], key: B.LookupKey | None) -> Connection:
+        """A connection to `peer`. `key` is our lookup key for it (None: no broker help)."""
         direct = _parse(addresses)
-        use_broker = token is not None and self.broker is not None and self.broker.configured
+        # the broker that helps (None: none does; it needs our lookup `key` for the peer)
+        broker = self.broker if key is not None and self.broker is not None and self.broker.configured else None
         found_note = ""
-        if use_broker:
+        if broker is not None and key is not None:
             try:
-                found = await self.broker.lookup(token)
+                found = await broker.lookup(key)
                 direct += [a for a in _parse([found.observed, *found.addresses]) if a not in direct]
                 found_note = "" if found.online else " (not connected to the broker)"
             except RemoteError as e:
                 found_note = f" (broker: {e.message})"
             except (BrokerUnavailable, TransportError, trio.TooSlowError) as e:
                 log.debug("broker lookup for %s failed: %s", peer, e)
-                use_broker = False
+                broker = None
         try:
-            return await dial_first(self.endpoint, direct, peer, PUNCH_WINDOW if use_broker else DIRECT_TIMEOUT)
+            return await dial_first(self.endpoint, direct, peer, PUNCH_WINDOW if broker is not None else DIRECT_TIMEOUT)
         except NoRoute as e:
             direct_error = str(e)
-        if not use_broker:
+        if broker is None or key is None:
             raise NoRoute(f"{direct_error}{found_note}")
         try:
-            path = await self.broker.open_relay(token)
+            path = await broker.open_relay(key)
         except RemoteError as e:
             raise NoRoute(f"{direct_error}{found_note}; relay refused: {e.message}") from None
         except (BrokerUnavailable, TransportError, trio.TooSlowError) as e:
             raise NoRoute(f"{direct_error}{found_note}; relay failed: {e or type(e).__name__}") from None
-        log.info("no direct path to %s: trying the relay at %s", peer, self.broker.broker)
+        log.info("no direct path to %s: trying the relay at %s", peer, broker.broker)
         try:
             conn = await dial_first(self.endpoint, [path], peer, RELAY_TIMEOUT)
         except NoRoute as e:
@@ -121,7 +129,9 @@ class Dialer:
         return conn
 
 
-def token_for(pair_key_hex: str | None, public_key_hex: str) -> bytes | None:
+def lookup_key_for(pair_key_hex: str | None, public_key_hex: str) -> B.LookupKey | None:
+    """The lookup key of a partner recorded with this pair key and public key (hex); None without
+    a pair key. ValueError if either is not what it should be."""
     if not pair_key_hex:
         return None
-    return B.lookup_token(bytes.fromhex(pair_key_hex), bytes.fromhex(public_key_hex))
+    return B.pair_lookup_key(bytes.fromhex(pair_key_hex), bytes.fromhex(public_key_hex))

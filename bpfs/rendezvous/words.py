@@ -1,7 +1,8 @@
 """The 256 words of pairing codes: short, distinct, easy to say and type.
 
-A code is `NUMBER-WORD-WORD`: the number names a mailbox on the broker; the words (8 bits each,
-from a CSPRNG) are the password of the key exchange and never leave the two machines.
+A code is `NUMBER-WORD-WORD-WORD`: the number names a mailbox on the broker; the words (8 bits
+each, from a CSPRNG; 3 or 4 of them, see `pairing`) are the password of the key exchange and never
+leave the two machines.
 """
 
 WORDS = tuple("""
