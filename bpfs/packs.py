@@ -22,6 +22,7 @@ whose root could not be built that way (written before a crash) gets it from `ro
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -30,6 +31,8 @@ from .errors import IntegrityError
 from .fsutil import fsync_dir, make_private_dir
 from .index import LANE_LOCAL, LANE_NORMAL, Index, PackRecord
 from .packtree import TreeBuilder, root_of_file
+
+log = logging.getLogger(__name__)
 
 PACK_TARGET = 16 << 20
 _MAX_READ_FDS = 64
@@ -171,10 +174,38 @@ class PackFiles:
             with self._lock:
                 self._writers[cur.id] = self._writers.get(cur.id, 0) + 1
             try:
+                self._allocate(cur.id, cur.size, size - cur.size)
                 self.write(cur.id, cur.size, os.urandom(size - cur.size))
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # A full disk must not fail a seal (at unmount it would lose the clean stop):
+                # the pack keeps its exact size, which is all a partner learns of it.
+                self._truncate(cur.id, cur.size)
+                log.warning("pack %d sealed without padding: the disk is full (a partner will see its exact "
+                            "size)", cur.id)
+                size = cur.size
             finally:
                 self.finish(cur.id)
         return size
+
+    def _allocate(self, pack_id: int, offset: int, length: int) -> None:
+        """Make sure the disk has room for `length` bytes at `offset` (ENOSPC if not)."""
+        with self._lock:
+            fd = self._unsynced.get(pack_id)
+        if fd is None:
+            raise RuntimeError(f"pack {pack_id} is not open for writing")
+        try:
+            os.posix_fallocate(fd, offset, length)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise  # a file system without fallocate: the write tells
+
+    def _truncate(self, pack_id: int, size: int) -> None:
+        with self._lock:
+            fd = self._unsynced.get(pack_id)
+        if fd is not None:
+            os.ftruncate(fd, size)
 
     def write(self, pack_id: int, offset: int, data: bytes | bytearray) -> None:
         """Write reserved bytes (blocking; call from a worker thread)."""

@@ -271,3 +271,44 @@ def test_no_plaintext_in_store(tmp_path):
         m.cleanup()
     assert not leaks_mounted, "plaintext in the store while mounted:\n" + "\n".join(leaks_mounted)
     assert not leaks, "plaintext in the store:\n" + "\n".join(leaks)
+
+
+def test_a_pack_sealed_on_a_full_disk_keeps_its_exact_size(small_tmpfs, tmp_path):
+    """Sealing pads a replicated pack (see `packs`); with no room left for the padding, the seal
+    still succeeds (at unmount a failure would cost the clean stop) and the pack keeps its size."""
+    from bpfs.index import LANE_NORMAL, Index
+    from bpfs.keyfile import KeyRing
+    from bpfs.packs import PackFiles, padded_pack_size
+
+    fs = small_tmpfs("4m")
+    index = Index(str(tmp_path / "index"), KeyRing(os.urandom(20)))
+    packs = PackFiles(str(fs))
+    try:
+        def one_pack(nbytes: int) -> int:
+            pid, offset = packs.reserve(index, nbytes, LANE_NORMAL)
+            try:
+                packs.write(pid, offset, os.urandom(nbytes))
+            finally:
+                packs.finish(pid)
+            packs.seal_open(index)
+            packs.sync()
+            return os.path.getsize(packs.path(pid))
+
+        assert one_pack(100_000) == padded_pack_size(100_000) > 100_000  # room: padded
+        pid, offset = packs.reserve(index, 100_000, LANE_NORMAL)
+        packs.write(pid, offset, os.urandom(100_000))
+        packs.finish(pid)
+        fd = os.open(fs / "ballast", os.O_WRONLY | os.O_CREAT, 0o600)  # another program takes every free byte
+        try:
+            with pytest.raises(OSError) as full:
+                while True:
+                    os.write(fd, bytes(4 << 10))
+            assert full.value.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        packs.seal_open(index)
+        packs.sync()
+        assert os.path.getsize(packs.path(pid)) == 100_000
+    finally:
+        packs.close()
+        index.close()
