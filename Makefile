@@ -7,6 +7,8 @@
 #   make test     lint (ruff, mypy), then run the test suite   (PYTEST_ARGS=...)
 #   make bench    run the benchmarks                          (BENCH_ARGS=...; installs '.[bench]')
 #   make clean    remove build/test artefacts (keeps .venv);  make distclean also removes .venv
+#   make install  bpfs for the whole system: $(PREFIX)/lib/bpfs, $(PREFIX)/bin, $(SBINDIR)/mount.bpfs
+#                 (PREFIX=/usr/local, SBINDIR=/sbin, DESTDIR= to stage); make uninstall removes it
 #
 # The store is never touched by clean/distclean.
 
@@ -22,6 +24,14 @@ MNT         ?= $(HOME)/bpfs
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 PIP_ARGS    ?= --progress-bar off
+# make install: where bpfs goes (a virtualenv in $(PREFIX)/lib/bpfs, links in $(PREFIX)/bin, the
+# mount(8) helper in $(SBINDIR)); DESTDIR stages the tree elsewhere (for packaging). Its Python:
+# the system's /usr/bin/python3 when it is >= 3.11 with venv (a Python under a user's home would
+# leave other users unable to run bpfs), else $(PYTHON).
+PREFIX      ?= /usr/local
+SBINDIR     ?= /sbin
+DESTDIR     ?=
+INSTALL_PYTHON ?= $(shell /usr/bin/python3 -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1 && echo /usr/bin/python3 || echo $(PYTHON))
 
 VPY   := $(VENV)/bin/python
 BPFS  := $(abspath $(VENV))/bin/bpfs
@@ -37,10 +47,10 @@ DEB_PKGS := fuse3 libfuse3-dev pkg-config gcc rsync sqlite3 attr acl gocryptfs r
 # copy installed here is stopped and disabled again, so benchmarking opens no port 22.
 BENCH_PKGS := openssh-server
 
-.PHONY: help deps bench-deps venv mount umount test bench clean distclean
+.PHONY: help deps bench-deps venv mount umount test bench install uninstall clean distclean
 
 help:
-	@sed -n '3,10s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
+	@sed -n '3,12s/^# \{0,1\}//p' $(firstword $(MAKEFILE_LIST))
 
 # ---------------------------------------------------------------- deps
 deps:
@@ -166,6 +176,44 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 bench: deps venv bench-deps $(BENCH_STAMP)
 	@echo "bench: $(VPY) -m bench $(BENCH_ARGS)"
 	"$(VPY)" -m bench $(BENCH_ARGS)
+
+# ---------------------------------------------------------------- install / uninstall
+# A virtualenv is not relocatable: it is built where DESTDIR puts it, then its scripts are pointed
+# at $(PREFIX)/lib/bpfs (as packaging/debian/rules does for /opt/bpfs). The links in $(PREFIX)/bin
+# are relative, and the helper knows where bpfs is (INSTALLED_BPFS in mount_helper/mount.bpfs).
+install: deps
+	@case "$(PREFIX)" in /*) ;; *) echo "install: PREFIX must be an absolute path, not $(PREFIX)" >&2; exit 1;; esac
+	case "$(SBINDIR)" in /*) ;; *) echo "install: SBINDIR must be an absolute path, not $(SBINDIR)" >&2; exit 1;; esac
+	if ! $(INSTALL_PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+	  echo "install: $(INSTALL_PYTHON) is $$($(INSTALL_PYTHON) -V 2>&1); bpfs needs Python >= 3.11 (INSTALL_PYTHON=...)" >&2
+	  exit 1
+	fi
+	lib="$(PREFIX)/lib/bpfs"
+	venv="$(DESTDIR)$$lib"
+	echo "install: bpfs into $$venv (a virtualenv of $$(command -v $(INSTALL_PYTHON)))"
+	rm -rf -- "$$venv"
+	$(INSTALL_PYTHON) -m venv "$$venv"
+	"$$venv/bin/python" -m pip install $(PIP_ARGS) --no-compile --disable-pip-version-check .
+	if [ "$$venv" != "$$lib" ]; then
+	  grep -rlI --null -F "$$venv" "$$venv" | xargs -0r sed -i "s|$$venv|$$lib|g"
+	fi
+	rm -f "$$venv/bin/activate.csh" "$$venv/bin/activate.fish" "$$venv/bin/Activate.ps1"
+	install -d "$(DESTDIR)$(PREFIX)/bin" "$(DESTDIR)$(SBINDIR)"
+	for prog in bpfs bpfs-broker; do
+	  ln -sfn "../lib/bpfs/bin/$$prog" "$(DESTDIR)$(PREFIX)/bin/$$prog"
+	done
+	helper="$(DESTDIR)$(SBINDIR)/mount.bpfs"
+	sed 's|^INSTALLED_BPFS = None .*|INSTALLED_BPFS = "$(PREFIX)/bin/bpfs"  # written by make install|' \
+	  mount_helper/mount.bpfs > "$$helper.tmp"
+	grep -q '^INSTALLED_BPFS = "' "$$helper.tmp" || { echo "install: cannot set INSTALLED_BPFS in mount.bpfs" >&2; exit 1; }
+	chmod 755 "$$helper.tmp"
+	mv -f "$$helper.tmp" "$$helper"
+	echo "install: $(DESTDIR)$(PREFIX)/bin/bpfs, $(DESTDIR)$(PREFIX)/bin/bpfs-broker and $$helper (mount -t bpfs)"
+
+uninstall:
+	@rm -rf -- "$(DESTDIR)$(PREFIX)/lib/bpfs"
+	rm -f -- "$(DESTDIR)$(PREFIX)/bin/bpfs" "$(DESTDIR)$(PREFIX)/bin/bpfs-broker" "$(DESTDIR)$(SBINDIR)/mount.bpfs"
+	echo "uninstall: removed bpfs from $(DESTDIR)$(PREFIX) and $(DESTDIR)$(SBINDIR)/mount.bpfs"
 
 # ---------------------------------------------------------------- clean
 clean:

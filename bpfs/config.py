@@ -8,6 +8,8 @@
     batch_bytes = "1M"           # ... once this much new data is pending (or a priority file changed) ...
     batch_delay = "30min"        # ... else once the last snapshot is this old: small changes are batched
     priority = [...]             # gitignore patterns replicated first (default: keys, wallets, ...)
+    max_file_size = ""           # files larger than this stay local, like .backupignore'd ones
+                                 # ("1G"; "" = no limit)
 
     [history]                    # which snapshots are kept, here and at partners (see history)
     keep_within = "24h"          # every snapshot of this long before the newest one
@@ -213,6 +215,7 @@ class Config:
     batch_bytes: int = 1 << 20
     batch_delay: float = 1800.0
     priority: list[str] = field(default_factory=lambda: list(DEFAULT_PRIORITY))
+    max_file_size: int | None = None
     listen: str | None = DEFAULT_LISTEN
     grace_days: float = 30.0
     brokers: list[BrokerAddress] = field(default_factory=lambda: [parse_broker(b) for b in DEFAULT_BROKERS])
@@ -271,6 +274,9 @@ def load_config(store_dir: str) -> Config:
             if not isinstance(rep["priority"], list) or not all(isinstance(p, str) for p in rep["priority"]):
                 raise ConfigError(f"{path}: priority must be a list of patterns")
             cfg.priority = list(rep["priority"])
+        if "max_file_size" in rep:
+            value = rep["max_file_size"]
+            cfg.max_file_size = None if str(value).strip().lower() in ("", "none") else parse_size(value)
         if "listen" in partners:
             value = str(partners["listen"])
             cfg.listen = None if value.lower() == "none" else format_address(parse_address(value))
@@ -357,6 +363,8 @@ SETTINGS: tuple[tuple[str, str, str, str], ...] = (
     ("replication", "batch_delay", "duration", "... or until the newest snapshot is this old"),
     ("replication", "priority", "list", "gitignore patterns replicated first (keys, wallets, certificates, "
                                         "password databases)"),
+    ("replication", "max_file_size", "limit", 'files larger than this stay local, like .backupignore\'d ones '
+                                              '("1G"); "" = no limit'),
     ("history", "keep_within", "duration", "every snapshot of this long before the newest one"),
     ("history", "keep_daily", "number", "the newest of each of the last N days with snapshots (UTC)"),
     ("history", "keep_weekly", "number", "... of the last N ISO weeks"),
@@ -391,6 +399,8 @@ def _setting_text(kind: str, value) -> str:
             if value and value % seconds == 0:
                 return f'"{int(value // seconds)}{unit}"'
         return _setting_text("number", value)
+    if kind == "limit":
+        return '""' if value is None else _setting_text("size", value)
     if kind == "window":
         return '""' if value is None else '"{:02d}:{:02d}-{:02d}:{:02d}"'.format(*divmod(value[0], 60),
                                                                                  *divmod(value[1], 60))

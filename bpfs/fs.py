@@ -3,7 +3,7 @@
 This module maps pyfuse3 requests to index changes (names, attributes, links, xattrs)
 and to `FileData` calls (contents). It knows nothing of packs, crypto or peers; it tells
 `lanes.Lanes` about names (lookups, creations, links, renames, removals, `.backupignore`
-writes), which decides per inode whether its data stays local, replicates, or goes first. Every
+writes) and truncations (`max_file_size`), which decides per inode whether its data stays local, replicates, or goes first. Every
 handler runs through `_boundary`, which turns any failure into a FUSEError: an exception
 escaping a handler would end pyfuse3's main loop and kill the mount.
 
@@ -500,6 +500,8 @@ class BpfsOperations(pyfuse3.Operations):
                 a.mtime_ns = attr.st_mtime_ns
             a.ctime_ns = attr.st_ctime_ns if fields.update_ctime else now
             self.index.put_attr(a)
+        if fields.update_size:
+            self.lanes.size_changed(inode)  # max_file_size: crossing it changes the lane
         self._after_change()
         return self._entry(a)
 
@@ -776,6 +778,7 @@ class BpfsOperations(pyfuse3.Operations):
                 attr.size = 0
                 attr.mtime_ns = attr.ctime_ns = time.time_ns()
                 self.index.put_attr(attr)
+                self.lanes.size_changed(inode)
                 if inode in self.lanes.ignore_files:
                     self.lanes.ignore_file_written(inode)
         return pyfuse3.FileInfo(fh=self._open_handle(inode), keep_cache=flags & os.O_TRUNC == 0)

@@ -8,8 +8,9 @@ Every file's chunks go into packs of one of three lanes, recorded in each pack's
             certificates, password databases; `[replication] priority` in STORE/bpfs.toml,
             gitignore syntax matched against the path from the mount root): in the outbox
             with the value b"\\x01", so the replicator sends them first;
-  local     packs of files a `.backupignore` excludes: never put in the outbox, never in a
-            snapshot. Local beats priority.
+  local     packs of files a `.backupignore` excludes, or larger than `max_file_size`
+            (`[replication]` in STORE/bpfs.toml; default: no limit): never put in the outbox,
+            never in a snapshot. Local beats priority.
 
 `.backupignore` files use gitignore syntax (pathspec's GitIgnoreSpec) and may sit in any
 directory; one in directory D applies to the paths below D, relative to D, and a deeper one
@@ -26,6 +27,14 @@ as a plain marker, the index table `ignored` (inode number -> b""): the snapshot
 reads it to leave those files out, and a drive holder learns from it which inode numbers are
 kept local (not their names, sizes or contents; extent keys already show approximate sizes
 of every file). Priority is not persisted: it is recomputed from the name in each session.
+
+A file's size counts like a name that is ignored, for every name of it: a file is local while it
+is larger than `max_file_size`. The size is looked at on every drain (`lane_of`: a file written
+past the limit sends its later chunks to local packs and gets the marker) and on every truncate
+(`size_changed`: a file cut to the limit or below loses the marker, unless a `.backupignore`
+keeps it, and its chunks move out of local packs). The limit the index was last evaluated with
+is kept in the index (counter `lanes_max_size`, 0 = none); a mount with another limit
+re-evaluates the whole tree.
 
 When a `.backupignore` is written, created, renamed or removed, or a directory is renamed,
 the affected subtree is re-evaluated in the background (a few ms later; always before a
@@ -63,6 +72,7 @@ log = logging.getLogger(__name__)
 IGNORE_NAME = b".backupignore"
 IGNORE_FILE_LIMIT = 1 << 20  # bytes of a .backupignore that are read
 _RECHECK = "lanes_recheck"  # index counter: a re-evaluation was pending (crash: redo all)
+_MAX_SIZE = "lanes_max_size"  # index counter: the max_file_size markers were set for (0 = none)
 _MAX_CTX = 50_000  # cached directory contexts (and specs) before the cache is dropped
 
 
@@ -145,10 +155,12 @@ class Lanes:
     `data.FileData` asks `lane_of(ino)` on every drain (a dict lookup once known).
     """
 
-    def __init__(self, index: Index, data, priority_patterns):
+    def __init__(self, index: Index, data, priority_patterns, max_file_size: int | None = None):
         self.index = index
         self.data = data
         self.priority = PriorityPatterns(priority_patterns)
+        self.max_file_size = max_file_size  # larger files are local (None: no limit)
+        self._big: set[int] = set()  # regular files larger than the limit when last decided
         self._names: dict[int, tuple[int, bytes]] = {}  # ino -> a (parent, name) it is known by
         self._lane: dict[int, int] = {}  # regular files: lane decided this session
         self._ctx: dict[int, _Ctx] = {}  # directory ino -> context
@@ -162,6 +174,12 @@ class Lanes:
         self._idle.set()
         if index.counter(_RECHECK):
             self._queue_rescan(ROOT_INO)
+        if index.counter(_MAX_SIZE) != (max_file_size or 0) and not index.readonly:
+            self._queue_rescan(ROOT_INO)  # sets _RECHECK first: a crash before it is done redoes it
+            if max_file_size:
+                index.put_counter(_MAX_SIZE, max_file_size)
+            else:
+                index.delete_counter(_MAX_SIZE)
 
     # ----- names the kernel told us ---------------------------------------------------------
     def seen(self, parent: int, name: bytes, ino: int, mode: int) -> None:
@@ -176,15 +194,38 @@ class Lanes:
         self._names.pop(ino, None)
         if not self.data.has_buffer(ino):
             self._lane.pop(ino, None)
+            self._big.discard(ino)
 
     # ----- decisions ------------------------------------------------------------------------
     def lane_of(self, ino: int) -> int:
         """The lane new chunks of `ino` go to (called on every drain)."""
         lane = self._lane.get(ino)
-        if lane is None:
+        if lane is None or (self.max_file_size is not None and self._size_crossed(ino)):
             lane = self._decide_known(ino)
             self._lane[ino] = lane
         return lane
+
+    def size_changed(self, ino: int) -> None:
+        """`ino` was truncated (or extended by truncate): decide again if it crossed the limit (or
+        was not decided this session: a marker an earlier session set for its size)."""
+        if self.max_file_size is not None and (ino not in self._lane or self._size_crossed(ino)):
+            self._lane[ino] = self._decide_known(ino)
+
+    def _too_big(self, attr) -> bool:
+        return self.max_file_size is not None and attr.size > self.max_file_size
+
+    def _note_big(self, ino: int, attr) -> bool:
+        big = self._too_big(attr)
+        if big:
+            self._big.add(ino)
+        else:
+            self._big.discard(ino)
+        return big
+
+    def _size_crossed(self, ino: int) -> bool:
+        """Whether the file is on the other side of the limit than when its lane was last decided."""
+        attr = self.index.get_attr(ino)
+        return attr is not None and stat.S_ISREG(attr.mode) and self._too_big(attr) != (ino in self._big)
 
     def current(self, ino: int, default: int) -> int:
         """The lane decided for `ino` this session, without deciding anything."""
@@ -194,7 +235,13 @@ class Lanes:
         marked = self.index.is_ignored(ino)
         attr = self.index.get_attr(ino)
         hint = self._names.get(ino)
-        if attr is None or hint is None or not stat.S_ISREG(attr.mode):
+        if attr is None or not stat.S_ISREG(attr.mode):
+            return LANE_LOCAL if marked else LANE_NORMAL
+        if hint is None:  # no name to judge by: the size alone can make it local
+            big = self._note_big(ino, attr)
+            if big and not marked:
+                self.index.set_ignored(ino, True)
+                marked = True
             return LANE_LOCAL if marked else LANE_NORMAL
         try:
             ctx = self.dir_ctx(hint[0])
@@ -205,11 +252,15 @@ class Lanes:
         return self._reconcile(ino, attr, _ignored(ctx, full), full, marked)
 
     def _reconcile(self, ino: int, attr, ignored: bool, full: str, marked: bool) -> int:
-        """Bring the marker in line with a name of the file; return its lane."""
-        if ignored and not marked and attr.nlink <= 1:
+        """Bring the marker in line with a name of the file and its size; return its lane."""
+        big = self._note_big(ino, attr)
+        if big and not marked:  # the size concerns every name alike
             self.index.set_ignored(ino, True)
             marked = True
-        elif marked and not ignored:
+        elif ignored and not marked and attr.nlink <= 1:
+            self.index.set_ignored(ino, True)
+            marked = True
+        elif marked and not ignored and not big:
             self.index.set_ignored(ino, False)
             marked = False
             self.data.queue_file_promotion(ino, LANE_PRIORITY if self.priority.match(full) else LANE_NORMAL)
@@ -344,6 +395,7 @@ class Lanes:
     def destroyed(self, ino: int) -> None:
         self.index.set_ignored(ino, False)
         self._lane.pop(ino, None)
+        self._big.discard(ino)
         self._names.pop(ino, None)
         self.ignore_dirty.discard(ino)
         self.ignore_files.pop(ino, None)  # its directories were told when its names went

@@ -60,7 +60,8 @@ class RunningStore:
         try:
             self.config: Config = load_config(store_dir)
             self.data = FileData(self.opened.index, self.opened.packs, keys, space_reserve(store_dir),
-                                  priority_patterns=load_priority_patterns(store_dir))
+                                  priority_patterns=load_priority_patterns(store_dir),
+                                  max_file_size=self.config.max_file_size)
             opened = self.opened
             self.views = SnapshotViews(store_dir, opened.index, opened.packs, keys) if snapshot_views else None
             self.ops = BpfsOperations(opened.index, self.data, store_dir, copies=self.copies, views=self.views,

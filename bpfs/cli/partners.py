@@ -325,7 +325,8 @@ def status(store, as_json):
         click.echo(f"{dur['below_target_files']} of {dur['files']} files ({format_size(dur['below_target_bytes'])}"
                    f" of {format_size(dur['bytes'])}) are below the target of {dur['target']} cop"
                    f"{'y' if dur['target'] == 1 else 'ies'}"
-                   + (f"; {dur['local_files']} files ({format_size(dur['local_bytes'])}) stay local"
+                   + (f"; {dur['local_files']} file{'' if dur['local_files'] == 1 else 's'}"
+                      f" ({format_size(dur['local_bytes'])}) kept local (.backupignore, max_file_size)"
                       if dur.get("local_files") else ""))
     for p in doc["partners"]:
         total = p["replicated_bytes"] + p["pending_bytes"]

@@ -52,7 +52,8 @@ class FileData:
         nursery: where background work starts, while `background()` runs (else None).
     """
 
-    def __init__(self, index: Index, packs: PackFiles, keys, space_reserve: int = 0, priority_patterns=()):
+    def __init__(self, index: Index, packs: PackFiles, keys, space_reserve: int = 0, priority_patterns=(),
+                 max_file_size: int | None = None):
         self.index = index
         self.packs = packs
         self.nursery: trio.Nursery | None = None
@@ -61,7 +62,7 @@ class FileData:
         cache = ChunkCache(CACHE_BYTES)
         self.chunks = ChunkMap(index, packs.local_ids, on_free=cache.drop)
         self.mover = Mover(index, packs, self.chunks, self._apply_lock)
-        self.lanes = Lanes(index, self, priority_patterns)
+        self.lanes = Lanes(index, self, priority_patterns, max_file_size)
         self._pipeline = Pipeline(index, packs, keys, self.chunks, self.lanes, self.mover, self._apply_lock,
                                   self._written)
         self.buffers = Buffers(self._pipeline.persist, packs.dir, space_reserve)

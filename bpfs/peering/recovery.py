@@ -87,9 +87,12 @@ LIST_WAIT = 8.0  # seconds listed partners get to answer when another one serves
 class Console:
     """What a recovery tells its user on stderr: lines, warnings, and one progress line.
 
-    On a terminal the progress line updates in place (carriage return); otherwise a progress line
-    is printed every PLAIN_INTERVAL seconds. `quiet` (--json) drops lines and progress, not
-    warnings. Attributes: warnings (every warning given, for the JSON result)."""
+    On a terminal the progress line updates in place (carriage return, then erase to the end of
+    the line), cut to the terminal's width so that it never wraps (a wrapped line would leave a
+    new line per update); otherwise a progress line is printed at most every PLAIN_INTERVAL
+    seconds (a forced one, a phase starting or ending, at once), never the same line twice in a
+    row. `quiet` (--json) drops lines and progress, not warnings.
+    Attributes: warnings (every warning given, for the JSON result)."""
 
     TTY_INTERVAL = 0.5
     PLAIN_INTERVAL = 5.0
@@ -104,6 +107,7 @@ class Console:
         self.warnings: list[str] = []
         self._shown = 0  # width of the progress line on screen (tty)
         self._last = 0.0
+        self._last_text = ""  # the progress line shown last (not repeated)
 
     def _write(self, text: str) -> None:
         try:
@@ -114,8 +118,16 @@ class Console:
 
     def clear(self) -> None:
         if self._shown:
-            self._write("\r" + " " * self._shown + "\r")
+            self._write("\r\x1b[K")
             self._shown = 0
+            self._last_text = ""
+
+    def _width(self) -> int:
+        try:
+            columns = os.get_terminal_size(self.stream.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+        return columns or shutil.get_terminal_size().columns  # $COLUMNS, else 80
 
     def say(self, line: str) -> None:
         if not self.quiet:
@@ -131,13 +143,15 @@ class Console:
         if self.quiet:
             return
         now = time.monotonic()
-        if not force and now - self._last < (self.TTY_INTERVAL if self.tty else self.PLAIN_INTERVAL):
+        if text == self._last_text or (not force and now - self._last < (self.TTY_INTERVAL if self.tty
+                                                                           else self.PLAIN_INTERVAL)):
             return
-        self._last = now
+        self._last, self._last_text = now, text
         if self.tty:
-            width = max(self._shown, len(text))
-            self._write("\r" + text.ljust(width))
-            self._shown = len(text)
+            width = max(1, self._width() - 1)  # the last column would wrap on some terminals
+            shown = text if len(text) <= width else text[:max(0, width - 3)] + "..."
+            self._write("\r" + shown + "\x1b[K")
+            self._shown = len(shown)
         else:
             self._write(text + "\n")
 
@@ -174,7 +188,8 @@ class Meter:
         rate = self.rate()
         pct = 100.0 * self.done / self.total if self.total else 100.0
         left = max(0, self.total - self.done)
-        eta = f", about {_duration(left / rate)} left" if rate > 0 and left else ""
+        eta = (f", about {_duration(left / rate)} left" if left / rate >= 0.5 else ", under a second left") \
+            if rate > 0 and left else ""
         return (f"{self.what}: {format_size(self.done)} of {format_size(self.total)} ({pct:.0f} %), "
                 f"{rate / 1e6:.1f} MB/s{eta}, {self.sources} partner{'s' if self.sources != 1 else ''}")
 
@@ -355,6 +370,7 @@ def recover(store: str, froms, expect: str | None, kdf: str, passphrase_file: st
         console.warn(f"a recovery of generation {state['generation']} is in progress in {plan.store}: "
                      "continuing it (--at is ignored)")
     run = _Run(plan, keys, console, state)
+    run.here_before = _pack_files(os.path.join(plan.store, "packs"), parts=True)[1] if state is not None else 0
     started = time.monotonic()
     try:
         try:
@@ -395,6 +411,7 @@ class _Run:
         self.store = plan.store
         self.fetched_bytes = 0  # this run
         self.fetched_packs = 0
+        self.here_before = 0  # bytes of packs (whole and partial) an earlier run left (set by `recover`)
         self.used: set[str] = set()  # partners we received bytes from this run
         self._finder: Finder | None = None  # see `finder`
         self.started = time.monotonic()
@@ -448,12 +465,18 @@ class _Run:
                 "continue")
 
     def summary_line(self, result: dict) -> str:
+        """The packs recovered (all runs together) = fetched now + already here (an earlier run);
+        what was received now is named apart when it differs (copies that failed their check, or
+        came twice, are received and not kept)."""
         seconds = max(result["seconds"], 1e-3)
+        now, received = result["fetched_now_bytes"], result["bytes_this_run"]
+        got = (f"{format_size(now)} of them fetched now, {format_size(result['already_here_bytes'])} already here"
+               if result["already_here_bytes"] else "all fetched now")
         return (f"Recovered {self.store}: snapshot generation {result['generation']} ({result['snapshot']}), "
-                f"{result['packs_this_run']} packs ({format_size(result['bytes_this_run'])}) fetched this run, "
-                f"{result['packs']} ({format_size(result['bytes'])}) in all, from {len(result['partners'])} "
-                f"partner{'s' if len(result['partners']) != 1 else ''} in {seconds:.1f} s "
-                f"({result['bytes_this_run'] / seconds / 1e6:.1f} MB/s)"
+                f"{format_size(result['set_bytes'])} in {_count(result['set_packs'], 'pack')}, {got}"
+                + (f" ({format_size(received)} received)" if format_size(received) != format_size(now) else "")
+                + f", from {_count(len(result['partners']), 'partner')} in {seconds:.1f} s "
+                f"({received / seconds / 1e6:.1f} MB/s)"
                 + (f"; {_count(len(result['history']), 'older snapshot')} kept" if result["history"] else ""))
 
     # ----- main -----------------------------------------------------------------------------------------
@@ -800,6 +823,8 @@ class _Run:
         adopted = {chosen.generation, *kept}
         partners = self._adopt_partners(chosen, adopted, roots, tombs)
         _remove_parts(os.path.join(self.store, "packs"))
+        set_packs, set_bytes = _pack_files(os.path.join(self.store, "packs"), parts=False)
+        already = min(self.here_before, set_bytes)
         self._state["phase"] = "done"
         shutil.rmtree(_roots_dir(self.store), ignore_errors=True)
         os.unlink(_state_path(self.store))
@@ -810,6 +835,8 @@ class _Run:
                 "file_bytes": chosen.manifest.file_bytes, "history": sorted(kept),
                 "packs_this_run": self.fetched_packs, "bytes_this_run": self.fetched_bytes,
                 "packs": self._state.get("fetched_packs", 0), "bytes": self._state.get("fetched_bytes", 0),
+                "set_packs": set_packs, "set_bytes": set_bytes, "fetched_now_bytes": set_bytes - already,
+                "already_here_bytes": already,
                 "partners": sorted(self.used), "known_partners": partners,
                 "from": sorted(self.used)[0] if self.used else None, "tombstones": len(tombs),
                 "missing": {f"{pid:012x}": why for pid, why in sorted(missing.items())}, "unrestored": unrestored}
@@ -857,6 +884,21 @@ class _Run:
         finally:
             ledger.close()
         return sorted(set(rows) | set(reached))
+
+
+def _pack_files(folder: str, parts: bool) -> tuple[int, int]:
+    """(count, bytes) of the whole pack files in a store's packs folder; with `parts`, partial ones
+    (an interrupted fetch's) count too."""
+    count = nbytes = 0
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            if name.endswith(".pack") or (parts and ".pack.part" in name):
+                try:
+                    nbytes += os.stat(os.path.join(dirpath, name)).st_size
+                except FileNotFoundError:
+                    continue
+                count += name.endswith(".pack")
+    return count, nbytes
 
 
 def _remove_parts(folder: str) -> None:

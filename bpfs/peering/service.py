@@ -228,8 +228,8 @@ class ReplicationSource:
     def count_below_target(self, holders: list[tuple[frozenset, int]], target: int) -> dict:
         """Files (and their bytes) that fewer than `target` of `holders` (packs counted as held,
         when their root was made) hold: every pack of the file, and a root made after its last
-        change. Files a .backupignore keeps local are counted apart. Blocking: reads every
-        file's records of the last checkpoint."""
+        change. Files kept local (a .backupignore, or larger than max_file_size) are counted
+        apart. Blocking: reads every file's records of the last checkpoint."""
         files = nbytes = below = below_bytes = local = local_bytes = 0
         for attr, packs, kept_local in self.index.committed_files():
             if kept_local:

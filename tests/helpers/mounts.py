@@ -49,6 +49,28 @@ def fuse_mounted(path) -> bool:
     return any(mp == p and fs.startswith("fuse") for mp, fs in mount_entries())
 
 
+def abort_fuse_connection(path) -> bool:
+    """Abort the FUSE connection of the mount at `path` (what `umount -f` does to a FUSE mount):
+    every request waiting on it fails at once. False when there is none to abort."""
+    p = os.path.abspath(os.fspath(path))
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            sep = parts.index("-")
+            if _unescape_mountinfo(parts[4]) == p and parts[sep + 1].startswith("fuse"):
+                abort = f"/sys/fs/fuse/connections/{parts[2].split(':')[1]}/abort"
+                if not os.path.exists(abort):  # the control file system is not mounted here by default
+                    subprocess.run(["mount", "-t", "fusectl", "fusectl", "/sys/fs/fuse/connections"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
+                try:
+                    with open(abort, "w") as a:
+                        a.write("1")
+                    return True
+                except OSError:
+                    return False
+    return False
+
+
 def read_daemon_json(store) -> dict:
     with open(os.path.join(store, "daemon.json")) as f:
         return json.load(f)
@@ -145,7 +167,18 @@ class Mount:
         Call force_unmount(self.mnt) once they are done.
         """
         pid = self.daemon_pid()
-        kill_pid(pid)
+        kill_pid(pid, timeout=30)
+        if pid_alive(pid):
+            # Seen twice in about ten CI runs under load: the killed daemon does not finish dying
+            # until its FUSE connection goes (one of its threads in the kernel, state R, last
+            # in futex_wait); the cause is not found yet (see the issue notes). Abort the
+            # connection, as an administrator's `umount -f` would, say so, and go on: what the
+            # tests check is the data a kill -9 leaves, and that is on the drive already.
+            states = thread_states(pid)
+            aborted = abort_fuse_connection(self.mnt)
+            kill_pid(pid, timeout=30)
+            print(f"daemon {pid} outlived SIGKILL for 30 s; FUSE connection aborted: {aborted}; threads then: "
+                  f"{states}")
         assert not pid_alive(pid), f"daemon {pid} survived SIGKILL: {thread_states(pid)}"
         if unmount:
             force_unmount(self.mnt)

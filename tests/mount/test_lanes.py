@@ -443,3 +443,42 @@ def test_reseal_is_deterministic_and_opens(tmp_path):
     assert a[:24] != b[:24] and sealer.open(b, b"dirents\0key") == b"other value"
     assert sealer.reseal(b"filtered value", b"dirents\0key", sealer.seal(b"original value", b"dirents\0key"))[:24] \
         != a[:24]
+
+
+# ----------------------------------------------------------------------------- max_file_size
+def test_a_new_max_file_size_re_evaluates_every_file_at_the_next_mount(tmp_path, make_mount):
+    """Files written without a limit replicate; a mount with `max_file_size` set marks the ones
+    above it local (left out of snapshots) without anything touching them, and a mount with the
+    limit removed again makes them replicate (their chunks out of local packs)."""
+    m = make_mount(name="mnt")
+    m.mount()
+    put(m.mnt / "big.bin", 3 * MiB, seed=1)
+    put(m.mnt / "small.bin", 100 * KiB, seed=2)
+    big, small = os.stat(m.mnt / "big.bin").st_ino, os.stat(m.mnt / "small.bin").st_ino
+    m.umount()
+    lanes = Lanes(m.store)
+    lanes.assert_replicated(big, "big.bin without a limit")
+    (m.store / "bpfs.toml").write_text('[replication]\nmax_file_size = "1M"\n')
+    m.mount()
+    m.umount()
+    lanes = Lanes(m.store)
+    assert big in lanes.ignored and small not in lanes.ignored, lanes.ignored
+    lanes.assert_replicated(small, "small.bin under the limit")
+    # it was marked while mounted (not by this read): a truncate below the limit, and it replicates
+    m.mount()
+    os.truncate(m.mnt / "big.bin", 200 * KiB)
+    m.umount()
+    lanes = Lanes(m.store)
+    lanes.assert_replicated(big, "big.bin cut below the limit")
+    # grown past it again, then the limit removed: it replicates again, its chunks out of local packs
+    m.mount()
+    with open(m.mnt / "big.bin", "ab") as f:
+        f.write(random.Random(3).randbytes(2 * MiB))
+    m.umount()
+    lanes = Lanes(m.store)
+    assert big in lanes.ignored and LANE_LOCAL in lanes.lane_of(big), lanes.lane_of(big)
+    (m.store / "bpfs.toml").write_text("")
+    m.mount()
+    m.umount()
+    Lanes(m.store).assert_replicated(big, "big.bin once the limit is gone")
+    assert verify_ok(m, "--read-data")

@@ -333,6 +333,66 @@ def test_a_dropped_connection_is_redialled(stores, tmp_path):
     assert mounted_tree(stores, target, "new") == before
 
 
+def test_resumed_recovery_counts_every_byte_once_and_updates_one_line_on_a_terminal(stores, tmp_path):
+    """A recovery stopped (Ctrl-C) with part of the packs in, then run again on a terminal: its
+    progress is one line updated in place (never wider than the terminal, with the rate), and its
+    summary counts the whole set, what came now and what was already here, the two adding up."""
+    from bpfs.config import format_size
+    from tests.helpers.cli import run_on_a_terminal
+
+    a = stores.owner("A")
+    b = stores.server("B")
+    b.serve()
+    a.mount()
+    pair(a, b)
+    write_random(a.mnt / "big.bin", 64 * MiB, seed=71)
+    before = snapshot_tree(a.mnt)
+    a.sync(timeout=180)
+    a.umount()
+    target = tmp_path / "new"
+    args = ("--from", b.address(), "--expect", b.peer_id)
+    proc = subprocess.Popen(recover_cmd(target, a, *args), env=recover_env(a), cwd=REPO, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    b_pid = b.daemon_pid()
+    try:
+        assert wait_until(lambda: fetched_bytes(target) > 8 * MiB or proc.poll() is not None, timeout=120,
+                          interval=0.01)
+        os.kill(b_pid, signal.SIGSTOP)  # the transfer holds where it is
+        assert proc.poll() is None, f"recovery finished before it could be interrupted: {proc.communicate()}"
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        os.kill(b_pid, signal.SIGCONT)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0 and (target / "recovery.json").exists(), err
+    here = fetched_bytes(target)  # whole and partial packs the first run left
+    assert 8 * MiB < here < 60 * MiB, here
+
+    rc, out, _ = run_on_a_terminal(recover_cmd(target, a, *args), recover_env(a, COLUMNS="72"), "",
+                                   prompt=r"(?!)", timeout=300)
+    assert rc == 0, out
+    assert "Traceback" not in out, out
+    packs = list((target / "packs").rglob("*.pack"))
+    total = sum(p.stat().st_size for p in packs)
+    assert total > 64 * MiB and not list((target / "packs").rglob("*.part")), total
+    want = (f"{format_size(total)} in {len(packs)} packs, {format_size(total - here)} of them fetched now, "
+            f"{format_size(here)} already here")
+    lines = out.split("\n")  # (not splitlines(): it would split at each carriage return too)
+    summary = [line for line in lines if "Recovered" in line]
+    assert len(summary) == 1 and want in summary[0], f"expected {want!r} in:\n{out}"
+    # the progress: on one line, each update drawn over the last one, within the 72 columns
+    progress = [line for line in lines if "fetching data:" in line]
+    assert len(progress) == 1, f"the progress took {len(progress)} lines:\n{out!r}"
+    updates = [u.replace("\x1b[K", "") for u in progress[0].split("\r") if "fetching data:" in u]
+    assert updates and all(len(u) <= 71 for u in updates), updates
+    assert len(set(updates)) == len(updates), updates  # no update repeated
+    assert any("MB/s" in u for u in updates), updates
+    assert mounted_tree(stores, target, "new") == before
+
+
 def Store_cli(store: Path, cmd: str, *args):
     from tests.helpers.cli import run_bpfs
 

@@ -113,3 +113,13 @@ def test_brokers(tmp_path, monkeypatch):
         with pytest.raises(ConfigError) as e:
             load_config(str(tmp_path))
         assert "bpfs.toml" in str(e.value) and e.value.exit_code == 2
+
+
+def test_max_file_size(tmp_path):
+    assert load_config(str(tmp_path)).max_file_size is None  # default: no limit
+    for text, value in (('"1M"', 1 << 20), ('"2G"', 2 << 30), ('""', None), ("4096", 4096)):
+        (tmp_path / "bpfs.toml").write_text(f"[replication]\nmax_file_size = {text}\n")
+        assert load_config(str(tmp_path)).max_file_size == value, text
+    (tmp_path / "bpfs.toml").write_text('[replication]\nmax_file_size = "big"\n')
+    with pytest.raises(ConfigError, match="not a size"):
+        load_config(str(tmp_path))

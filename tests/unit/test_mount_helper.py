@@ -145,13 +145,19 @@ def test_find_bpfs_next_to_helper_then_path(tmp_path):
 # ---------------------------------------------------------------- as a program
 
 
+def fake_bpfs(tmp_path, body="exit 0"):
+    """A bpfs program that answers --version and otherwise runs `body`."""
+    bpfs = tmp_path / "bpfs"
+    bpfs.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo "bpfs, version 0.1.0"; exit 0; fi\n%s\n' % body)
+    bpfs.chmod(0o755)
+    return bpfs
+
+
 def test_fake_mode_prints_command_and_mounts_nothing(tmp_path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     marker = tmp_path / "ran"
-    bpfs = tmp_path / "bpfs"
-    bpfs.write_text("#!/bin/sh\ntouch %s\nexit 99\n" % shlex.quote(str(marker)))
-    bpfs.chmod(0o755)
+    bpfs = fake_bpfs(tmp_path, "touch %s\nexit 99" % shlex.quote(str(marker)))
     proc = run_helper(
         "/media/backup/store", str(mnt), "-f", "-v", "-o",
         "noauto,x-systemd.automount,_netdev,nofail,keyfile=/etc/bpfs/alice.key,comment=x,ro",
@@ -167,15 +173,58 @@ def test_fake_mode_prints_command_and_mounts_nothing(tmp_path):
     assert list(mnt.iterdir()) == []
 
 
-def test_fake_mode_without_bpfs_installed():
-    proc = run_helper("/s", "/d", "-fv", "-o", "keyfile=/k")
+def test_fake_mode_checks_what_a_mount_needs(tmp_path):
+    """-fv says all is well only when a real mount would find a bpfs program that runs and a
+    mount point; else it fails (32) with one line saying what is missing."""
+    # no bpfs anywhere: BPFS_BIN unset, nothing next to the helper, an empty PATH
+    helper = tmp_path / "sbin" / "mount.bpfs"
+    helper.parent.mkdir()
+    helper.write_text(HELPER.read_text())
+    env = {k: v for k, v in os.environ.items() if k != "BPFS_BIN"}
+    env["PATH"] = str(tmp_path / "empty")
+    proc = subprocess.run([sys.executable, str(helper), "/s", str(tmp_path), "-fv", "-o", "keyfile=/k"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    if not any(os.access(p, os.X_OK) for p in ("/usr/local/bin/bpfs", "/usr/bin/bpfs", "/opt/bpfs/bin/bpfs")):
+        assert proc.returncode == 32, proc.stderr
+        assert proc.stderr.count("\n") == 1 and "cannot find the bpfs program" in proc.stderr \
+            and "make install" in proc.stderr, proc.stderr
+    # BPFS_BIN names nothing
+    proc = run_helper("/s", str(tmp_path), "-fv", "-o", "keyfile=/k")
+    assert proc.returncode == 32 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"cannot find the bpfs program: BPFS_BIN is {NO_BPFS}" in proc.stderr, proc.stderr
+    # a bpfs that does not run
+    broken = tmp_path / "broken"
+    broken.write_text("#!/bin/sh\necho 'ModuleNotFoundError: No module named bpfs' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    proc = run_helper("/s", str(tmp_path), "-fv", env_extra={"BPFS_BIN": str(broken)})
+    assert proc.returncode == 32 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "does not run" in proc.stderr and "No module named bpfs" in proc.stderr, proc.stderr
+    # no mount point
+    ok = fake_bpfs(tmp_path)
+    proc = run_helper("/s", str(tmp_path / "nowhere"), "-fv", env_extra={"BPFS_BIN": str(ok)})
+    assert proc.returncode == 32 and "mount point" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    # all there: 0, with the version found and the command
+    proc = run_helper("/s", str(tmp_path), "-fv", "-o", "keyfile=/k", env_extra={"BPFS_BIN": str(ok)})
     assert proc.returncode == 0, proc.stderr
-    assert would_run(proc) == ["bpfs", "mount", "/s", "/d", "-o", "keyfile=/k"]
+    assert f"found {ok} (bpfs, version 0.1.0)" in proc.stderr, proc.stderr
+    assert would_run(proc) == [str(ok), "mount", "/s", str(tmp_path), "-o", "keyfile=/k"]
 
 
-def test_fake_mode_is_silent_without_verbose():
-    proc = run_helper("/s", "/d", "-f", "-o", "keyfile=/k")
+def test_fake_mode_is_silent_without_verbose(tmp_path):
+    proc = run_helper("/s", str(tmp_path), "-f", "-o", "keyfile=/k", env_extra={"BPFS_BIN": str(fake_bpfs(tmp_path))})
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+    proc = run_helper("/s", str(tmp_path), "-f", "-o", "keyfile=/k")  # silent, but not when bpfs is missing
+    assert proc.returncode == 32 and "cannot find the bpfs program" in proc.stderr, proc.stderr
+
+
+def test_find_bpfs_prefers_the_installed_path(tmp_path, monkeypatch):
+    """`make install` writes INSTALLED_BPFS into the helper it installs: it wins over PATH."""
+    installed = fake_bpfs(tmp_path)
+    other = tmp_path / "bin"
+    other.mkdir()
+    fake_bpfs(other)
+    monkeypatch.setattr(mh, "INSTALLED_BPFS", str(installed))
+    assert mh.find_bpfs({"PATH": str(other)}, str(tmp_path / "sbin" / "mount.bpfs")) == str(installed)
 
 
 def test_usage_error_exits_1():
