@@ -12,11 +12,8 @@ from __future__ import annotations
 import functools
 import json
 import os
-import pty
 import re
-import select
 import subprocess
-import time
 from contextlib import asynccontextmanager
 
 import pytest
@@ -35,7 +32,7 @@ from bpfs.rendezvous.words import WORDS
 from broker.config import BrokerConfig
 from broker.server import serve as serve_broker
 from tests.helpers.broker import BrokerProcess
-from tests.helpers.cli import PYTHON, REPO
+from tests.helpers.cli import PYTHON, REPO, run_on_a_terminal
 from tests.helpers.partners import Store, wait_for
 
 pytestmark = pytest.mark.timeout(300)
@@ -61,39 +58,6 @@ def active_peers(store: Store) -> set[str]:
 
 # =========================================================================== pairing codes
 
-def run_in_a_terminal(cmd: list[str], env: dict, answer: str, prompt: str, timeout: float = 120) -> tuple[int, str]:
-    """Run `cmd` on a pseudo-terminal (so it asks, as it would a person), type `answer` once
-    `prompt` shows, and return (exit status, everything it wrote)."""
-    leader, follower = pty.openpty()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=follower, stdout=follower, stderr=follower,
-                            start_new_session=True)
-    os.close(follower)
-    out, answered = b"", False
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([leader], [], [], 0.2)
-            if ready:
-                try:
-                    chunk = os.read(leader, 4096)
-                except OSError:  # the process closed the terminal
-                    break
-                if not chunk:
-                    break
-                out += chunk
-                if not answered and prompt.encode() in out:
-                    os.write(leader, answer.encode() + b"\n")
-                    answered = True
-            elif proc.poll() is not None:
-                break
-        rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        os.close(leader)
-    return rc, out.decode(errors="replace").replace("\r\n", "\n")
-
-
 def test_codes_have_three_words_and_both_sides_are_told_to_compare_peer_ids(tmp_path):
     broker = BrokerProcess(tmp_path / "broker").start()
     a, b = Store(tmp_path / "a"), Store(tmp_path / "b")
@@ -111,7 +75,7 @@ def test_codes_have_three_words_and_both_sides_are_told_to_compare_peer_ids(tmp_
         # the printed code line itself says whom the partner must see, and to compare
         assert a.peer_id in line and "compare peer ids" in line, line
 
-        rc, shown = run_in_a_terminal(pair_command(b, code), b.env, "y", "do you pair with it?")
+        rc, shown, _ = run_on_a_terminal(pair_command(b, code), b.env, "y", prompt=r"do you pair with it\?[^\n]*$")
         out, err = creator.communicate(timeout=120)
         assert rc == 0 and creator.returncode == 0, f"{shown}\n{err}"
         # the joiner's question: the creator's peer id, and to check it over another channel
