@@ -34,14 +34,15 @@ from dataclasses import dataclass
 
 import trio
 
-from ..config import DEFAULT_PORT, BrokerAddress, ConfigError, format_address, parse_address
+from ..config import DEFAULT_PORT, BrokerAddress, format_address
 from ..net.codec import ProtocolError
 from ..net.quic import RelayPath, TransportError
 from ..net.rpc import Dispatcher, RemoteError, request
 from ..rendezvous import wire as B
 from ..rendezvous.beacon import SLOTS, beacon_key, beacon_lookup_key
 from ..rendezvous.brokers import BrokerUnavailable, resolve
-from ..rendezvous.dialer import DIRECT_TIMEOUT, PUNCH_WINDOW, RELAY_TIMEOUT, NoRoute, dial_first, lookup_key_for
+from ..rendezvous.dialer import (DIRECT_TIMEOUT, PUNCH_WINDOW, RELAY_TIMEOUT, NoRoute, dial_first, lookup_key_for,
+                                 parse_addresses)
 from . import protocol as P
 
 log = logging.getLogger(__name__)
@@ -151,18 +152,6 @@ class Lookups:
         path = RelayPath(self.address[0], self.address[1], bytes(reply.session))
         self.endpoint.add_relay_session(path)
         return path
-
-
-def _parse(texts) -> list:
-    out = []
-    for text in texts:
-        try:
-            addr = parse_address(text)
-        except ConfigError:
-            continue
-        if addr[1] and addr not in out:
-            out.append(addr)
-    return out
 
 
 def split_host_port(text: str) -> tuple[str, int]:
@@ -283,7 +272,7 @@ class Source:
             try:
                 found = await self.lookups.lookup(self.key)
                 self.announced = True
-                direct += [a for a in _parse([found.observed, *found.addresses]) if a not in direct]
+                direct += [a for a in parse_addresses([found.observed, *found.addresses]) if a not in direct]
                 relay = found.online
                 if not found.online:
                     note = " (not connected to the broker)"

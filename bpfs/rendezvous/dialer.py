@@ -72,7 +72,8 @@ def _show(addr) -> str:
     return str(addr) if isinstance(addr, RelayPath) else format_address(addr)
 
 
-def _parse(texts) -> list:
+def parse_addresses(texts) -> list:
+    """The dialable (host, port) addresses among `texts`, in order, once each; the rest skipped."""
     out = []
     for text in texts:
         try:
@@ -94,14 +95,14 @@ class Dialer:
 
     async def reach(self, peer: str, addresses: list[str], key: B.LookupKey | None) -> Connection:
         """A connection to `peer`. `key` is our lookup key for it (None: no broker help)."""
-        direct = _parse(addresses)
+        direct = parse_addresses(addresses)
         # the broker that helps (None: none does; it needs our lookup `key` for the peer)
         broker = self.broker if key is not None and self.broker is not None and self.broker.configured else None
         found_note = ""
         if broker is not None and key is not None:
             try:
                 found = await broker.lookup(key)
-                direct += [a for a in _parse([found.observed, *found.addresses]) if a not in direct]
+                direct += [a for a in parse_addresses([found.observed, *found.addresses]) if a not in direct]
                 found_note = "" if found.online else " (not connected to the broker)"
             except RemoteError as e:
                 found_note = f" (broker: {e.message})"
