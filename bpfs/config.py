@@ -31,7 +31,8 @@
     fail_fraction = 0.1          # more than this fraction of our packs there failing (and >= 2): "failed"
 
     [partners]
-    listen = "0.0.0.0:7450"      # UDP address the daemon serves partners on; "none" = do not listen
+    listen = "0.0.0.0:7450"      # UDP address the daemon serves partners on; "none" = do not listen.
+                                 # A store without partners or a pairing in progress answers no one.
     grace_days = 30              # data a partner asked us to delete is kept this long
     brokers = ["broker.bpfs.net"]  # rendezvous brokers, tried in order ("HOST[:PORT][/PEER_ID]");
                                  # [] = none. The environment variable BPFS_BROKER (comma-separated,
@@ -380,7 +381,8 @@ SETTINGS: tuple[tuple[str, str, str, str], ...] = (
     ("trust", "suspect_after", "duration", 'unreachable this long: "suspect"'),
     ("trust", "fail_score", "number", 'an audit score below this: "failed"'),
     ("trust", "fail_fraction", "number", 'more than this fraction of our packs there failing (and >= 2): "failed"'),
-    ("partners", "listen", "address", 'UDP address the daemon serves partners on; "none" = do not listen'),
+    ("partners", "listen", "address", 'UDP address the daemon serves partners on; "none" = do not listen. '
+                                      "A store answers there only once it has a partner or expects a pairing"),
     ("partners", "grace_days", "number", "days data a partner asked us to delete is kept"),
     ("partners", "brokers", "brokers", 'rendezvous brokers, tried in order ("HOST[:PORT][/PEER_ID]"); [] = none; '
                                        "BPFS_BROKER and --broker override it"),

@@ -575,8 +575,10 @@ class Endpoint:
     def __init__(self, sock: socket.socket, authenticator, config: TransportConfig, nursery: trio.Nursery, *,
                  listen: bool, accept_peer: Callable[[str], bool] | None,
                  on_datagram: Callable[[bytes, tuple], None] | None = None,
-                 known_host: Callable[[str], bool] | None = None):
+                 known_host: Callable[[str], bool] | None = None,
+                 admitting: Callable[[], bool] | None = None):
         self._sock = sock
+        self._admitting = admitting
         self._authenticator = authenticator
         self._cfg = config
         self._nursery = nursery
@@ -774,6 +776,7 @@ class Endpoint:
         if (
             not self._listen
             or header.packet_type != QuicPacketType.INITIAL
+            or (self._admitting is not None and not self._admitting())
             or header.version not in (QuicProtocolVersion.VERSION_1, QuicProtocolVersion.VERSION_2)
             or len(data) < _MIN_INITIAL_SIZE
             or not 8 <= len(header.destination_cid) <= 20
@@ -928,7 +931,8 @@ async def open_endpoint(authenticator, host: str = "127.0.0.1", port: int = 0, *
                         config: TransportConfig | None = None, listen: bool = True,
                         accept_peer: Callable[[str], bool] | None = None,
                         on_datagram: Callable[[bytes, tuple], None] | None = None,
-                        known_host: Callable[[str], bool] | None = None):
+                        known_host: Callable[[str], bool] | None = None,
+                        admitting: Callable[[], bool] | None = None):
     """An `Endpoint` on a new UDP socket, running until the block exits (then every
     connection is closed). `authenticator` is an `Identity` (Ed25519 authentication,
     see `auth`) or an object with `authenticate(conn, stream, accept)`.
@@ -936,7 +940,10 @@ async def open_endpoint(authenticator, host: str = "127.0.0.1", port: int = 0, *
     the datagrams that are not QUIC (first byte without the fixed bit) and not a relay frame of a
     session this endpoint accepts (`add_relay_session`); without it they are dropped.
     `known_host(ip) -> bool` names the hosts of known peers (partners): their clients, once they
-    proved their address, may evict any other pending connection (see the module docstring)."""
+    proved their address, may evict any other pending connection (see the module docstring).
+    `admitting() -> bool` says whether a listening endpoint takes new incoming connections now
+    (None: always); while it says no, client Initials are dropped unanswered, as by an endpoint
+    that does not listen (the socket stays bound: its connections out and their replies go on)."""
     from .auth import Ed25519Authenticator
 
     if not hasattr(authenticator, "authenticate"):
@@ -946,7 +953,7 @@ async def open_endpoint(authenticator, host: str = "127.0.0.1", port: int = 0, *
     try:
         async with trio.open_nursery() as nursery:
             ep = Endpoint(sock, authenticator, config, nursery, listen=listen, accept_peer=accept_peer,
-                          on_datagram=on_datagram, known_host=known_host)
+                          on_datagram=on_datagram, known_host=known_host, admitting=admitting)
             nursery.start_soon(ep._receive_loop)
             nursery.start_soon(ep._send_loop)
             try:

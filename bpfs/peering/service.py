@@ -284,6 +284,7 @@ class PartnerService:
         self._paired_event = trio.Event()
         self._known_hosts: set[str] = set()
         self._known_hosts_at = float("-inf")
+        self._admitting_cached, self._admitting_at = False, float("-inf")
 
     def _listen_port(self) -> int:
         return self.endpoint.local_address[1] if self.endpoint is not None and self.listen else 0
@@ -293,6 +294,7 @@ class PartnerService:
             self.replicator.wake()
 
     def _partners_changed(self, partner: Partner | None = None) -> None:
+        self._admitting_at = float("-inf")
         self._changed()
         if self.broker is not None:
             self.broker.changed()  # who may look us up changed: announce again
@@ -379,6 +381,21 @@ class PartnerService:
                     log.warning("the recovery beacon %s gave us is malformed: not announced", p.peer_id)
         return keys
 
+    def _admitting(self) -> bool:
+        """Whether the endpoint takes new incoming connections: only with a reason, that is a
+        partner in the ledger (active, or unpaired and still holding or held), an invitation not
+        yet expired, or a pairing by code in progress. A store without any of these answers no
+        one (`docs`: a fresh store is not reachable from the network until it pairs)."""
+        if self.broker is not None and self.broker.holding:
+            return True
+        now = time.monotonic()
+        if now - self._admitting_at > ADMITTING_TTL:
+            wall = time.time()
+            self._admitting_cached = bool(self.ledger.partners()) or any(
+                inv.expires > wall for inv in self.ledger.invites())
+            self._admitting_at = now
+        return self._admitting_cached
+
     def _known_host(self, ip: str) -> bool:
         """Whether `ip` is where an active partner was last seen or is dialled: its handshakes get
         room in a flood (`net.quic`). The ledger is read at most every KNOWN_HOSTS_TTL seconds."""
@@ -423,7 +440,7 @@ class PartnerService:
         host, port = parse_address(self.listen) if self.listen else ("0.0.0.0", 0)
         try:
             cm = open_endpoint(self.identity, host, port, config=self.transport, listen=bool(self.listen),
-                               known_host=self._known_host)
+                               known_host=self._known_host, admitting=self._admitting)
             async with cm as ep:
                 self.endpoint = ep
                 async with trio.open_nursery() as nursery:
@@ -525,6 +542,7 @@ class PartnerService:
         if peer == self.identity.peer_id:
             raise PeeringError("that is this store's own peer id", exit_code=2)
         inv = self.holder.invite(peer, offer, ask, INVITE_VALID)
+        self._admitting_at = float("-inf")  # an invited peer may connect now
         return {"peer_id": peer, "offer": offer, "ask": ask, "expires": inv.expires}
 
     async def op_probe(self, address: str) -> dict:
@@ -543,7 +561,9 @@ class PartnerService:
             raise PeeringError(f"no bpfs store answered at {format_address(addr)} within {PAIR_TIMEOUT:.0f} s") \
                 from None
         except NoAnswer as e:
-            raise PeeringError(f"no bpfs store answered at {format_address(addr)} within {e.waited:.0f} s") from None
+            raise PeeringError(f"no bpfs store answered at {format_address(addr)} within {e.waited:.0f} s (a store "
+                               "without partners answers only while it expects a pairing: run `bpfs pair --accept "
+                               f"{self.identity.peer_id}` there first)") from None
         except WrongPeer as e:
             raise PeeringError(f"the store at {format_address(addr)} has peer id {e.peer_id}, not {expect} "
                                "(check --expect: nothing was paired)") from None
@@ -781,6 +801,7 @@ class PartnerService:
 
 RESTART_PAUSE = 5.0
 KNOWN_HOSTS_TTL = 10.0  # seconds the partners' hosts are cached for the endpoint's admission
+ADMITTING_TTL = 2.0  # seconds "do we take incoming connections at all" is cached (changes reset it)
 DURABILITY_GAP = 2.0
 SYNC_SPOT_CHECKS = 3  # rounds of replicate-then-audit a sync makes before it gives up
 

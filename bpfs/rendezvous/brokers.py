@@ -109,6 +109,11 @@ class BrokerClient:
     def release(self) -> None:
         self._holds -= 1
 
+    @property
+    def holding(self) -> bool:
+        """Whether a pairing in progress holds the broker connection (see `hold`)."""
+        return self._holds > 0
+
     async def connection(self, timeout: float = CONNECT_TIMEOUT) -> Connection:
         """The broker connection, waiting up to `timeout` for one; BrokerUnavailable if none."""
         if not self.brokers:

@@ -241,6 +241,7 @@ def test_a_broker_that_points_to_an_impostor_cannot_make_us_pair_with_it(tmp_pat
     b = Store(tmp_path / "b")
     c = Store(tmp_path / "c")  # the impostor
     c.bpfs("serve", "--listen", "127.0.0.1:0")
+    c.bpfs("pair", "--accept", b.peer_id)  # an impostor answers handshakes (this one expects a pairing)
     os.environ["IMPOSTOR"] = c.address()
     try:
         liar = BrokerProcess(tmp_path, preamble=LIAR_PREAMBLE).start()
