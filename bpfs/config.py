@@ -1,45 +1,15 @@
 """A store's settings: `STORE/bpfs.toml`, optional, every key with a default.
 
-    [replication]
-    replicas = 2                 # partners that hold each pack (the first N active ones)
-    upload_limit = "0"           # bytes per second to all partners together; "5M"; 0 = no limit
-    window = ""                  # daily upload window in local time, "22:00-06:00"; empty = always
-    snapshot_interval = 300      # seconds between signed index snapshots while data changes
-    batch_bytes = "1M"           # ... once this much new data is pending (or a priority file changed) ...
-    batch_delay = "30min"        # ... else once the last snapshot is this old: small changes are batched
-    priority = [...]             # gitignore patterns replicated first (default: keys, wallets, ...)
-    max_file_size = ""           # files larger than this stay local, like .backupignore'd ones
-                                 # ("1G"; "" = no limit)
-
-    [history]                    # which snapshots are kept, here and at partners (see history)
-    keep_within = "24h"          # every snapshot of this long before the newest one
-    keep_daily = 30              # the newest of each of the last 30 days with snapshots (UTC)
-    keep_weekly = 8              # ... of the last 8 ISO weeks
-    keep_monthly = 12            # ... of the last 12 months
-    keep_last = 2                # the newest 2, whatever their age
-
-    [trust]
-    audit_interval = "1h"        # between scheduled audits of each partner (jittered by +-10 %)
-    detect_loss = 0.01           # a partner that silently lost this fraction of our packs ...
-    detect_probability = 0.99    # ... is caught with at least this probability ...
-    detect_within = "24h"        # ... within this time (when the audit budget allows: see README)
-    coverage_days = 30           # every pack at every partner is audited at least this often
-    audit_budget = 0.01          # audit traffic at most this fraction of what a partner holds, per 30 days
-    repair_after = "3d"          # unreachable this long: its share moves to other partners
-    suspect_after = "12h"        # unreachable this long: "suspect"
-    fail_score = 0.9             # an audit score below this: "failed" (see peering.reputation)
-    fail_fraction = 0.1          # more than this fraction of our packs there failing (and >= 2): "failed"
-
-    [partners]
-    listen = "0.0.0.0:7450"      # UDP address the daemon serves partners on; "none" = do not listen.
-                                 # A store without partners or a pairing in progress answers no one.
-    grace_days = 30              # data a partner asked us to delete is kept this long
-    brokers = ["broker.bpfs.net"]  # rendezvous brokers, tried in order ("HOST[:PORT][/PEER_ID]");
-                                 # [] = none. The environment variable BPFS_BROKER (comma-separated,
-                                 # or "none") and `--broker` override this.
+The settings, their sections, kinds and meanings are listed once, in `SETTINGS`; the defaults
+are `Config`'s. `default_config_text()` renders both as the commented `bpfs.toml` that `bpfs
+init` writes (`python -c 'import bpfs.config as c; print(c.default_config_text())'` shows it).
+Sections: [replication] (what leaves the machine, when, how fast), [history] (which snapshots
+are kept, here and at partners), [trust] (audits, reputation, repair) and [partners] (where the
+daemon listens, the grace period, the brokers).
 
 Sizes are bytes or a number with K, M, G, T (binary: 1G = 1 GiB), optionally followed by
-"iB" or "B". Durations are seconds or a number with s, min (or m), h, d. Owns parsing and validating these; an invalid file is a clear one-line error.
+"iB" or "B". Durations are seconds or a number with s, min (or m), h, d. Owns parsing and
+validating these; an invalid file is a clear one-line error.
 """
 
 from __future__ import annotations
