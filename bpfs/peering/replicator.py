@@ -608,12 +608,23 @@ class Replicator:
         behind: list[str] = []
         if short := self.shortfall():
             behind.append(short)
+        assigned = {p.peer_id for p in self.assigned()}
+        now = trio.current_time()
         for p in self.counting():
             if not self.holds_root(p, generation):
                 prog = self.progress.get(p.peer_id)
-                behind.append(f"{p.peer_id}: " + (f"{prog.pending_packs} packs ({prog.pending_bytes} bytes) "
-                                                  f"pending, {prog.state}" if prog else "not started")
-                              + (f" ({prog.last_error})" if prog and prog.last_error else ""))
+                if prog is None:
+                    behind.append(f"{p.peer_id}: not contacted yet")
+                    continue
+                state, reason = partner_state(True, p.peer_id in assigned, prog,
+                                              connected=self.links.connection(p.peer_id) is not None,
+                                              unreachable=self.links.unreachable(p.peer_id),
+                                              limit=self.limiter.rate, now=now)
+                pending = (f"{prog.pending_packs} pack{'s' if prog.pending_packs != 1 else ''} "
+                           f"({format_size(prog.pending_bytes)}) to send" if prog.pending_packs
+                           else "the snapshot to send")
+                why = reason or prog.last_error
+                behind.append(f"{p.peer_id}: {pending}, {state}" + (f": {why}" if why else ""))
         return not behind, behind
 
     async def sync(self, generation: int, timeout: float | None) -> None:

@@ -178,3 +178,24 @@ def test_an_unpaired_partner_shows_what_it_still_holds(stores):
     assert "keeps 0 B" not in text and "still holds" in text, text
     rows = json.loads(a.bpfs("peers", "--json").stdout)
     assert [r["state"] for r in rows] == ["ended"], rows
+
+
+@pytest.mark.timeout(240)
+def test_sync_that_times_out_says_what_is_left_in_the_words_of_status(stores):
+    """`bpfs sync --timeout` that runs out names each partner behind with what is left to send
+    (sizes a person reads, not byte counts), the state word `bpfs status` shows, and why it waits."""
+    a = stores.owner("A")
+    b = stores.server("B")
+    (a.path / "bpfs.toml").write_text('[replication]\nupload_limit = "256K"\n')
+    b.serve()
+    a.mount()
+    pair(a, b)
+    write_random(a.mnt / "big.bin", 8 * MiB, seed=7)
+    wait_for(lambda: "bandwidth limit" in (_row(a, b.peer_id)["reason"] or ""), 90, "A to send to B, throttled",
+             interval=0.3)
+    cp = a.bpfs("sync", "--timeout", "3", check=False, timeout=120)
+    assert cp.returncode == 1, (cp.stdout, cp.stderr)
+    last = cp.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in cp.stderr and last.startswith("bpfs: sync timed out: not replicated yet: "), cp.stderr
+    assert f"{b.peer_id}: " in last and " to send, sending: held back by the bandwidth limit" in last, last
+    assert "MiB" in last and " bytes" not in last, last
