@@ -190,9 +190,15 @@ def test_sync_that_times_out_says_what_is_left_in_the_words_of_status(stores):
     b.serve()
     a.mount()
     pair(a, b)
-    write_random(a.mnt / "big.bin", 8 * MiB, seed=7)
-    wait_for(lambda: "bandwidth limit" in (_row(a, b.peer_id)["reason"] or ""), 90, "A to send to B, throttled",
-             interval=0.3)
+    write_random(a.mnt / "big.bin", 16 * MiB, seed=7)
+    seen = []
+
+    def throttled():
+        row = _row(a, b.peer_id)
+        seen.append((row["state"], row["reason"], row["pending_packs"], row["sent_bytes"]))
+        return "bandwidth limit" in (row["reason"] or "")
+
+    wait_for(throttled, 90, "A to send to B, throttled", interval=0.3, diag=lambda: str(seen[-5:]))
     cp = a.bpfs("sync", "--timeout", "3", check=False, timeout=120)
     assert cp.returncode == 1, (cp.stdout, cp.stderr)
     last = cp.stderr.strip().splitlines()[-1]
