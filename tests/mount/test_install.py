@@ -7,6 +7,7 @@ installed `mount.bpfs` exactly as `mount -t bpfs` (an fstab line) runs it."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -61,6 +62,22 @@ def test_make_install_with_destdir_stages_the_whole_tree(tmp_path):
     assert cp.returncode == 0 and cp.stdout.startswith(str(lib)), cp.stdout + cp.stderr
     cp = run([lib / "bin/python", "-m", "bpfs", "--help"], cwd=tmp_path)
     assert cp.returncode == 0 and "mount" in cp.stdout, cp.stderr
+    # the man pages (tests/unit/test_manpages.py checks what is in them), where man looks for them
+    man = dest / "usr/local/share/man"
+    assert {p.name for p in (man / "man8").iterdir()} == {"mount.bpfs.8"}
+    pages = {p.name for p in (man / "man1").iterdir()}
+    assert {"bpfs.1", "bpfs-mount.1", "bpfs-umount.1", "bpfs-serve.1", "bpfs-broker.1"} <= pages
+    assert all(p == "bpfs.1" or p.startswith("bpfs-") for p in pages), pages
+    if shutil.which("man"):
+        for page, section in (("bpfs", "1"), ("bpfs-mount", "1"), ("bpfs-broker", "1"), ("mount.bpfs", "8")):
+            cp = run(["man", "-M", man, "-w", section, page], cwd=tmp_path)
+            assert cp.returncode == 0 and cp.stdout.strip() == f"{man}/man{section}/{page}.{section}", cp.stderr
+    # make uninstall (same variables) removes what make install put there, man pages too
+    cp = subprocess.run(["make", "--no-print-directory", "-C", str(REPO), "uninstall", f"DESTDIR={dest}",
+                         "PREFIX=/usr/local"], capture_output=True, text=True, timeout=120)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    left = sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if not p.is_dir())
+    assert left == [], left
 
 
 def test_make_install_then_mount_bpfs_mounts_as_fstab_does(tmp_path):
