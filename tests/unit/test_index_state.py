@@ -170,3 +170,46 @@ def test_killed_between_the_commit_and_the_logs_truncation(tmp_path, keys):
         assert idx.replayed and idx.get_attr(1).size == 2
     finally:
         idx.close()
+
+
+def test_a_failed_atomic_section_puts_back_every_record_and_a_nested_one_only_its_own(tmp_path, keys):
+    """`atomic` undoes its writes itself (no LMDB nested transaction): overwritten records get
+    their old bytes back, new ones go, deleted ones return; an inner section that fails inside an
+    outer one that goes on undoes only the inner writes. The redo log follows: a reopen after a
+    kill replays exactly what stayed."""
+    idx = reopen(tmp_path / "index", keys)
+    try:
+        idx.put_attr(Attr(1, 0o40755, 0, 0, 2))
+        idx.add_entry(1, b"keep", 2)
+        idx.add_entry(1, b"gone", 3)
+        idx.commit()
+        before = {t: dict(idx.txn.cursor(db=idx._db[t]).iternext()) for t in ("inodes", "dirents")}
+        state = idx._state
+        with pytest.raises(RuntimeError):
+            with idx.atomic():
+                idx.put_attr(Attr(1, 0o40755, 0, 0, 9))  # an overwrite
+                idx.add_entry(1, b"new", 4)  # a new record
+                idx.remove_entry(1, b"gone")  # a delete
+                raise RuntimeError("abort")
+        after = {t: dict(idx.txn.cursor(db=idx._db[t]).iternext()) for t in ("inodes", "dirents")}
+        assert after == before and idx._state == state == idx.scan_state()
+        assert idx.get_attr(1).nlink == 2 and idx.lookup(1, b"new") is None and idx.lookup(1, b"gone") == 3
+
+        with idx.atomic():
+            idx.add_entry(1, b"outer", 5)
+            with pytest.raises(RuntimeError):
+                with idx.atomic():
+                    idx.add_entry(1, b"inner", 6)
+                    idx.remove_entry(1, b"keep")
+                    raise RuntimeError("inner abort")
+            idx.add_entry(1, b"after", 7)
+        assert [idx.lookup(1, n) for n in (b"outer", b"inner", b"keep", b"after")] == [5, None, 2, 7]
+        assert idx._state == idx.scan_state()
+        idx.save()  # what a killed daemon leaves: the redo log, no commit
+    finally:
+        idx.close()
+    idx = reopen(tmp_path / "index", keys)
+    try:
+        assert [idx.lookup(1, n) for n in (b"outer", b"inner", b"keep", b"after", b"gone")] == [5, None, 2, 7, 3]
+    finally:
+        idx.close()
