@@ -1,13 +1,17 @@
 """Raw QUIC ceiling on this machine: one stream, 256 MiB, loopback, bpfs.net transport.
 
 Standalone:  .venv/bin/python bench/quic_ceiling.py [--mib 256] [--datagram 1452]
-             [--cc reno|cubic] [--mode process|inproc|memory]
+             [--cc reno|cubic] [--mode process|inproc|memory] [--offload on|off]
 
 - process  (default) the receiver runs in a child process, the sender here: each side
            has its own core, as two peers would.
 - inproc   both ends in one trio event loop (one core for both).
 - memory   two bare aioquic QuicConnections exchanging datagrams in memory: no sockets,
            no trio, no bpfs code: the pure aioquic CPU cost, for comparison.
+
+--offload off sets `TransportConfig.udp_offload=False` on both ends: one datagram per
+system call instead of UDP GSO / GRO batches (see bpfs/net/udp.py); the datagrams per
+call of each side are printed either way.
 
 Prints throughput (MB/s = 10^6 bytes/s, and MiB/s) and CPU seconds per GiB moved, per
 side and in total. The payload is SHA-256-checked end to end (outside the CPU figures of
@@ -36,7 +40,7 @@ from bpfs.identity import Identity  # noqa: E402
 from bpfs.net.quic import TransportConfig, open_endpoint  # noqa: E402
 
 CHUNK = 1 << 20
-_REPORT = struct.Struct(">ddd32s")  # receiver CPU seconds, on-cpu, waiting, sha256
+_REPORT = struct.Struct(">ddd32sQQQQ")  # receiver CPU seconds, on-cpu, waiting, sha256, its udp counts
 
 
 def _sched() -> tuple[float, float]:
@@ -54,7 +58,14 @@ def _payload_chunk() -> bytes:
 
 
 def _config(args) -> TransportConfig:
-    return TransportConfig(max_datagram_size=args.datagram, congestion_control=args.cc)
+    return TransportConfig(max_datagram_size=args.datagram, congestion_control=args.cc,
+                           udp_offload=getattr(args, "offload", "on") == "on")
+
+
+def _udp_counts(ep) -> tuple[int, int, int, int]:
+    """(send calls, datagrams sent, receive calls, datagrams received) of an endpoint's socket."""
+    u = ep.udp
+    return u.send_calls, u.sent, u.recv_calls, u.received
 
 
 async def _receive(stream) -> tuple[float, float, float, bytes]:
@@ -74,7 +85,7 @@ async def _serve(args) -> None:
         print(ep.local_address[1], flush=True)
         conn = await ep.accept()
         stream = await conn.accept_stream()
-        await stream.send(_REPORT.pack(*await _receive(stream)), end=True)
+        await stream.send(_REPORT.pack(*await _receive(stream), *_udp_counts(ep)), end=True)
         with trio.move_on_after(5):
             await conn.wait_closed()
 
@@ -98,20 +109,22 @@ async def _process_mode(args, total: int) -> dict:
     # Set-up, before anything is timed and before any other task runs: blocking here stalls nothing.
     child = subprocess.Popen(  # noqa: ASYNC220
         [sys.executable, os.path.abspath(__file__), "--serve", "--datagram", str(args.datagram),  # noqa: ASYNC240
-         "--cc", args.cc],
+         "--cc", args.cc, "--offload", getattr(args, "offload", "on")],
         stdout=subprocess.PIPE, text=True)
     try:
         port = int(child.stdout.readline())
         async with open_endpoint(Identity(os.urandom(32)), listen=False, config=_config(args)) as ep:
             conn = await ep.connect(("127.0.0.1", port))
             r = await _send(conn, total, _payload_chunk())
+            r["udp_send"] = _udp_counts(ep)
             await conn.aclose()
         child.wait(timeout=10)
     finally:
         if child.poll() is None:
             child.kill()
-    cpu_recv, run, wait, remote_digest = _REPORT.unpack(r["report"])
-    return dict(r, cpu_recv=cpu_recv, sched_recv=(run, wait), ok=r["digest"] == remote_digest)
+    cpu_recv, run, wait, remote_digest, *udp_recv = _REPORT.unpack(r["report"])
+    return dict(r, cpu_recv=cpu_recv, sched_recv=(run, wait), ok=r["digest"] == remote_digest,
+                udp_recv=tuple(udp_recv))
 
 
 async def _inproc_mode(args, total: int) -> dict:
@@ -122,12 +135,14 @@ async def _inproc_mode(args, total: int) -> dict:
             async def serve():
                 conn = await srv.accept()
                 stream = await conn.accept_stream()
-                await stream.send(_REPORT.pack(*await _receive(stream)), end=True)
+                await stream.send(_REPORT.pack(*await _receive(stream), *_udp_counts(srv)), end=True)
 
             nursery.start_soon(serve)
             conn = await cli.connect(srv.local_address)
             r = await _send(conn, total, _payload_chunk())
-    return dict(r, cpu_recv=None, ok=r["digest"] == _REPORT.unpack(r["report"])[3])
+            r["udp_send"] = _udp_counts(cli)
+    return dict(r, cpu_recv=None, ok=r["digest"] == _REPORT.unpack(r["report"])[3],
+                udp_recv=_REPORT.unpack(r["report"])[4:])
 
 
 def _memory_mode(args, total: int) -> dict:
@@ -192,6 +207,8 @@ def main() -> None:
     ap.add_argument("--datagram", type=int, default=1452, help="max_datagram_size (default 1452)")
     ap.add_argument("--cc", default="reno", choices=["reno", "cubic"])
     ap.add_argument("--mode", default="process", choices=["process", "inproc", "memory"])
+    ap.add_argument("--offload", default="on", choices=["on", "off"],
+                    help="UDP GSO / GRO batching (TransportConfig.udp_offload; default on)")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -203,7 +220,8 @@ def main() -> None:
     else:
         r = trio.run(_process_mode if args.mode == "process" else _inproc_mode, args, total)
     gib = total / (1 << 30)
-    print(f"mode={args.mode} size={args.mib} MiB datagram={args.datagram} cc={args.cc} ok={r['ok']}")
+    offload = "" if args.mode == "memory" else f" offload={args.offload}"
+    print(f"mode={args.mode} size={args.mib} MiB datagram={args.datagram} cc={args.cc}{offload} ok={r['ok']}")
     print(f"throughput: {total / r['wall'] / 1e6:.1f} MB/s ({total / r['wall'] / (1 << 20):.1f} MiB/s), "
           f"{r['wall']:.2f} s")
     if r["cpu_recv"] is None:
@@ -221,6 +239,12 @@ def main() -> None:
         wall = r["wall"]
         print(f"{name}: on-cpu {run / wall:.0%}, waiting for a cpu {wait / wall:.0%}, "
               f"blocked {max(0.0, wall - run - wait) / wall:.0%} of {wall:.1f} s")
+    for name, counts in (("sender", r.get("udp_send")), ("receiver", r.get("udp_recv"))):
+        if counts:
+            send_calls, sent, recv_calls, received = counts
+            print(f"{name} socket: {sent} datagrams out in {send_calls} calls "
+                  f"({sent / max(1, send_calls):.1f} a call), {received} in from {recv_calls} reads "
+                  f"({received / max(1, recv_calls):.1f} a read)")
     if not r["ok"]:
         sys.exit(1)
 

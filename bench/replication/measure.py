@@ -213,6 +213,8 @@ def run_replication(tmp: Path, nbytes: int, runs: int, cleanup: Cleanup, log: Ca
         columns.remove("rsync")
     if os.geteuid() != 0:
         out["notes"].append("not root: the page cache cannot be dropped before the transfers")
+    if os.environ.get("BPFS_UDP_OFFLOAD", "1") == "0":  # (inherited by the daemons and the ceiling)
+        out["notes"].append("BPFS_UDP_OFFLOAD=0: UDP GSO / GRO off, one datagram per system call")
 
     src = base / "src" / "data.bin"
     src.parent.mkdir()

@@ -5,8 +5,8 @@ every resource bound. It sits on top of the other transport modules and none of 
 imports it: `machine` adapts aioquic itself (the only module touching its internals) and
 keeps the receive credit, `stream` is one stream (`Connection` implements its
 `stream.StreamHost` interface), `relay` frames relayed datagrams, `auth` authenticates the
-peer on stream 0 before a connection is handed to the application. Nothing here knows
-about files.
+peer on stream 0 before a connection is handed to the application, `udp` makes the system
+calls that move datagrams (batched with UDP GSO / GRO). Nothing here knows about files.
 
 Objects
 -------
@@ -27,7 +27,9 @@ batches, then lets each touched connection process events and transmit), one dra
 send backlog, and per connection a timer task (aioquic `get_timer` / `handle_timer`)
 and an establishment task (handshake + authentication). aioquic is only called from the
 trio thread, sends never block (non-blocking socket; a bounded backlog while the kernel
-buffer is full).
+buffer is full). What one transmit yields for one destination goes out in as few system
+calls as `udp` can (GSO: up to 64 datagrams a call), and a read may bring several
+datagrams (GRO), split apart before routing (`TransportConfig.udp_offload`).
 
 Bounds (`TransportConfig`)
 --------------------------
@@ -68,12 +70,13 @@ from __future__ import annotations
 
 import collections
 import ipaddress
+import itertools
 import logging
 import math
 import socket
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 import trio
 from aioquic.buffer import Buffer
@@ -88,6 +91,7 @@ from .machine import CID_LENGTH
 from .relay import RELAY_OVERHEAD, RelayPath, is_quic, parse_relay_frame, relay_frame
 from .retry import RetryTokens, retry_packet
 from .stream import Stream, StreamHost
+from .udp import MAX_SEGMENTS, UdpSocket
 
 __all__ = [
     "AuthenticationError", "Code", "Connection", "ConnectionClosed", "Endpoint", "LimitExceeded", "NoAnswer",
@@ -98,7 +102,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _MIN_INITIAL_SIZE = 1200  # RFC 9000 section 14.1: client Initial datagrams are padded to this
-_RECV_BATCH = 64  # datagrams read per wake-up before processing
+_RECV_BATCH = 64  # datagrams read per wake-up before processing (a GRO read may bring up to 63 more)
 _MAX_SEND_BACKLOG = 4096  # datagrams queued while the kernel send buffer is full
 _MAX_RELAY_SESSIONS = 256  # relay sessions an endpoint accepts frames for (the oldest go first)
 
@@ -128,6 +132,8 @@ class TransportConfig:
         max_streams:          concurrent streams the peer may open per connection.
         socket_buffer:        SO_RCVBUF / SO_SNDBUF of the endpoint's socket.
         congestion_control:   "reno" or "cubic".
+        udp_offload:          batch datagrams per system call with UDP GSO / GRO where the
+                              kernel offers them (see `udp`); False: one datagram per call.
     """
 
     max_datagram_size: int = 1452  # UDP payload: fills a 1500-byte MTU over IPv6 (40 + 8 bytes of headers)
@@ -144,6 +150,7 @@ class TransportConfig:
     max_streams: int = 64  # concurrent streams the peer may open per connection
     socket_buffer: int = 4 << 20  # SO_RCVBUF / SO_SNDBUF
     congestion_control: str = "reno"  # "reno" or "cubic"
+    udp_offload: bool = True  # UDP GSO / GRO where the kernel has them (see `udp`)
 
     def __post_init__(self):
         if not 1200 <= self.max_datagram_size <= 65527:
@@ -326,9 +333,9 @@ class Connection:
         if self._terminated:
             return
         quic = self._quic
-        sendto = self._ep._sendto
-        for data, addr in quic.datagrams_to_send(now=trio.current_time()):
-            sendto(data, addr)
+        datagrams = quic.datagrams_to_send(now=trio.current_time())
+        if datagrams:
+            self._ep._send(datagrams)
         if self.send_waiters:
             for stream in list(self.send_waiters):
                 stream.on_transmit()
@@ -566,6 +573,8 @@ class Endpoint:
     Attributes:
         local_address:     the socket's (host, port).
         socket_buffers:    (SO_RCVBUF, SO_SNDBUF) as the kernel granted them.
+        udp:               the socket's datagram I/O (`udp.UdpSocket`: whether GSO / GRO are
+                           on, system calls and datagrams counted).
         dropped_datagrams: datagrams dropped as garbage, unroutable or unwanted.
         retries_sent:      client Initials answered with a Retry (see the module docstring).
         evicted:           pending connections evicted to make room for one that proved its address.
@@ -578,6 +587,7 @@ class Endpoint:
                  known_host: Callable[[str], bool] | None = None,
                  admitting: Callable[[], bool] | None = None):
         self._sock = sock
+        self.udp = UdpSocket(sock, offload=config.udp_offload)
         self._admitting = admitting
         self._authenticator = authenticator
         self._cfg = config
@@ -691,54 +701,77 @@ class Endpoint:
         return None
 
     def _sendto(self, data: bytes, addr) -> None:
-        if isinstance(addr, RelayPath):
-            data, addr = relay_frame(addr.session, data), addr.relay
-        if self._backlog:
-            if len(self._backlog) < _MAX_SEND_BACKLOG:
-                self._backlog.append((data, addr))
-            return
-        try:
-            self._sock.sendto(data, addr)
-        except BlockingIOError:
-            self._backlog.append((data, addr))
+        self._send([(data, addr)])
+
+    def _send(self, datagrams: list[tuple[bytes, Any]]) -> None:
+        """Send datagrams (data, address or `RelayPath`) now, a run for one destination in
+        as few calls as `udp` can; what the kernel has no room for waits in the backlog (in
+        order, at most `_MAX_SEND_BACKLOG`; beyond that they are dropped, as lost packets)."""
+        if any(isinstance(addr, RelayPath) for _, addr in datagrams):
+            datagrams = [(relay_frame(addr.session, data), addr.relay) if isinstance(addr, RelayPath) else (data, addr)
+                         for data, addr in datagrams]
+        backlog = self._backlog
+        if not backlog:
+            done = self._send_runs(datagrams)
+            if done == len(datagrams):
+                return
+            datagrams = datagrams[done:]
             self._backlog_wake.set()
-        except OSError as exc:  # ICMP errors surfacing, unreachable, ...: QUIC recovers
-            log.debug("sendto %s: %s", addr, exc)
+        backlog.extend(datagrams[:_MAX_SEND_BACKLOG - len(backlog)])
+
+    def _send_runs(self, datagrams: list[tuple[bytes, Any]]) -> int:
+        """Send `datagrams`, each run for one address in one `UdpSocket.send`; how many
+        went (fewer than all: the kernel buffer is full)."""
+        send, total, start = self.udp.send, len(datagrams), 0
+        while start < total:
+            addr = datagrams[start][1]
+            end = start + 1
+            while end < total and datagrams[end][1] == addr:
+                end += 1
+            run = [data for data, _ in datagrams[start:end]]
+            sent = send(run, addr)
+            start += sent
+            if sent < len(run):
+                break
+        return start
 
     async def _send_loop(self) -> None:
-        sock = self._sock
+        sock, backlog = self._sock, self._backlog
         while True:
             await self._backlog_wake.wait()
             self._backlog_wake = trio.Event()
-            while self._backlog:
+            while backlog:
                 await trio.lowlevel.wait_writable(sock)
-                while self._backlog:
-                    data, addr = self._backlog[0]
-                    try:
-                        sock.sendto(data, addr)
-                    except BlockingIOError:
+                while backlog:
+                    batch = list(itertools.islice(backlog, MAX_SEGMENTS))
+                    sent = self._send_runs(batch)
+                    for _ in range(sent):
+                        backlog.popleft()
+                    if sent < len(batch):
                         break
-                    except OSError as exc:
-                        log.debug("sendto %s: %s", addr, exc)
-                    self._backlog.popleft()
 
     async def _receive_loop(self) -> None:
-        sock = self._sock
+        sock, receive = self._sock, self.udp.receive
         while True:
             await trio.lowlevel.wait_readable(sock)
             touched: dict[Connection, None] = {}
-            for _ in range(_RECV_BATCH):
+            got = 0
+            for _ in range(_RECV_BATCH):  # reads, of one datagram each or (GRO) several
                 try:
-                    data, addr = sock.recvfrom(65536)
+                    datagrams, addr = receive()
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError:  # e.g. ECONNREFUSED from an earlier ICMP error
                     continue
                 if len(addr) > 2:  # IPv6: (host, port, flowinfo, scope_id); paths are (host, port)
                     addr = addr[:2]
-                conn = self._route(data, addr) if is_quic(data) else self._side_datagram(data, addr)
-                if conn is not None:
-                    touched[conn] = None
+                for data in datagrams:
+                    conn = self._route(data, addr) if is_quic(data) else self._side_datagram(data, addr)
+                    if conn is not None:
+                        touched[conn] = None
+                got += len(datagrams)
+                if got >= _RECV_BATCH:
+                    break
             for conn in touched:
                 conn._after_input()
 
