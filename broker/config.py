@@ -36,7 +36,8 @@ text is one line (the CLI prints it and exits 2). Sizes are bytes or a number wi
     max_connections_per_source = 16  # authenticated connections from one IP (IPv6: one /64)
     max_pending = 256                # connections still in the handshake
     max_pending_per_source = 8       # of those, from one IP
-    idle_timeout = 60                # seconds without a packet before a connection is dropped
+    idle_timeout = 60                # seconds without a packet before a connection is dropped (>= 45:
+                                     # stores ping every 15 s, bpfs.rendezvous.brokers.KEEPALIVE)
     request_rate = 50                # requests per second per identity, any kind (transport-level)
     request_burst = 100
     max_buckets = 65536              # rate-limit buckets held (least recently used dropped beyond it)
@@ -63,6 +64,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 
+from bpfs.rendezvous.brokers import KEEPALIVE
 from bpfs.rendezvous.wire import DEFAULT_BROKER_PORT, MAX_TTL
 
 DEFAULT_LISTEN = f"0.0.0.0:{DEFAULT_BROKER_PORT}"
@@ -153,6 +155,9 @@ _FLOATS = {"relay_idle", "relay_lifetime", "idle_timeout", "request_rate", "requ
            "sweep_interval", "stats_interval"}
 _AT_LEAST = {  # key: minimum value (everything else numeric must be >= 1)
     "relay_burst": 2048, "map_size": 1 << 20, "stats_interval": 0, "max_ttl": 10, "code_ttl": 10,
+    # QUIC takes the lower of both sides' idle timeouts: a store's pings (every KEEPALIVE seconds at
+    # most) must come well within it, or every store's broker connection idles out between two pings
+    "idle_timeout": 3 * KEEPALIVE,
 }
 
 

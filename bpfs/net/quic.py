@@ -180,6 +180,7 @@ class Connection:
 
     Attributes:
         is_client:       True if we dialled.
+        idle_timeout:    the idle timeout this side offers (the endpoint's, unless `connect` chose one).
         remote_address:  the peer's (host, port), or a `RelayPath` if relayed.
         peer_id:         (property) the authenticated peer's id (an error until authenticated).
         peer_public_key: (property) its Ed25519 public key (32 bytes; an error until authenticated).
@@ -195,9 +196,11 @@ class Connection:
     """
 
     def __init__(self, endpoint: "Endpoint", *, is_client: bool, address, odcid: bytes | None = None,
-                 retry_scid: bytes | None = None, accept: Callable[[bytes], bool] | None = None):
+                 retry_scid: bytes | None = None, accept: Callable[[bytes], bool] | None = None,
+                 idle_timeout: float | None = None):
         self._ep = endpoint
         self._cfg = cfg = endpoint._cfg
+        self.idle_timeout = cfg.idle_timeout if idle_timeout is None else idle_timeout
         self.is_client = is_client
         self.remote_address = address
         self._accept = accept
@@ -231,7 +234,7 @@ class Connection:
         # A relayed datagram carries the relay frame's header too: keep it within the same size.
         size = cfg.max_datagram_size - (RELAY_OVERHEAD if isinstance(address, RelayPath) else 0)
         self._quic = machine.make_quic(self._credit, is_client=is_client, odcid=odcid, retry_scid=retry_scid,
-                                       idle_timeout=cfg.idle_timeout,
+                                       idle_timeout=self.idle_timeout,
                                        max_datagram_size=size, congestion_control=cfg.congestion_control,
                                        max_streams=cfg.max_streams)
 
@@ -439,7 +442,7 @@ class Connection:
             else:
                 reason = ev.reason_phrase
                 if not by_peer and reason == "Idle timeout":
-                    reason = f"nothing heard from the peer for {self._cfg.idle_timeout:.0f} s (idle timeout)"
+                    reason = f"nothing heard from the peer for {self.idle_timeout:.0f} s (idle timeout)"
                 self._close_info = ConnectionClosed(ev.error_code, reason, by_peer=by_peer)
         self._tear_down()
 
@@ -618,9 +621,12 @@ class Endpoint:
 
     # ---- public API
 
-    async def connect(self, address, *, expected_peer: str | None = None) -> Connection:
+    async def connect(self, address, *, expected_peer: str | None = None,
+                      idle_timeout: float | None = None) -> Connection:
         """Dial `address` (ip, port), authenticate, and return the connection. With
-        `expected_peer` the peer must have that peer id (else `AuthenticationError`)."""
+        `expected_peer` the peer must have that peer id (else `AuthenticationError`). With
+        `idle_timeout` this connection offers its own instead of the endpoint's (QUIC then
+        takes the lower of both sides')."""
         await trio.lowlevel.checkpoint()
         if len(self._connections) >= self._cfg.max_connections:
             raise TransportError("too many connections")
@@ -631,7 +637,7 @@ class Endpoint:
             accept = lambda key: peer_id(key) == expected_peer  # noqa: E731
         if not isinstance(address, RelayPath):
             address = (str(ipaddress.ip_address(address[0])), int(address[1]))  # no DNS here
-        conn = Connection(self, is_client=True, address=address, accept=accept)
+        conn = Connection(self, is_client=True, address=address, accept=accept, idle_timeout=idle_timeout)
         self._connections.add(conn)
         conn._quic.connect(address, now=trio.current_time())
         self._register(conn._quic.host_cid, conn)
