@@ -10,6 +10,7 @@ import click
 
 from ..config import DEFAULT_LISTEN, format_address, load_config, parse_address, parse_brokers
 from ..errors import BpfsError
+from ..keyfile import KDF_PROFILES
 from ..store import key_path
 from .app import cli
 from .options import passphrase_option, resolve_store, store_argument, store_option, unlock
@@ -49,7 +50,10 @@ NAMING_OPTIONS = ("fsname", "subtype")  # what mount tables show (source, type f
 @click.option("--init", "create", is_flag=True,
               help="create the store first if STORE holds none, as `bpfs init` does (the new passphrase is "
                    "asked once and confirmed, and used for the mount too)")
-def mount(args, store_opt, foreground, options, passphrase_file, listen, brokers, create):
+@click.option("--kdf", type=click.Choice(sorted(KDF_PROFILES)), default=None,
+              help="with --init: the Argon2id cost of unlocking the new store, as `bpfs init --kdf` "
+                   "[default: moderate]")
+def mount(args, store_opt, foreground, options, passphrase_file, listen, brokers, create, kdf):
     """Mount STORE at MOUNTPOINT; returns once the mount is usable."""
     from ..daemon import mount as do_mount
 
@@ -59,6 +63,8 @@ def mount(args, store_opt, foreground, options, passphrase_file, listen, brokers
         store, mountpoint = args
     else:
         raise click.UsageError("expected [STORE] MOUNTPOINT")
+    if kdf is not None and not create:
+        raise BpfsError("--kdf chooses the cost of a new store: it needs --init", exit_code=2)
     opts = _parse_options(options)
     listen = listen or opts.pop("listen", None)
     _use_brokers(brokers or ([opts.pop("broker")] if opts.get("broker") else []))
@@ -85,7 +91,7 @@ def mount(args, store_opt, foreground, options, passphrase_file, listen, brokers
     if new_store:
         from .store import create_new_store
 
-        keys = create_new_store(store, opts.pop("keyfile", None) or passphrase_file, "moderate")
+        keys = create_new_store(store, opts.pop("keyfile", None) or passphrase_file, kdf or "moderate")
     else:
         keys = unlock(store, opts.pop("keyfile", None) or passphrase_file)
     debug = "debug" in opts

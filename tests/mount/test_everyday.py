@@ -124,3 +124,29 @@ def test_mount_right_after_a_plain_umount_waits_for_the_old_daemon(make_mount):
     finally:
         resume.cancel()
         os.kill(pid, signal.SIGCONT) if os.path.exists(f"/proc/{pid}") else None
+
+
+def test_mount_init_takes_the_kdf_cost_of_the_new_store(tmp_path):
+    """`bpfs mount --init --kdf interactive` makes the new store with that Argon2id cost, as `bpfs
+    init --kdf` does (it always used "moderate"); --kdf without --init is a usage error."""
+    import json
+
+    import nacl.pwhash
+
+    from tests.helpers.cli import bpfs_env, one_line_error, run_bpfs
+    from tests.helpers.mounts import cleanup_mount, fuse_mounted
+
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    env = bpfs_env(BPFS_LISTEN="none")
+    cp = run_bpfs("mount", store, mnt, "--kdf", "interactive", check=False, env=env)
+    assert cp.returncode == 2 and "--init" in one_line_error(cp), cp.stderr
+    assert not store.exists() and not fuse_mounted(mnt)
+    try:
+        run_bpfs("mount", "--init", "--kdf", "interactive", store, mnt, env=env)
+        assert fuse_mounted(mnt)
+        kdf = json.loads((store / "key.json").read_text())["kdf"]
+        assert (kdf["opslimit"], kdf["memlimit"]) == (nacl.pwhash.argon2id.OPSLIMIT_INTERACTIVE,
+                                                      nacl.pwhash.argon2id.MEMLIMIT_INTERACTIVE), kdf
+    finally:
+        cleanup_mount(mnt, store)
