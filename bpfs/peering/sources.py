@@ -40,7 +40,7 @@ from ..net.quic import RelayPath, TransportError
 from ..net.rpc import Dispatcher, RemoteError, request
 from ..rendezvous import wire as B
 from ..rendezvous.beacon import SLOTS, beacon_key, beacon_lookup_key
-from ..rendezvous.brokers import BrokerUnavailable, resolve
+from ..rendezvous.brokers import BrokerUnavailable, dial_broker
 from ..rendezvous.dialer import (DIRECT_TIMEOUT, PUNCH_WINDOW, RELAY_TIMEOUT, NoRoute, dial_first, lookup_key_for,
                                  parse_addresses)
 from . import protocol as P
@@ -110,14 +110,14 @@ class Lookups:
                 raise BrokerUnavailable("no broker configured")
             if self._failed_at is not None and trio.current_time() - self._failed_at < BROKER_RETRY:
                 raise BrokerUnavailable(self.error or "no broker reachable")
-            family = socket.AF_INET6 if ":" in self.endpoint.local_address[0] else socket.AF_INET
             errors = []
             for broker in self.brokers:
                 try:
-                    with trio.fail_after(BROKER_TIMEOUT):
-                        address = await resolve(broker, family)
-                        conn = await self.endpoint.connect(address, expected_peer=broker.peer_id)
-                except (OSError, TransportError, trio.TooSlowError) as e:
+                    conn, address = await dial_broker(self.endpoint, broker, timeout=BROKER_TIMEOUT)
+                except BrokerUnavailable as e:
+                    errors.append(str(e))
+                    continue
+                except (OSError, TransportError) as e:
                     errors.append(f"{broker}: {e or type(e).__name__}")
                     continue
                 self.conn, self.broker, self.address = conn, broker, address
@@ -125,7 +125,7 @@ class Lookups:
                 self.nursery.start_soon(self._serve, conn)
                 return conn
             self._failed_at = trio.current_time()
-            self.error = "no broker reachable (" + "; ".join(errors) + ")"
+            self.error = "; ".join(errors)  # each names its broker and what happened
             raise BrokerUnavailable(self.error)
 
     async def _serve(self, conn) -> None:

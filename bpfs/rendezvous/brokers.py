@@ -84,6 +84,25 @@ async def resolve(broker: BrokerAddress, family: int) -> tuple[str, int]:
     return infos[0][4][0], infos[0][4][1]  # type: ignore[return-value]
 
 
+async def dial_broker(endpoint, broker: BrokerAddress, *, timeout: float = CONNECT_TIMEOUT,
+                      idle_timeout: float = BROKER_IDLE_TIMEOUT) -> tuple[Connection, tuple[str, int]]:
+    """(connection, address) to `broker` from `endpoint`, authenticated as its peer id when the
+    address names one; `BrokerUnavailable` in words a person reads (a name that does not resolve,
+    no broker answering within `timeout`)."""
+    family = socket.AF_INET6 if ":" in endpoint.local_address[0] else socket.AF_INET
+    try:
+        with trio.fail_after(timeout):
+            address = await resolve(broker, family)
+            conn = await endpoint.connect(address, expected_peer=broker.peer_id, idle_timeout=idle_timeout)
+    except socket.gaierror as e:
+        raise BrokerUnavailable(f"cannot find the broker {broker.host}: {e.strerror or e}") from None
+    except NoAnswer as e:
+        raise BrokerUnavailable(f"no bpfs broker answered at {broker} within {e.waited:.0f} s") from None
+    except trio.TooSlowError:
+        raise BrokerUnavailable(f"no bpfs broker answered at {broker} within {timeout:.0f} s") from None
+    return conn, address
+
+
 class BrokerClient:
     """The store's link to its brokers. `run()` in the service's nursery."""
 
@@ -216,19 +235,7 @@ class BrokerClient:
                         await self._kick.wait()
 
     async def _connect(self, broker: BrokerAddress):
-        family = socket.AF_INET6 if ":" in self.endpoint.local_address[0] else socket.AF_INET
-        try:
-            with trio.fail_after(CONNECT_TIMEOUT):
-                address = await resolve(broker, family)
-                conn = await self.endpoint.connect(address, expected_peer=broker.peer_id,
-                                                   idle_timeout=self.idle_timeout)
-        except socket.gaierror as e:
-            raise BrokerUnavailable(f"cannot find the broker {broker.host}: {e.strerror or e}") from None
-        except NoAnswer as e:
-            raise BrokerUnavailable(f"no bpfs broker answered at {broker} within {e.waited:.0f} s") from None
-        except trio.TooSlowError:
-            raise BrokerUnavailable(f"no bpfs broker answered at {broker} within {CONNECT_TIMEOUT:.0f} s") from None
-        return conn, address
+        return await dial_broker(self.endpoint, broker, idle_timeout=self.idle_timeout)
 
     async def _hold_connection(self, broker: BrokerAddress, address, conn: Connection) -> float:
         """Serve `conn` until it closes; how many seconds it lasted."""

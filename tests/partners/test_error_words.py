@@ -89,3 +89,23 @@ def test_a_code_with_unknown_words_says_which_in_one_line(tmp_path):
     cp = a.bpfs("pair", "12-zzzz-yyyy", "--yes", check=False, timeout=60)
     assert cp.returncode == 2 and len(cp.stderr.strip().splitlines()) == 1, cp.stderr
     assert "'zzzz' and 'yyyy' are not in the list of code words" in cp.stderr, cp.stderr
+
+
+def test_recover_through_a_broker_that_is_down_says_so_in_the_brokers_words(tmp_path):
+    """`bpfs recover` looks partners up through its own broker connection: a broker that does not
+    answer is named as `bpfs pair` names it, once (it said "no broker reachable (...)" around it)."""
+    import json
+
+    from tests.helpers.cli import bpfs_env, run_bpfs
+
+    owner = Store(tmp_path / "owner")
+    sock, port = _silent_udp_port()
+    try:
+        cp = run_bpfs("recover", tmp_path / "new", "--kdf", "interactive", "--broker", f"127.0.0.1:{port}",
+                      env=bpfs_env(BPFS_RECOVERY=owner.recovery_secret), check=False, timeout=120)
+    finally:
+        sock.close()
+    last = _one_line(cp)
+    assert f"(broker: no bpfs broker answered at 127.0.0.1:{port} within " in last, cp.stderr
+    assert "no broker reachable" not in last and "code 0x" not in cp.stderr, cp.stderr
+    assert json is not None and not (tmp_path / "new" / "key.json").exists()  # nothing half-made is left
