@@ -14,8 +14,9 @@ Modules, one job each:
 - ``proc``       running commands, the mount table, dropping caches, daemon RSS
 - ``cleanup``    unmounting and removing everything on exit or on a signal
 - ``targets``    the filesystems under test: raw, gocryptfs, bpfs
-- ``datagen``    deterministic test data (random blocks, source tarball, trees)
-- ``workloads``  the timed workloads (sequential write/read, files, untar)
+- ``datagen``    deterministic test data (random blocks, source tarball, the many-file tree, trees)
+- ``workloads``  the timed workloads (sequential write/read, files, untar, the many-file tree:
+                 extract, md5sum -c, ls -lR, rm -rf)
 - ``runner``     repeats the timed workloads over runs and targets
 - ``dedup``      the deduplication figures for bpfs and restic
 - ``replication`` (a package: ``harness``, ``measure``, ``report``, ``cli``) replication to a

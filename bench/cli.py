@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
 import shutil
@@ -27,7 +28,9 @@ def log(msg: str) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Benchmark bpfs against the raw disk and gocryptfs (timed workloads), "
+        description="Benchmark bpfs against the raw disk and gocryptfs (timed workloads, among them "
+                    "a many-file tree: extract its .tar.gz, md5sum -c and ls -lR with cold caches, "
+                    "rm -rf, in seconds with bpfs time / gocryptfs time), "
                     "restic (deduplication), the raw aioquic ceiling and rsync over ssh "
                     "(replication to a partner on loopback, and recovery), and pairing by code, "
                     "lookups and the relay through a broker (next to direct pairing, pings and a "
@@ -35,10 +38,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "audit, simulated detection of a loss), and recovery from one partner next to two. "
                     "Needs root for dropping the page cache and for the private sshd.")
     p.add_argument("--quick", action="store_true",
-                   help="smaller sizes (256 MiB file, 2,000 files, 1,500-file tarball, 256 MiB "
-                        "replicated, 64 MiB relayed, 256 MiB audited, 256 MiB recovered) for a fast check")
+                   help="smaller sizes (256 MiB file, 2,000 files, 1,500-file tarball, 3,000-file "
+                        "tree instead of 36,000, 256 MiB replicated, 64 MiB relayed, 256 MiB audited, "
+                        "256 MiB recovered) for a fast check")
     p.add_argument("--only", metavar="NAME[,NAME]",
-                   help="workloads to run, from: " + ", ".join(config.ALL) + " (default: all)")
+                   help="workloads to run, from: " + ", ".join(config.ALL) + " (default: all); 'tree' stands for "
+                        + ", ".join(config.TREE) + ": they run in that order on one extracted tree "
+                        "per target and run, and a later one brings the earlier ones along, untimed "
+                        "(tree_md5 always: it checks the extraction)")
     p.add_argument("--targets", metavar="NAME[,NAME]", default=",".join(config.ALL_TARGETS),
                    help="what to measure, from raw, gocryptfs, bpfs (timed workloads; bpfs also "
                         "dedup) and restic (dedup only); default: all")
@@ -49,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"where the temporary stores and mounts go (default {DEFAULT_WORKDIR}); "
                         "put it on the disk you want to measure")
     args = p.parse_args(argv)
-    args.only = _names(p, args.only, config.ALL, "--only") if args.only else list(config.ALL)
+    args.only = _only(p, args.only) if args.only else list(config.ALL)
     args.targets = _names(p, args.targets, config.ALL_TARGETS, "--targets")
     if args.runs < 1:
         p.error("--runs must be at least 1")
@@ -62,6 +69,14 @@ def _names(p: argparse.ArgumentParser, text: str, allowed: tuple, flag: str) -> 
     if bad or not names:
         p.error(f"{flag}: unknown {', '.join(bad) or 'empty list'}; choose from {', '.join(allowed)}")
     return [n for n in allowed if n in names]  # canonical order
+
+
+def _only(p: argparse.ArgumentParser, text: str) -> list[str]:
+    names, bad = config.expand(text.split(","))
+    if bad or not names:
+        p.error(f"--only: unknown {', '.join(bad) or 'empty list'}; choose from "
+                f"{', '.join(config.ALL)}, or {', '.join(config.GROUPS)}")
+    return names
 
 
 def _remove_stale_runs(workdir: Path) -> None:
@@ -84,8 +99,9 @@ def _remove_stale_runs(workdir: Path) -> None:
 
 def _notes(workdir: Path, sizes: config.Sizes) -> list[str]:
     notes = []
-    need = 2 * sizes.seq_bytes + 5 * sizes.tree_bytes + 4 * sizes.insert_bytes + 5 * sizes.repl_bytes \
-        + 2 * sizes.audit_bytes + 6 * sizes.recovery_bytes
+    tree = sizes.tree_files * sizes.tree_median * math.exp(sizes.tree_sigma ** 2 / 2)  # the log-normal's mean
+    need = 2 * sizes.seq_bytes + int(3 * tree) + 5 * sizes.tree_bytes + 4 * sizes.insert_bytes \
+        + 5 * sizes.repl_bytes + 2 * sizes.audit_bytes + 6 * sizes.recovery_bytes
     free = shutil.disk_usage(workdir).free
     if free < need:
         notes.append(f"only {free >> 20} MiB free in {workdir}, about {need >> 20} MiB needed")
@@ -189,7 +205,7 @@ def _timed(args, sizes: config.Sizes, timed: list[str], columns: list[str], tmp:
            cleanup: Cleanup, results: dict) -> None:
     """Run the timed workloads; results["_timed"] fills in as runs finish (kept on Ctrl-C)."""
     only = set(timed)
-    data = buf = tarball = src_meta = None
+    data = buf = tarball = src_meta = tree_tgz = tree_md5 = tree_meta = None
     if only & {"seq_write", "seq_read"}:
         log(f"generating {sizes.seq_bytes >> 20} MiB of random data in memory")
         data = datagen.random_block(sizes.seq_bytes, seed=1)
@@ -198,9 +214,18 @@ def _timed(args, sizes: config.Sizes, timed: list[str], columns: list[str], tmp:
     if "untar" in only:
         log("preparing the source tarball")
         tarball, src_meta = datagen.source_tarball(args.workdir / "cache", sizes.src_files, sizes.src_bytes)
-    results["labels"] = runner.labels(sizes, src_meta)
+    if only & set(config.TREE):
+        log("preparing the many-file tree")
+        tree_tgz, tree_md5, tree_meta = datagen.source_tree(args.workdir / "cache", sizes.tree_files,
+                                                            sizes.tree_median, sizes.tree_sigma, log=log)
+        log(f"  {tree_meta['files']} files in {tree_meta['dirs']} folders, {tree_meta['bytes'] / 1e6:.0f} MB, "
+            f"median {tree_meta['median']} bytes; {tree_tgz.name} {tree_meta['tgz_bytes'] / 1e6:.0f} MB")
+    results["labels"] = runner.labels(sizes, src_meta, tree_meta)
+    if tree_meta:
+        results["tree"] = tree_meta
     plan = runner.TimedPlan(sizes=sizes, only=only, runs=args.runs, targets=columns, tmp=tmp,
-                            data=data, buf=buf, tarball=tarball, src_meta=src_meta)
+                            data=data, buf=buf, tarball=tarball, src_meta=src_meta,
+                            tree_tgz=tree_tgz, tree_md5=tree_md5, tree_meta=tree_meta)
     results["_timed"] = runner.TimedResults()
     runner.run_timed(plan, cleanup, log, out=results["_timed"])
 

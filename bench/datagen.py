@@ -1,29 +1,44 @@
-"""Deterministic test data: random blocks, a CPython-like source tarball, a mixed tree of random files.
+"""Deterministic test data: random blocks, a CPython-like source tarball, a many-file source tree
+(gzip'd tar and md5 manifest), a mixed tree of random files.
 
 Everything is derived from fixed seeds, so two runs (and two machines) use the
-same bytes. The source tarball is cached in the work directory's ``cache/``
-because generating it takes a few seconds; the rest is generated on demand.
+same bytes. The source tarball and the many-file tree are cached in the work directory's
+``cache/`` because generating them takes a while (the full tree about a minute); the rest is
+generated on demand.
+
+numpy is imported only by the functions that use it, so the pure layout functions can be
+imported (and unit-tested) without the ``bench`` extra.
 """
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import io
+import json
+import math
 import os
 import random
 import tarfile
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from bench.config import MiB
 
+if TYPE_CHECKING:
+    import numpy as np
+
 #: Bump when the generated content changes, so stale cached tarballs are not reused.
 SRC_VERSION = 2
+#: The same for the many-file tree (``source_tree``).
+TREE_VERSION = 1
 MTIME = 1_700_000_000
 
 
 def random_block(n: int, seed: int) -> np.ndarray:
     """``n`` incompressible bytes (a uint8 array, usable as a buffer), the same for the same seed."""
+    import numpy as np
+
     words = np.random.default_rng(seed).integers(0, 2**63, size=(n + 7) // 8, dtype=np.uint64)
     return words.view(np.uint8)[:n]
 
@@ -60,11 +75,14 @@ def _line_pool(rng: random.Random, style: str, count: int = 4000) -> list[str]:
     return lines
 
 
-def _source_entries(nfiles: int, nbytes: int, seed: int = 3110):
-    """Yield (path, content or None for a directory) in sorted path order."""
-    rng = random.Random(seed)
-    pools = {ext: _line_pool(rng, ext) for ext in (".py", ".rst", ".c", ".h", ".txt")}  # fixed order: same bytes every time
-    dirs: dict[str, str] = {}  # dir path -> file extension used below it
+_EXTS = (".py", ".rst", ".c", ".h", ".txt")
+
+
+def _source_dirs(rng: random.Random, nfiles: int) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """The directories of a source tree for ``nfiles`` files (about 12 per directory), nested up to
+    six levels under the top-level ones of ``_TOP``: ({dir path: file extension used below it},
+    {top: its dirs, itself first})."""
+    dirs: dict[str, str] = {}
     by_top: dict[str, list[str]] = {}
     for top, share, ext in _TOP:
         dirs[top] = ext
@@ -76,6 +94,14 @@ def _source_entries(nfiles: int, nbytes: int, seed: int = 3110):
             d = f"{parent}/{rng.choice(_WORDS)}_{i}"
             dirs[d] = ext
             by_top[top].append(d)
+    return dirs, by_top
+
+
+def _source_entries(nfiles: int, nbytes: int, seed: int = 3110):
+    """Yield (path, content or None for a directory) in sorted path order."""
+    rng = random.Random(seed)
+    pools = {ext: _line_pool(rng, ext) for ext in _EXTS}  # fixed order: same bytes every time
+    dirs, by_top = _source_dirs(rng, nfiles)
     tops = [t for t, _, _ in _TOP]
     weights = [s for _, s, _ in _TOP]
     sizes = [rng.lognormvariate(8.6, 1.1) for _ in range(nfiles)]
@@ -131,6 +157,94 @@ def source_tarball(cache_dir: Path, nfiles: int, nbytes: int) -> tuple[Path, dic
     return path, {"files": files, "dirs": dirs, "bytes": size}
 
 
+# -- many-file source tree (tree_extract, tree_md5, tree_ls, tree_rm) --------------------------
+
+#: The folder the many-file tree is in, inside its tarball (so in each target after extraction).
+TREE_TOP = "srctree"
+_TREE_SEED = 3600
+
+
+def source_tree_layout(nfiles: int, median: float, sigma: float,
+                       seed: int = _TREE_SEED) -> tuple[list[str], list[tuple[str, int, int]]]:
+    """The many-file tree without its content: its directories, and its files as (path, size,
+    seed of its content), each list in sorted path order (paths relative to ``TREE_TOP``).
+
+    The directories are those of the source tarball (``_source_dirs``: about 12 files each,
+    nested up to six levels); file sizes are log-normal with median ``median`` bytes and shape
+    ``sigma`` (the standard deviation of the natural log of the size), at least one byte.
+    """
+    rng = random.Random(seed)
+    dirs, by_top = _source_dirs(rng, nfiles)
+    tops = [t for t, _, _ in _TOP]
+    weights = [s for _, s, _ in _TOP]
+    mu = math.log(median)
+    files = []
+    for i in range(nfiles):
+        size = max(1, round(rng.lognormvariate(mu, sigma)))
+        d = rng.choice(by_top[rng.choices(tops, weights)[0]])
+        ext = dirs[d]
+        if ext == ".c" and rng.random() < 0.3:
+            ext = ".h"
+        files.append((f"{d}/{rng.choice(_WORDS)}_{i}{ext}", size, rng.getrandbits(64)))
+    files.sort()
+    return sorted(dirs), files
+
+
+def source_tree(cache_dir: Path, nfiles: int, median: float, sigma: float,
+                log=None) -> tuple[Path, Path, dict]:
+    """The cached gzip'd tarball of a generated many-file source tree (``source_tree_layout``;
+    everything in one folder, ``TREE_TOP``), the md5sum manifest of its files (paths relative to
+    the folder it is extracted in, for ``md5sum -c``), and {'files', 'dirs', 'bytes', 'tgz_bytes',
+    'median', 'sigma'} about it ('bytes': the files' total size; 'median': their median size).
+
+    Each file's content is random bytes from its own seed: gzip cannot shrink it (the tarball is
+    about as big as the files), and no two files share a chunk bpfs could deduplicate. Generated
+    once per set of sizes, then reused from ``cache_dir``.
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    stem = cache_dir / f"tree-v{TREE_VERSION}-{nfiles}-{median:g}-{sigma:g}"
+    tgz, manifest, meta_path = (stem.with_name(stem.name + ext) for ext in (".tar.gz", ".md5", ".json"))
+    if tgz.exists() and manifest.exists() and meta_path.exists():
+        try:
+            return tgz, manifest, json.loads(meta_path.read_text())
+        except ValueError:
+            pass  # a torn meta file: make it all again
+    if log:
+        log(f"generating the {nfiles}-file tree (once; cached in {cache_dir})")
+    dirs, files = source_tree_layout(nfiles, median, sigma)
+    entries: list[tuple[str, int | None, int]] = [(d, None, 0) for d in dirs]
+    entries += files
+    entries.sort(key=lambda e: e[0])
+    tmp_tgz, tmp_md5 = tgz.with_name(tgz.name + ".tmp"), manifest.with_name(manifest.name + ".tmp")
+    total = 0
+    with open(tmp_tgz, "wb") as raw, open(tmp_md5, "w") as md5s, \
+            gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=MTIME) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, size, seed in [(TREE_TOP, None, 0)] + [(f"{TREE_TOP}/{n}", s, d) for n, s, d in entries]:
+            info = tarfile.TarInfo(name)
+            info.mtime = MTIME
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            if size is None:
+                info.type = tarfile.DIRTYPE
+                info.mode = 0o755
+                tar.addfile(info)
+                continue
+            content = random.Random(seed).randbytes(size)
+            info.mode = 0o644
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+            md5s.write(f"{hashlib.md5(content).hexdigest()}  {name}\n")
+            total += len(content)
+    sizes = sorted(s for _, s, _ in files)
+    meta = {"files": len(files), "dirs": len(dirs) + 1, "bytes": total, "tgz_bytes": tmp_tgz.stat().st_size,
+            "median": sizes[len(sizes) // 2] if sizes else 0, "sigma": sigma}
+    os.replace(tmp_tgz, tgz)
+    os.replace(tmp_md5, manifest)
+    meta_path.write_text(json.dumps(meta) + "\n")
+    return tgz, manifest, meta
+
+
 # -- mixed tree of random files (dedup) ----------------------------------------------------
 
 def tree_layout(total: int) -> list[tuple[str, int]]:
@@ -154,6 +268,8 @@ def tree_layout(total: int) -> list[tuple[str, int]]:
 
 def make_tree(dest: Path, total: int, seed: int = 77) -> dict:
     """Write the ``tree_layout(total)`` files with random content under ``dest``."""
+    import numpy as np
+
     layout = tree_layout(total)
     rng = np.random.default_rng(seed)
     for rel, size in layout:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from bench import audit, recovery, rendezvous, replication, stats
-from bench.config import TIMED, human_bytes
+from bench.config import RATES, TIMED, TREE, human_bytes
 from bench.dedup import TARGET_PERCENT
 from bench.runner import UNITS
 
@@ -17,10 +17,12 @@ def _ratio(x: float | None) -> str:
     return f"{x:.2f}" if x >= 0.1 else f"{x:.2g}"
 
 
-def timed_table(summary: dict, labels: dict[str, str], columns: list[str]) -> list[str]:
-    """One line per workload: each column's median (min-max), then bpfs/raw and bpfs/gocryptfs."""
+def timed_table(summary: dict, labels: dict[str, str], columns: list[str],
+                workloads: tuple[str, ...] = RATES, ratio_header: str = "bpfs/{other}") -> list[str]:
+    """One line per workload: each column's median (min-max), then bpfs/raw and bpfs/gocryptfs
+    (ratios of the medians; their headers are ``ratio_header`` with the other column's name)."""
     rows = []
-    for w in TIMED:
+    for w in workloads:
         if w not in summary:
             continue
         per = summary[w]
@@ -31,11 +33,29 @@ def timed_table(summary: dict, labels: dict[str, str], columns: list[str]) -> li
                 if other in columns:
                     ratios.append(_ratio(stats.ratio(per.get("bpfs"), per.get(other))))
         rows.append([labels[w], *cells, *ratios])
+    if not rows:
+        return []
     header = ["workload", *columns]
     if "bpfs" in columns:
-        header += [f"bpfs/{o}" for o in ("raw", "gocryptfs") if o in columns]
+        header += [ratio_header.format(other=o) for o in ("raw", "gocryptfs") if o in columns]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return ["  ".join(c.ljust(wd) for c, wd in zip(r, widths)).rstrip() for r in [header, *rows]]
+
+
+def tree_table(summary: dict, labels: dict[str, str], columns: list[str]) -> list[str]:
+    """The many-file tree's steps: each column's median seconds (min-max), then bpfs time / raw
+    time and bpfs time / gocryptfs time (below 1: bpfs was faster)."""
+    return timed_table(summary, labels, columns, TREE, "bpfs time / {other} time")
+
+
+def tree_heading(tree: dict | None) -> str:
+    """The line above the tree table: what the tree is and how its steps run."""
+    what = "many-file tree"
+    if tree:
+        what = (f"many-file tree: {tree['files']} files in {tree['dirs']} folders, {tree['bytes'] / 1e6:.0f} MB "
+                f"(log-normal sizes, median {tree['median']} bytes), a {tree['tgz_bytes'] / 1e6:.0f} MB .tar.gz")
+    return (f"{what}; per target and run on one tree: extract, md5sum -c (cold), ls -lR (cold), rm -rf "
+            "(seconds, medians with min-max; lower is better)")
 
 
 def dedup_table(dedup: dict) -> list[str]:
@@ -77,7 +97,8 @@ def rss_lines(rss: dict) -> list[str]:
 def cpu_line(samples: dict) -> list[str]:
     """The bpfs daemon's CPU time as % of the workload's wall time (median over runs)."""
     short = {"seq_write": "seq write", "seq_read": "seq read", "create": "create", "stat": "stat",
-             "unlink": "unlink", "untar": "untar"}
+             "unlink": "unlink", "untar": "untar", "tree_extract": "tree extract", "tree_md5": "tree md5",
+             "tree_ls": "tree ls", "tree_rm": "tree rm"}
     parts = []
     for w in TIMED:
         runs = [r for r in samples.get(w, {}).get("bpfs", []) if "daemon_cpu" in r]
@@ -93,7 +114,7 @@ def print_report(results: dict) -> None:
     print()
     runs = results["meta"]["runs"]
     print(f"bpfs benchmark ({results['meta']['mode']}, {runs} run{'s' if runs != 1 else ''}, medians "
-          f"with min-max; MB = 10^6 bytes; higher is better)")
+          f"with min-max; MB = 10^6 bytes; rates: higher is better, seconds: lower is better)")
     meta = results["meta"]
     if "loadavg_end" in meta:
         print(f"load average (1 min) {meta['loadavg_start'][0]:.2f} at start, {meta['loadavg_end'][0]:.2f} "
@@ -102,9 +123,17 @@ def print_report(results: dict) -> None:
         for note in results["meta"]["notes"]:
             print(f"note: {note}")
     if results.get("timed"):
-        print()
-        for line in timed_table(results["timed"], results["labels"], results["meta"]["targets"]):
-            print(line)
+        rates = timed_table(results["timed"], results["labels"], results["meta"]["targets"])
+        if rates:
+            print()
+            for line in rates:
+                print(line)
+        tree = tree_table(results["timed"], results["labels"], results["meta"]["targets"])
+        if tree:
+            print()
+            print(tree_heading(results.get("tree")))
+            for line in tree:
+                print(line)
     for line in rss_lines(results.get("rss", {})) + cpu_line(results.get("samples", {})):
         print(line)
     if results.get("dedup"):

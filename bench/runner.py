@@ -18,16 +18,21 @@ import numpy as np
 
 from bench import stats, targets, workloads
 from bench.cleanup import Cleanup
-from bench.config import Sizes, human_bytes
+from bench.config import TREE, Sizes, human_bytes
 
+#: The figure of each timed workload: a rate, or (the tree's steps) the seconds it took.
 UNITS = {"seq_write": "MB/s", "seq_read": "MB/s", "create": "ops/s", "stat": "ops/s",
-         "unlink": "ops/s", "untar": "files/s"}
+         "unlink": "ops/s", "untar": "files/s",
+         "tree_extract": "s", "tree_md5": "s", "tree_ls": "s", "tree_rm": "s"}
 
 
-def labels(sizes: Sizes, src_meta: dict | None) -> dict[str, str]:
+def labels(sizes: Sizes, src_meta: dict | None, tree_meta: dict | None = None) -> dict[str, str]:
     """Row labels of the table, with the sizes in them."""
     src = (f"untar {src_meta['files']} files {src_meta['bytes'] / 1e6:.0f}MB" if src_meta
            else "untar")
+    files = tree_meta["files"] if tree_meta else sizes.tree_files
+    extract = (f"extract {files} files {tree_meta['bytes'] / 1e6:.0f}MB (tar -xzf, "
+               f"{tree_meta['tgz_bytes'] / 1e6:.0f}MB .tar.gz)" if tree_meta else f"extract {files} files")
     return {
         "seq_write": f"seq write {human_bytes(sizes.seq_bytes)}",
         "seq_read": f"seq read {human_bytes(sizes.seq_bytes)} cold",
@@ -35,6 +40,10 @@ def labels(sizes: Sizes, src_meta: dict | None) -> dict[str, str]:
         "stat": f"stat {sizes.nfiles} files cold",
         "unlink": f"unlink {sizes.nfiles} files",
         "untar": src,
+        "tree_extract": extract,
+        "tree_md5": f"md5sum -c {files} files, cold",
+        "tree_ls": "ls -lR, cold",
+        "tree_rm": "rm -rf",
     }
 
 
@@ -64,6 +73,9 @@ class TimedPlan:
     buf: np.ndarray | None  # where it is read back into
     tarball: Path | None
     src_meta: dict | None
+    tree_tgz: Path | None = None  # the many-file tree's .tar.gz
+    tree_md5: Path | None = None  # its md5sum manifest
+    tree_meta: dict | None = None
 
 
 def _one(plan: TimedPlan, name: str, run: int, cleanup: Cleanup, out: TimedResults,
@@ -77,8 +89,9 @@ def _one(plan: TimedPlan, name: str, run: int, cleanup: Cleanup, out: TimedResul
     def record(workload: str, result: dict) -> None:
         if workload in only:
             out.add(workload, name, result)
-            log(f"  run {run} {name:9s} {workload:9s} {stats.rate(result, UNITS[workload]):10.1f} "
-                f"{UNITS[workload]}  ({result['seconds']:.2f} s)")
+            unit = UNITS[workload]
+            figure = "" if unit == "s" else f" {stats.rate(result, unit):10.1f} {unit} "
+            log(f"  run {run} {name:9s} {workload:12s}{figure} ({result['seconds']:.2f} s)")
 
     try:
         inst.create()
@@ -113,6 +126,26 @@ def _one(plan: TimedPlan, name: str, run: int, cleanup: Cleanup, out: TimedResul
         if "untar" in only:
             step = "untar"
             record(step, workloads.untar(inst, plan.tarball, plan.src_meta))
+        tree = [w for w in TREE if w in only]
+        if tree:
+            # One tree per instance, its steps in order up to the last one asked for; the ones not
+            # asked for run untimed, so each step starts from the same state in every selection.
+            # md5sum -c always runs: it is the check of what was extracted.
+            last = TREE.index(tree[-1])
+            step = "tree_extract"
+            record(step, workloads.tree_extract(inst, plan.tree_tgz, plan.tree_meta))
+            step = "tree_md5"
+            res = workloads.tree_md5(inst, plan.tree_md5, plan.tree_meta)
+            out.cold &= res["cold"]
+            record(step, res)
+            if last >= TREE.index("tree_ls"):
+                step = "tree_ls"
+                res = workloads.tree_ls(inst)
+                out.cold &= res["cold"]
+                record(step, res)
+            if last >= TREE.index("tree_rm"):
+                step = "tree_rm"
+                record(step, workloads.tree_rm(inst))
         step = "umount"
         inst.umount()
     except KeyboardInterrupt:

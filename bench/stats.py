@@ -14,7 +14,9 @@ def summarize(values: list[float]) -> dict | None:
 
 
 def rate(result: dict, unit: str) -> float:
-    """Turn one workload result into its figure: MB/s (10^6 bytes), ops/s or files/s."""
+    """Turn one workload result into its figure: MB/s (10^6 bytes), ops/s, files/s, or s (its seconds)."""
+    if unit == "s":
+        return result["seconds"]
     if unit == "MB/s":
         return result["bytes"] / 1e6 / result["seconds"]
     if unit == "ops/s":

@@ -3,11 +3,16 @@
 Only the operation itself is timed (``time.perf_counter``); the set-up before it
 (``os.sync()`` so earlier dirty pages do not bleed into the timing, remounting
 with cold caches) and the checks after it are not.
+
+The many-file tree's steps (``tree_*``) run the usual tools as a shell would, output to
+/dev/null, in the C locale: ``tar -xzf``, ``md5sum --quiet -c``, ``ls -lR``, ``rm -rf``.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,6 +20,7 @@ import numpy as np
 
 from bench import proc
 from bench.config import BLOCK
+from bench.datagen import TREE_TOP
 from bench.targets import Target
 
 
@@ -152,3 +158,81 @@ def untar(target: Target, tarball: Path, meta: dict) -> dict:
         raise WorkloadError(f"after untar: {files} files / {nbytes} bytes, "
                             f"expected {meta['files']} / {meta['bytes']}")
     return {"seconds": seconds, "files": files, "bytes": nbytes, **cpu}
+
+
+# -- the many-file tree: extract -> md5sum -c (cold) -> ls -lR (cold) -> rm -rf, on one tree ------
+
+def _into_page_cache(path: Path) -> None:
+    """Read ``path`` once, so reading it again during a timed step costs no disk reads."""
+    with open(path, "rb") as f:
+        while f.read(8 * BLOCK):
+            pass
+
+
+def _tool(argv: list[str], cwd: Path, timeout: float = 3600) -> None:
+    """Run a tool in ``cwd`` with its output going to /dev/null (stdout of md5sum --quiet, which is
+    only its complaints, to a file); raise WorkloadError with the end of its output if it fails."""
+    env = {**os.environ, "LC_ALL": "C"}
+    with tempfile.TemporaryFile() as err:
+        try:
+            done = subprocess.run(argv, stdin=subprocess.DEVNULL,
+                                  stdout=err if argv[0] == "md5sum" else subprocess.DEVNULL,
+                                  stderr=err, cwd=cwd, env=env, timeout=timeout, start_new_session=True)
+        except subprocess.TimeoutExpired:
+            raise WorkloadError(f"`{' '.join(argv)}` timed out after {timeout:.0f} s") from None
+        if done.returncode:
+            err.seek(0)
+            lines = err.read().decode(errors="replace").strip().splitlines()
+            more = f"[... {len(lines) - 6} more lines]\n" if len(lines) > 6 else ""
+            raise WorkloadError(f"`{' '.join(argv)}` in {cwd} exited {done.returncode}:\n"
+                                + more + "\n".join(lines[-6:]))
+
+
+def tree_extract(target: Target, tgz: Path, meta: dict) -> dict:
+    """``tar -xzf`` the many-file tree's tarball (read into the page cache first) into the target."""
+    if os.path.lexists(target.root / TREE_TOP):
+        raise WorkloadError(f"{TREE_TOP} already exists in the target before extracting")
+    _into_page_cache(tgz)
+    os.sync()
+    c0 = target.daemon_cpu()
+    t0 = time.perf_counter()
+    _tool(["tar", "-xzf", str(tgz), "--no-same-owner"], target.root)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "files": meta["files"], "bytes": meta["bytes"], **_cpu(target, c0)}
+
+
+def tree_md5(target: Target, manifest: Path, meta: dict) -> dict:
+    """Remount with cold caches, then ``md5sum --quiet -c`` the manifest of every file of the tree
+    (the manifest itself is read into the page cache first). This is also the check of what
+    ``tree_extract`` wrote: a file missing or different fails it."""
+    target.remount_cold()
+    _into_page_cache(manifest)
+    c0 = target.daemon_cpu()
+    t0 = time.perf_counter()
+    _tool(["md5sum", "--quiet", "-c", str(manifest)], target.root)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "files": meta["files"], "bytes": meta["bytes"], "cold": target.cold_ok,
+            **_cpu(target, c0)}
+
+
+def tree_ls(target: Target) -> dict:
+    """Remount with cold caches, then ``ls -lR`` the tree."""
+    target.remount_cold()
+    c0 = target.daemon_cpu()
+    t0 = time.perf_counter()
+    _tool(["ls", "-lR", TREE_TOP], target.root)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "cold": target.cold_ok, **_cpu(target, c0)}
+
+
+def tree_rm(target: Target) -> dict:
+    """``rm -rf`` the tree (right after ``tree_ls``, as a shell session would); check it is gone."""
+    os.sync()
+    c0 = target.daemon_cpu()
+    t0 = time.perf_counter()
+    _tool(["rm", "-rf", TREE_TOP], target.root)
+    seconds = time.perf_counter() - t0
+    cpu = _cpu(target, c0)
+    if os.path.lexists(target.root / TREE_TOP):
+        raise WorkloadError(f"{TREE_TOP} still exists after rm -rf")
+    return {"seconds": seconds, **cpu}
