@@ -30,7 +30,10 @@ def main(argv=None) -> None:
     c.add_argument("--iface", required=True)
     c.add_argument("--out", required=True)
     c.add_argument("--snaplen", type=int, default=0, help="bytes kept of each payload (0: all)")
-    c.add_argument("--frame-size", type=int, default=2048, help="ring slot: longer frames are cut (MTU 1500)")
+    c.add_argument("--block-size", type=int, default=1 << 20,
+                   help="bytes a ring block (TPACKET_V3): frames up to this long are kept whole")
+    c.add_argument("--blocks", type=int, default=64, help="ring blocks (the ring: blocks x block size)")
+    c.add_argument("--block-timeout", type=int, default=20, help="ms before a block not full is handed over")
     args = ap.parse_args(argv)
     {"proxy": proxy_main, "echo": echo_main, "reflect": reflect_main, "agent": agent_main,
      "capture": capture_main}[args.cmd](args)
