@@ -55,7 +55,7 @@ import pyfuse3
 import trio
 
 from . import snapshot
-from .data import read_chunk
+from .data import load_chunk
 from .errors import IntegrityError
 from .history import snapshot_names
 from .index import ROOT_INO, Attr, Index, record_aad, u64
@@ -591,7 +591,7 @@ class SnapshotViews:
                     continue
                 tried.add((rec.pack, rec.offset))
                 try:
-                    data = await trio.to_thread.run_sync(read_chunk, self.packs, self.keys, cid, rec)
+                    data = await load_chunk(self.packs, self.keys, cid, rec)
                 except IntegrityError as e:
                     error = e
                     continue
