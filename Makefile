@@ -2,7 +2,7 @@
 #
 #   make deps     install the Debian packages bpfs needs (as root; quick no-op when present)
 #   make venv     create .venv and `pip install -e '.[test]'` (redone when pyproject.toml changes)
-#   make mount    create a store if needed, then mount it   (STORE=..., MNT=...)
+#   make mount    create a store if needed, then mount it   (STORE=..., MNT=..., LISTEN=HOST:PORT|none)
 #   make umount   unmount $(MNT)
 #   make test     lint (ruff, mypy), then run the test suite   (PYTEST_ARGS=...)
 #   make bench    run the benchmarks                          (BENCH_ARGS=...; installs '.[bench]')
@@ -23,6 +23,7 @@ PYTHON      ?= python3
 VENV        ?= .venv
 STORE       ?= $(HOME)/.local/share/bpfs/store
 MNT         ?= $(HOME)/bpfs
+LISTEN      ?=
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 PIP_ARGS    ?= --progress-bar off
@@ -134,7 +135,8 @@ mount: deps venv
 	  fi
 	fi
 	# --init: a new store is created by the mount itself, its passphrase asked once (and confirmed)
-	"$(BPFS)" mount --init "$(STORE)" "$(MNT)"
+	# LISTEN: where the daemon serves partners (default: bpfs.toml's listen, else 0.0.0.0:7450; none)
+	"$(BPFS)" mount --init "$(STORE)" "$(MNT)" $(if $(LISTEN),--listen "$(LISTEN)")
 	echo "bpfs: store $(STORE) is mounted at $(MNT)  (unmount: make umount)"
 
 umount:

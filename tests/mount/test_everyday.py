@@ -150,3 +150,27 @@ def test_mount_init_takes_the_kdf_cost_of_the_new_store(tmp_path):
                                                       nacl.pwhash.argon2id.MEMLIMIT_INTERACTIVE), kdf
     finally:
         cleanup_mount(mnt, store)
+
+
+def test_make_mount_takes_the_listen_address(store, tmp_path):
+    """`make mount LISTEN=HOST:PORT` mounts with the daemon serving partners there (it had no way
+    to say it)."""
+    import json
+    import socket
+
+    from tests.helpers.cli import bpfs_env, run_bpfs
+    from tests.helpers.mounts import Mount, fuse_mounted
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    m = Mount(store, tmp_path / "mnt", env=bpfs_env())
+    try:
+        cp = subprocess.run(make_mount_command(store, m.mnt) + [f"LISTEN=127.0.0.1:{port}"], env=m.env,
+                            capture_output=True, text=True, timeout=120)
+        assert cp.returncode == 0 and fuse_mounted(m.mnt), cp.stdout + cp.stderr
+        ident = json.loads(run_bpfs("id", store, "--json", env=m.env).stdout)
+        assert ident["addresses"] == [f"127.0.0.1:{port}"], ident
+        m.umount()
+    finally:
+        m.cleanup()
