@@ -122,3 +122,26 @@ def test_sidecar_that_does_not_add_up_is_refused():
     assert T.Sidecar.decode(good) is None  # the root does not match the blocks
     assert T.Sidecar.decode(b"garbage") is None
     assert T.Sidecar.decode(good[:-1]) is None
+
+
+def test_leaf_and_node_hashes_are_the_specified_blake2b():
+    """The hashes partners' proofs are checked with, written out from their definition (BLAKE2b-256,
+    person "bpfs.packtree", a domain byte, the leaf's index as u64 little-endian): a faster way of
+    computing them must give the same bytes, or every recorded pack root would stop matching."""
+    import hashlib
+    import struct
+
+    def spec(*parts):
+        h = hashlib.blake2b(digest_size=32, person=b"bpfs.packtree")
+        for p in parts:
+            h.update(p)
+        return h.digest()
+
+    rng = random.Random(3)
+    for i in (0, 1, 7, 2**40 + 3):
+        data = rng.randbytes(rng.choice((0, 1, 2047, 2048)))
+        assert T.hash_leaf(i, data) == spec(b"\x00", struct.pack("<Q", i), data)
+        assert T.hash_leaf(i, memoryview(data)) == T.hash_leaf(i, data)
+    left, right = rng.randbytes(32), rng.randbytes(32)
+    assert T.hash_node(left, right) == spec(b"\x01", left, right)
+    assert T.finish_root(5, left) == spec(b"\x02", struct.pack("<Q", 5), left)
