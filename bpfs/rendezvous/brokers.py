@@ -56,7 +56,8 @@ BROKER_IDLE_TIMEOUT = 45.0  # seconds: the broker connection offers this (broker
 KEEPALIVE_PER_IDLE = 3  # pings per idle timeout: two in a row may go unanswered before the path idles out
 SILENCE = 60.0  # seconds without an answer to anything (and pings unanswered) before giving up on a connection
 KEEPALIVE_MISSES = 3  # ... and at least this many pings unanswered in a row
-CONNECT_TIMEOUT = 10.0
+CONNECT_TIMEOUT = 10.0  # seconds a caller waits for a broker connection (`connection`)
+DIAL_TIMEOUT = 8.0  # seconds one dial may take: less, so that a caller hears why the dial failed
 REQUEST_TIMEOUT = 15.0
 BACKOFF_FIRST, BACKOFF_MAX = 2.0, 300.0
 STABLE_AFTER = 30.0  # seconds a connection must last for the next one to be dialled at once (else: backoff)
@@ -84,7 +85,7 @@ async def resolve(broker: BrokerAddress, family: int) -> tuple[str, int]:
     return infos[0][4][0], infos[0][4][1]  # type: ignore[return-value]
 
 
-async def dial_broker(endpoint, broker: BrokerAddress, *, timeout: float = CONNECT_TIMEOUT,
+async def dial_broker(endpoint, broker: BrokerAddress, *, timeout: float = DIAL_TIMEOUT,
                       idle_timeout: float = BROKER_IDLE_TIMEOUT) -> tuple[Connection, tuple[str, int]]:
     """(connection, address) to `broker` from `endpoint`, authenticated as its peer id when the
     address names one; `BrokerUnavailable` in words a person reads (a name that does not resolve,
