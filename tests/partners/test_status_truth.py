@@ -203,5 +203,7 @@ def test_sync_that_times_out_says_what_is_left_in_the_words_of_status(stores):
     assert cp.returncode == 1, (cp.stdout, cp.stderr)
     last = cp.stderr.strip().splitlines()[-1]
     assert "Traceback" not in cp.stderr and last.startswith("bpfs: sync timed out: not replicated yet: "), cp.stderr
-    assert f"{b.peer_id}: " in last and " to send, sending: held back by the bandwidth limit" in last, last
+    assert f"{b.peer_id}: " in last and " to send, sending" in last, last
+    # why it waits, when the limit held it back lately (a loaded machine may not have been held back)
+    assert last.endswith(" to send, sending") or " to send, sending: held back by the bandwidth limit" in last, last
     assert "MiB" in last and " bytes" not in last, last
