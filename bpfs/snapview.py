@@ -55,7 +55,7 @@ import pyfuse3
 import trio
 
 from . import snapshot
-from .data import load_chunk
+from .data import ChunkCache, ChunkLoads, load_chunk
 from .errors import IntegrityError
 from .history import snapshot_names
 from .index import ROOT_INO, Attr, Index, record_aad, u64
@@ -129,30 +129,6 @@ class _Build:
     error: BaseException | None = None
 
 
-class _ChunkCache:
-    """Decrypted chunks, least recently used dropped first, bounded in bytes."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.size = 0
-        self._items: OrderedDict[bytes, bytes] = OrderedDict()
-
-    def get(self, cid: bytes):
-        data = self._items.get(cid)
-        if data is not None:
-            self._items.move_to_end(cid)
-        return data
-
-    def put(self, cid: bytes, data) -> None:
-        if cid in self._items or len(data) > self.capacity // 2:
-            return
-        self._items[cid] = data
-        self.size += len(data)
-        while self.size > self.capacity:
-            _, old = self._items.popitem(last=False)
-            self.size -= len(old)
-
-
 def _read_root_attr(keys, packs, blob: bytes) -> Attr:
     """The root folder's attributes in a retained snapshot, from the first metadata chunk(s)
     of its record stream (the `inodes` table starts right after a few counters, with the root
@@ -197,8 +173,7 @@ class SnapshotViews:
         self._building: dict[int, _Build] = {}
         self._pins: dict[int, int] = {}  # generation -> open files
         self._builder = trio.CapacityLimiter(1)
-        self._cache = _ChunkCache(CACHE_BYTES)
-        self._loading: dict[bytes, trio.Event] = {}
+        self._loads = ChunkLoads(ChunkCache(CACHE_BYTES, largest=CACHE_BYTES // 2))
         self._trash = 0
         shutil.rmtree(self.dir, ignore_errors=True)  # left by an earlier daemon
 
@@ -570,34 +545,21 @@ class SnapshotViews:
 
     async def _chunk(self, cid: bytes, then):
         """A chunk's plaintext: from the cache, or read where the live index says it is now
-        (else where the snapshot recorded it), authenticated, in a worker thread."""
-        while True:
-            data = self._cache.get(cid)
-            if data is not None:
-                return data
-            loading = self._loading.get(cid)
-            if loading is None:
-                break
-            await loading.wait()
-        self._loading[cid] = event = trio.Event()
-        try:
-            tried: set[tuple[int, int]] = set()
-            error: Exception | None = None
-            for attempt in range(3):
-                # where the chunk is now, asked again after a failure (compaction may have just
-                # moved it); the snapshot's own record last
-                rec = self.index.get_chunk(cid) if attempt < 2 else then
-                if rec is None or (rec.pack, rec.offset) in tried:
-                    continue
-                tried.add((rec.pack, rec.offset))
-                try:
-                    data = await load_chunk(self.packs, self.keys, cid, rec)
-                except IntegrityError as e:
-                    error = e
-                    continue
-                self._cache.put(cid, data)
-                return data
-            raise error or IntegrityError("a chunk of this snapshot is no longer stored")
-        finally:
-            del self._loading[cid]
-            event.set()
+        (else where the snapshot recorded it), authenticated; loaded once for all who want it."""
+        return await self._loads.get(cid, lambda: self._load_where_it_is(cid, then))
+
+    async def _load_where_it_is(self, cid: bytes, then):
+        tried: set[tuple[int, int]] = set()
+        error: Exception | None = None
+        for attempt in range(3):
+            # where the chunk is now, asked again after a failure (compaction may have just
+            # moved it); the snapshot's own record last
+            rec = self.index.get_chunk(cid) if attempt < 2 else then
+            if rec is None or (rec.pack, rec.offset) in tried:
+                continue
+            tried.add((rec.pack, rec.offset))
+            try:
+                return await load_chunk(self.packs, self.keys, cid, rec)
+            except IntegrityError as e:
+                error = e
+        raise error or IntegrityError("a chunk of this snapshot is no longer stored")

@@ -14,7 +14,7 @@ Modules: buffers (write buffers), pipeline (chunks into packs, extents into the 
 packs), filedata (`FileData` and its committer).
 """
 
-from .reads import load_chunk, read_chunk
+from .reads import ChunkCache, ChunkLoads, load_chunk, read_chunk
 from .filedata import FileData
 
-__all__ = ["FileData", "load_chunk", "read_chunk"]
+__all__ = ["ChunkCache", "ChunkLoads", "FileData", "load_chunk", "read_chunk"]

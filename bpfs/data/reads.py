@@ -2,7 +2,8 @@
 
 Owns `read_chunk` (read, authenticate and unpad one chunk; also used by `verify`) and
 `load_chunk` (the same for a request handler: small chunks inline, large ones in a thread; also
-used by `snapview`), the cache of decrypted chunks (`ChunkCache`), and `Reader`: a read combines the
+used by `snapview`), the cache of decrypted chunks (`ChunkCache`), loading each chunk once however
+many want it (`ChunkLoads`; also used by `snapview`), and `Reader`: a read combines the
 index's extents with whatever is still buffered (so a reader always sees every accepted
 write), loads each chunk once however many readers want it, and starts decrypting the next
 chunk of a file while the kernel copies this one (sequential reads).
@@ -11,6 +12,7 @@ chunk of a file while the kernel copies this one (sequential reads).
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Awaitable, Callable
 
 import trio
 
@@ -44,10 +46,12 @@ async def load_chunk(packs: PackFiles, keys, cid: bytes, rec: ChunkRecord) -> by
 
 
 class ChunkCache:
-    """Decrypted chunks, least recently used dropped first, bounded in bytes."""
+    """Decrypted chunks, least recently used dropped first, bounded in bytes; a chunk larger than
+    `largest` (a quarter of the capacity unless told) is not kept."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, largest: int | None = None):
         self.capacity = capacity
+        self.largest = capacity // 4 if largest is None else largest
         self.size = 0
         self._items: OrderedDict[bytes, bytes] = OrderedDict()
 
@@ -58,7 +62,7 @@ class ChunkCache:
         return data
 
     def put(self, cid: bytes, data: bytes) -> None:
-        if cid in self._items or len(data) > self.capacity // 4:
+        if cid in self._items or len(data) > self.largest:
             return
         self._items[cid] = data
         self.size += len(data)
@@ -70,6 +74,36 @@ class ChunkCache:
         data = self._items.pop(cid, None)
         if data is not None:
             self.size -= len(data)
+
+
+class ChunkLoads:
+    """Loads each chunk once however many readers want it at the same time: from the cache, else
+    by waiting for the load under way, else by loading it (and caching what it gives)."""
+
+    def __init__(self, cache: ChunkCache):
+        self.cache = cache
+        self._loading: dict[bytes, trio.Event] = {}
+
+    def loading(self, cid: bytes) -> bool:
+        return cid in self._loading
+
+    async def get(self, cid: bytes, load: Callable[[], Awaitable[bytes]]) -> bytes:
+        while True:
+            data = self.cache.get(cid)
+            if data is not None:
+                return data
+            loading = self._loading.get(cid)
+            if loading is None:
+                break
+            await loading.wait()
+        self._loading[cid] = event = trio.Event()
+        try:
+            data = await load()
+            self.cache.put(cid, data)
+            return data
+        finally:
+            del self._loading[cid]
+            event.set()
 
 
 class Reader:
@@ -89,7 +123,7 @@ class Reader:
         self.cache = cache
         self.buffers = buffers
         self.nursery: trio.Nursery | None = None
-        self._loading: dict[bytes, trio.Event] = {}
+        self._loads = ChunkLoads(cache)
 
     async def read(self, ino: int, offset: int, size: int, file_size: int) -> bytes | memoryview:
         end = min(offset + size, file_size)
@@ -135,7 +169,7 @@ class Reader:
         if not following:
             return
         nxt = following[0]
-        if self.cache.get(nxt.chunk_id) is not None or nxt.chunk_id in self._loading:
+        if self.cache.get(nxt.chunk_id) is not None or self._loads.loading(nxt.chunk_id):
             return
         rec = self.index.get_chunk(nxt.chunk_id)
         if rec is not None:
@@ -148,34 +182,19 @@ class Reader:
             pass  # the read that needs it will report the error
 
     async def _load_chunk(self, cid: bytes, rec: ChunkRecord) -> bytes:
-        while True:
-            data = self.cache.get(cid)
-            if data is not None:
-                return data
-            loading = self._loading.get(cid)
-            if loading is None:
-                break
-            await loading.wait()
-        self._loading[cid] = event = trio.Event()
+        return await self._loads.get(cid, lambda: self._load_where_it_is(cid, rec))
+
+    async def _load_where_it_is(self, cid: bytes, rec: ChunkRecord) -> bytes:
         try:
-            try:
-                data = await self._read_chunk(cid, rec)
-            except IntegrityError:
-                current = self.index.get_chunk(cid)  # compaction may have moved it meanwhile
-                if current is None or (current.pack, current.offset) == (rec.pack, rec.offset):
-                    raise
-                data = await self._read_chunk(cid, current)
-            self.cache.put(cid, data)
-            return data
-        finally:
-            del self._loading[cid]
-            event.set()
+            return await load_chunk(self.packs, self._keys, cid, rec)
+        except IntegrityError:
+            current = self.index.get_chunk(cid)  # compaction may have moved it meanwhile
+            if current is None or (current.pack, current.offset) == (rec.pack, rec.offset):
+                raise
+            return await load_chunk(self.packs, self._keys, cid, current)
 
     def read_chunk(self, cid: bytes, rec: ChunkRecord) -> bytes:
         return read_chunk(self.packs, self._keys, cid, rec)
-
-    async def _read_chunk(self, cid: bytes, rec: ChunkRecord) -> bytes:
-        return await load_chunk(self.packs, self._keys, cid, rec)
 
     def read_small(self, ino: int, size: int) -> bytes:
         """The first `size` bytes of `ino` as a reader would see them, read synchronously
