@@ -2,5 +2,7 @@
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("bpfs._gearcdc", ["bpfs/_gearcdc.c"], extra_compile_args=["-O3", "-std=c11"],
-                             optional=False)])
+setup(ext_modules=[
+    Extension("bpfs._gearcdc", ["bpfs/_gearcdc.c"], extra_compile_args=["-O3", "-std=c11"], optional=False),
+    Extension("bpfs._packhash", ["bpfs/_packhash.c"], extra_compile_args=["-O3", "-std=c11"], optional=False),
+])

@@ -31,6 +31,8 @@ import os
 import struct
 import threading
 
+from . import _packhash
+
 LEAF_SIZE = 2048  # bytes per leaf: 2 KiB hashes release the GIL (CPython does for >= 2048 bytes)
 BLOCK_LEVEL = 3
 BLOCK_LEAVES = 1 << BLOCK_LEVEL  # leaves per block a holder reads to answer for one of them
@@ -291,9 +293,11 @@ class TreeBuilder:
         first_full = -(-offset // LEAF_SIZE)
         last_full = end // LEAF_SIZE  # exclusive
         hashed = []
-        for i in range(first_full, last_full):
-            at = i * LEAF_SIZE - offset
-            hashed.append((i, hash_leaf(i, view[at:at + LEAF_SIZE])))
+        if last_full > first_full:  # the whole leaves in one call of the C extension, without the GIL
+            at = first_full * LEAF_SIZE - offset
+            digests = _packhash.leaf_hashes(view[at:at + (last_full - first_full) * LEAF_SIZE], first_full,
+                                            LEAF_SIZE, _PERSON)
+            hashed = [(first_full + k, digests[32 * k:32 * k + 32]) for k in range(last_full - first_full)]
         edges = []
         if offset % LEAF_SIZE:
             i = offset // LEAF_SIZE

@@ -145,3 +145,20 @@ def test_leaf_and_node_hashes_are_the_specified_blake2b():
     left, right = rng.randbytes(32), rng.randbytes(32)
     assert T.hash_node(left, right) == spec(b"\x01", left, right)
     assert T.finish_root(5, left) == spec(b"\x02", struct.pack("<Q", 5), left)
+
+
+def test_the_c_leaf_hashes_are_the_python_ones():
+    """`_packhash.leaf_hashes` (the writers' path, without the GIL) gives exactly `hash_leaf`'s bytes
+    for every whole leaf, whatever the leaf size (one block, block edges, many blocks) and index."""
+    from bpfs import _packhash
+
+    rng = random.Random(11)
+    for leaf in (1, 118, 119, 120, 128, 247, 248, 249, 2048, 3000):
+        data = rng.randbytes(leaf * 4 + rng.randrange(leaf))
+        first = rng.choice((0, 1, 2**32 + 5, 2**63))
+        got = _packhash.leaf_hashes(memoryview(data), first, leaf, b"bpfs.packtree")
+        assert len(got) == 32 * (len(data) // leaf)
+        for k in range(len(data) // leaf):
+            assert got[32 * k:32 * k + 32] == T.hash_leaf(first + k, data[k * leaf:(k + 1) * leaf]), (leaf, k)
+    with pytest.raises(ValueError):
+        _packhash.leaf_hashes(b"x", 0, 0, b"")

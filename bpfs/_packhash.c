@@ -1,0 +1,181 @@
+/* The leaf hashes of a pack's Merkle tree (packtree.py), many at once and without the GIL.
+ *
+ * leaf_hashes(data, first_index, leaf_size, person) -> bytes: for each whole leaf i of data
+ * (len(data) // leaf_size of them), BLAKE2b-256 with personalisation `person` (at most 16 bytes,
+ * no key) of 0x00 || u64le(first_index + i) || leaf, the 32-byte digests back to back. The same
+ * bytes as packtree.hash_leaf (hashlib), which a test checks; this only saves the Python work
+ * per 2 KiB leaf that held the GIL while writers sealed in other threads.
+ *
+ * BLAKE2b as in RFC 7693 (the parameter block of the BLAKE2 paper, section 2.5, for the
+ * personalisation): 12 rounds of G over a 16-word state, 128-byte blocks.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+static const uint64_t IV[8] = {
+    0x6a09e667f3bcc908ULL, 0xbb67ae8584caa73bULL, 0x3c6ef372fe94f82bULL, 0xa54ff53a5f1d36f1ULL,
+    0x510e527fade682d1ULL, 0x9b05688c2b3e6c1fULL, 0x1f83d9abfb41bd6bULL, 0x5be0cd19137e2179ULL,
+};
+
+static const uint8_t SIGMA[12][16] = {
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
+    {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3},
+    {11, 8, 12, 0, 5, 2, 15, 13, 10, 14, 3, 6, 7, 1, 9, 4},
+    {7, 9, 3, 1, 13, 12, 11, 14, 2, 6, 5, 10, 4, 0, 15, 8},
+    {9, 0, 5, 7, 2, 4, 10, 15, 14, 1, 11, 12, 6, 8, 3, 13},
+    {2, 12, 6, 10, 0, 11, 8, 3, 4, 13, 7, 5, 15, 14, 1, 9},
+    {12, 5, 1, 15, 14, 13, 4, 10, 0, 7, 6, 3, 9, 2, 8, 11},
+    {13, 11, 7, 14, 12, 1, 3, 9, 5, 0, 15, 4, 8, 6, 2, 10},
+    {6, 15, 14, 9, 11, 3, 0, 8, 12, 2, 13, 7, 1, 4, 10, 5},
+    {10, 2, 8, 4, 7, 6, 1, 5, 15, 11, 9, 14, 3, 12, 13, 0},
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
+    {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3},
+};
+
+static inline uint64_t rotr64(uint64_t x, unsigned n) { return (x >> n) | (x << (64 - n)); }
+
+static inline uint64_t load64(const uint8_t *p)
+{
+    uint64_t v;
+    memcpy(&v, p, 8);
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap64(v);
+#endif
+    return v;
+}
+
+static inline void store64(uint8_t *p, uint64_t v)
+{
+#if __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap64(v);
+#endif
+    memcpy(p, &v, 8);
+}
+
+#define G(a, b, c, d, x, y)            \
+    do {                               \
+        v[a] = v[a] + v[b] + (x);      \
+        v[d] = rotr64(v[d] ^ v[a], 32); \
+        v[c] = v[c] + v[d];            \
+        v[b] = rotr64(v[b] ^ v[c], 24); \
+        v[a] = v[a] + v[b] + (y);      \
+        v[d] = rotr64(v[d] ^ v[a], 16); \
+        v[c] = v[c] + v[d];            \
+        v[b] = rotr64(v[b] ^ v[c], 63); \
+    } while (0)
+
+/* One compression of block (128 bytes) into h, t bytes hashed so far, last block or not. */
+static void compress(uint64_t h[8], const uint8_t *block, uint64_t t, int last)
+{
+    uint64_t v[16], m[16];
+    for (int i = 0; i < 16; i++)
+        m[i] = load64(block + 8 * i);
+    for (int i = 0; i < 8; i++) {
+        v[i] = h[i];
+        v[i + 8] = IV[i];
+    }
+    v[12] ^= t;  /* the counter's high word stays 0: a message here is far below 2^64 bytes */
+    if (last)
+        v[14] = ~v[14];
+    for (int r = 0; r < 12; r++) {
+        const uint8_t *s = SIGMA[r];
+        G(0, 4, 8, 12, m[s[0]], m[s[1]]);
+        G(1, 5, 9, 13, m[s[2]], m[s[3]]);
+        G(2, 6, 10, 14, m[s[4]], m[s[5]]);
+        G(3, 7, 11, 15, m[s[6]], m[s[7]]);
+        G(0, 5, 10, 15, m[s[8]], m[s[9]]);
+        G(1, 6, 11, 12, m[s[10]], m[s[11]]);
+        G(2, 7, 8, 13, m[s[12]], m[s[13]]);
+        G(3, 4, 9, 14, m[s[14]], m[s[15]]);
+    }
+    for (int i = 0; i < 8; i++)
+        h[i] ^= v[i] ^ v[i + 8];
+}
+
+/* BLAKE2b-256 of prefix (9 bytes) || data (len bytes), from the initial state h0. */
+static void hash_leaf(const uint64_t h0[8], const uint8_t prefix[9], const uint8_t *data, size_t len,
+                      uint8_t out[32])
+{
+    uint64_t h[8];
+    uint8_t block[128];
+    size_t total = 9 + len, done = 0, pos = 0;
+    memcpy(h, h0, sizeof h);
+    /* the first block: the prefix, then the data */
+    size_t first = len < 128 - 9 ? len : 128 - 9;
+    memcpy(block, prefix, 9);
+    memcpy(block + 9, data, first);
+    pos = first;
+    if (total <= 128) {
+        memset(block + 9 + first, 0, 128 - 9 - first);
+        compress(h, block, total, 1);
+    } else {
+        compress(h, block, 128, 0);
+        done = 128;
+        while (total - done > 128) {
+            compress(h, data + pos, done + 128, 0);
+            pos += 128;
+            done += 128;
+        }
+        size_t rest = total - done;
+        memcpy(block, data + pos, rest);
+        memset(block + rest, 0, 128 - rest);
+        compress(h, block, total, 1);
+    }
+    for (int i = 0; i < 4; i++)
+        store64(out + 8 * i, h[i]);
+}
+
+static PyObject *leaf_hashes(PyObject *self, PyObject *args)
+{
+    Py_buffer data, person;
+    unsigned long long first_index;
+    Py_ssize_t leaf_size;
+    if (!PyArg_ParseTuple(args, "y*Kny*", &data, &first_index, &leaf_size, &person))
+        return NULL;
+    if (leaf_size <= 0 || person.len > 16) {
+        PyBuffer_Release(&data);
+        PyBuffer_Release(&person);
+        PyErr_SetString(PyExc_ValueError, "leaf_size must be positive and person at most 16 bytes");
+        return NULL;
+    }
+    Py_ssize_t n = data.len / leaf_size;
+    PyObject *result = PyBytes_FromStringAndSize(NULL, n * 32);
+    if (result == NULL) {
+        PyBuffer_Release(&data);
+        PyBuffer_Release(&person);
+        return NULL;
+    }
+    /* the parameter block: digest length 32, no key, fanout 1, depth 1, personalisation */
+    uint8_t param[64] = {32, 0, 1, 1};
+    memcpy(param + 48, person.buf, person.len);
+    uint64_t h0[8];
+    for (int i = 0; i < 8; i++)
+        h0[i] = IV[i] ^ load64(param + 8 * i);
+    uint8_t *out = (uint8_t *)PyBytes_AS_STRING(result);
+    const uint8_t *buf = data.buf;
+    Py_BEGIN_ALLOW_THREADS
+    uint8_t prefix[9] = {0};
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t index = first_index + (uint64_t)i;
+        for (int b = 0; b < 8; b++)
+            prefix[1 + b] = (uint8_t)(index >> (8 * b));
+        hash_leaf(h0, prefix, buf + i * leaf_size, (size_t)leaf_size, out + 32 * i);
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&data);
+    PyBuffer_Release(&person);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"leaf_hashes", leaf_hashes, METH_VARARGS,
+     "leaf_hashes(data, first_index, leaf_size, person) -> the 32-byte leaf hashes of data's whole "
+     "leaves, back to back (see packtree.hash_leaf)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_packhash", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__packhash(void) { return PyModule_Create(&module); }

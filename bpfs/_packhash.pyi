@@ -1,0 +1,6 @@
+"""Type stub of the C extension `bpfs/_packhash.c` (type checkers cannot read a compiled module)."""
+
+from typing_extensions import Buffer
+
+def leaf_hashes(data: Buffer, first_index: int, leaf_size: int, person: Buffer, /) -> bytes:
+    """The 32-byte hashes of `data`'s whole leaves, back to back (see `packtree.hash_leaf`)."""
