@@ -109,8 +109,12 @@ def root_of_leaves(size: int, leaves: list[bytes]) -> bytes:
 def _leaf_hashes(data, first_index: int = 0) -> list[bytes]:
     """Hashes of the leaves in `data`, the first being leaf `first_index` (none for no data)."""
     view = memoryview(data)
-    return [hash_leaf(first_index + i, view[pos:pos + LEAF_SIZE])
-            for i, pos in enumerate(range(0, len(view), LEAF_SIZE))]
+    whole = len(view) // LEAF_SIZE
+    digests = _packhash.leaf_hashes(view[:whole * LEAF_SIZE], first_index, LEAF_SIZE, _PERSON)
+    out = [digests[32 * k:32 * k + 32] for k in range(whole)]
+    if len(view) % LEAF_SIZE:
+        out.append(hash_leaf(first_index + whole, view[whole * LEAF_SIZE:]))
+    return out
 
 
 def _all_leaves(data) -> list[bytes]:
