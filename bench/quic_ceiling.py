@@ -2,12 +2,17 @@
 
 Standalone:  .venv/bin/python bench/quic_ceiling.py [--mib 256] [--datagram 1452]
              [--cc reno|cubic] [--mode process|inproc|memory] [--offload on|off]
+             [--library aioquic|qh3]
 
 - process  (default) the receiver runs in a child process, the sender here: each side
            has its own core, as two peers would.
 - inproc   both ends in one trio event loop (one core for both).
-- memory   two bare aioquic QuicConnections exchanging datagrams in memory: no sockets,
-           no trio, no bpfs code: the pure aioquic CPU cost, for comparison.
+- memory   two bare QuicConnections of the library exchanging datagrams in memory: no
+           sockets, no trio, no bpfs code: the pure library CPU cost, for comparison.
+
+--library picks the QUIC state machine of both ends (`TransportConfig.quic_library`; qh3
+is the optional extra `bpfs[qh3]`, see bpfs/net/machine_qh3.py). qh3's core always runs
+CUBIC: --cc applies to aioquic only.
 
 --offload off sets `TransportConfig.udp_offload=False` on both ends: one datagram per
 system call instead of UDP GSO / GRO batches (see bpfs/net/udp.py); the datagrams per
@@ -59,7 +64,8 @@ def _payload_chunk() -> bytes:
 
 def _config(args) -> TransportConfig:
     return TransportConfig(max_datagram_size=args.datagram, congestion_control=args.cc,
-                           udp_offload=getattr(args, "offload", "on") == "on")
+                           udp_offload=getattr(args, "offload", "on") == "on",
+                           quic_library=getattr(args, "library", "aioquic"))
 
 
 def _udp_counts(ep) -> tuple[int, int, int, int]:
@@ -109,7 +115,7 @@ async def _process_mode(args, total: int) -> dict:
     # Set-up, before anything is timed and before any other task runs: blocking here stalls nothing.
     child = subprocess.Popen(  # noqa: ASYNC220
         [sys.executable, os.path.abspath(__file__), "--serve", "--datagram", str(args.datagram),  # noqa: ASYNC240
-         "--cc", args.cc, "--offload", getattr(args, "offload", "on")],
+         "--cc", args.cc, "--offload", getattr(args, "offload", "on"), "--library", args.library],
         stdout=subprocess.PIPE, text=True)
     try:
         port = int(child.stdout.readline())
@@ -147,19 +153,32 @@ async def _inproc_mode(args, total: int) -> dict:
 
 def _memory_mode(args, total: int) -> dict:
     from aioquic.buffer import Buffer
-    from aioquic.quic import events
-    from aioquic.quic.configuration import QuicConfiguration
-    from aioquic.quic.connection import QuicConnection
     from aioquic.quic.packet import pull_quic_header
 
     from bpfs.net.machine import process_certificate
 
-    cert, key = process_certificate()
     kw = dict(alpn_protocols=["bench"], max_datagram_size=args.datagram, max_data=64 << 20,
-              max_stream_data=64 << 20, verify_mode=ssl.CERT_NONE, congestion_control_algorithm=args.cc)
-    client = QuicConnection(configuration=QuicConfiguration(is_client=True, **kw))
-    server_cfg = QuicConfiguration(is_client=False, **kw)
-    server_cfg.certificate, server_cfg.private_key = cert, key
+              max_stream_data=64 << 20, verify_mode=ssl.CERT_NONE)
+    if args.library == "qh3":
+        from qh3.quic import events
+        from qh3.quic.configuration import QuicConfiguration
+        from qh3.quic.connection import QuicConnection
+
+        from bpfs.net.machine_qh3 import _process_certificate_pem
+
+        client = QuicConnection(configuration=QuicConfiguration(is_client=True, probe_datagram_size=False, **kw))
+        server_cfg = QuicConfiguration(is_client=False, **kw)
+        server_cfg.load_cert_chain(*_process_certificate_pem())
+    else:
+        from aioquic.quic import events
+        from aioquic.quic.configuration import QuicConfiguration
+        from aioquic.quic.connection import QuicConnection
+
+        cert, key = process_certificate()
+        client = QuicConnection(configuration=QuicConfiguration(is_client=True, congestion_control_algorithm=args.cc,
+                                                                **kw))
+        server_cfg = QuicConfiguration(is_client=False, congestion_control_algorithm=args.cc, **kw)
+        server_cfg.certificate, server_cfg.private_key = cert, key
     server = None
     clock = [0.0]
     c_addr, s_addr = ("10.0.0.1", 1), ("10.0.0.2", 2)
@@ -209,6 +228,8 @@ def main() -> None:
     ap.add_argument("--mode", default="process", choices=["process", "inproc", "memory"])
     ap.add_argument("--offload", default="on", choices=["on", "off"],
                     help="UDP GSO / GRO batching (TransportConfig.udp_offload; default on)")
+    ap.add_argument("--library", default="aioquic", choices=["aioquic", "qh3"],
+                    help="QUIC state machine of both ends (TransportConfig.quic_library; default aioquic)")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -221,7 +242,9 @@ def main() -> None:
         r = trio.run(_process_mode if args.mode == "process" else _inproc_mode, args, total)
     gib = total / (1 << 30)
     offload = "" if args.mode == "memory" else f" offload={args.offload}"
-    print(f"mode={args.mode} size={args.mib} MiB datagram={args.datagram} cc={args.cc}{offload} ok={r['ok']}")
+    cc = "cubic (qh3's core)" if args.library == "qh3" else args.cc
+    print(f"mode={args.mode} library={args.library} size={args.mib} MiB datagram={args.datagram} cc={cc}{offload} "
+          f"ok={r['ok']}")
     print(f"throughput: {total / r['wall'] / 1e6:.1f} MB/s ({total / r['wall'] / (1 << 20):.1f} MiB/s), "
           f"{r['wall']:.2f} s")
     if r["cpu_recv"] is None:

@@ -1,11 +1,14 @@
 """The QUIC state machine: aioquic's `QuicConnection`, adapted, and its TLS material.
 
-Owns everything that depends on aioquic internals (`BpfsQuic`, `export_binding` and the
-helpers below), the receive-credit policy (`Credit`), the per-process TLS certificate
-and the wire constants (`ALPN`, `CID_LENGTH`, `TIMER_GRANULARITY`). It imports nothing
-else from `bpfs.net` but `errors`: `stream` and `quic` build on it, never the reverse.
-`check_aioquic()` verifies at import time that the internals listed below are still
-there, so an aioquic upgrade fails loudly instead of silently losing a bound.
+Owns the interface every QUIC machine offers the rest of `bpfs.net` (`BpfsQuic`), the
+aioquic adapter (`AioquicMachine`, `export_binding` and the helpers below), the
+receive-credit policy (`Credit`), the per-process TLS certificate, the wire constants
+(`ALPN`, `CID_LENGTH`, `TIMER_GRANULARITY`) and `make_quic` for aioquic (`library` picks
+between it and qh3's adapter, `machine_qh3`). It imports nothing else from `bpfs.net` but
+`errors`: `machine_qh3`, `library`, `stream` and `quic` build on it, never the reverse. `check_aioquic()` verifies
+at import time that the internals listed below are still there, so an aioquic upgrade
+fails loudly instead of silently losing a bound (`machine_qh3.check_qh3()` does the same
+for qh3).
 
 What we change, and why:
 
@@ -23,10 +26,10 @@ aioquic internals used (all here, all checked by `check_aioquic`)
 -------------------------------------------------------------------
 - `QuicConnection._write_connection_limits` / `_write_stream_limits` (overridden),
   `QuicConnection._local_max_data` (a `Limit`: `value`, `sent`, `used`): the MAX_DATA
-  and MAX_STREAM_DATA hooks of `BpfsQuic`, and `BpfsQuic.credit_due`.
+  and MAX_STREAM_DATA hooks of `AioquicMachine`, and `AioquicMachine.credit_due`.
 - `QuicConnection._streams` (`QuicStream.max_stream_data_local`, `is_blocked`,
-  `receiver.highest_offset`, `sender.highest_offset`): `BpfsQuic._write_stream_limits`,
-  `BpfsQuic.credit_due`, `BpfsQuic.sent_offset`, `BpfsQuic.received_offset`.
+  `receiver.highest_offset`, `sender.highest_offset`): `AioquicMachine._write_stream_limits`,
+  `AioquicMachine.credit_due`, `AioquicMachine.sent_offset`, `AioquicMachine.received_offset`.
 - `QuicConnection._local_max_streams_bidi` / `_local_max_streams_uni`: `_limit_peer_streams`.
 - `QuicConnection._loss._pacer` (a `QuicPacketPacer`: `update_rate`, `bucket_max`) and
   `QuicConnection._max_datagram_size`: `_install_pacer`, `_Pacer`.
@@ -34,7 +37,7 @@ aioquic internals used (all here, all checked by `check_aioquic`)
   `tls.KeySchedule.generation`, `derive_secret`): `export_binding`. (`tls` only exists
   once a handshake starts, so `check_aioquic` checks the `tls` classes instead.)
 
-Everything else (`quic` and `stream`) uses aioquic's public API only: `connect`,
+Everything else (`quic` and `stream`, through `BpfsQuic`) uses aioquic's public API only: `connect`,
 `receive_datagram`, `datagrams_to_send`, `next_event`, `get_timer`, `handle_timer`,
 `close`, `host_cid`, `get_next_available_stream_id`, `send_stream_data`, `reset_stream`,
 `stop_stream`, the events, `pull_quic_header` for routing, and `encode_quic_retry` with the
@@ -59,6 +62,9 @@ different bindings, so a signature over one is useless on the other. Session
 resumption is never offered (a resumed session is refused here: no certificate, other
 key schedule). The TLS certificate is a throwaway self-signed one generated per process
 and is *not* identity; identity is the Ed25519 signature over the binding (see `auth`).
+qh3 runs the same Python TLS 1.3 code (a fork of aioquic's `tls` module), so
+`export_binding` serves both libraries unchanged and a store on one talks to a store on
+the other (same ALPN, same binding).
 """
 
 from __future__ import annotations
@@ -66,8 +72,10 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ssl
+from typing import Any, Protocol
 
 from aioquic import tls
+from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.recovery import QuicPacketPacer
@@ -110,12 +118,12 @@ def process_certificate():
     return _CERT
 
 
-def export_binding(quic: QuicConnection) -> bytes:
+def export_binding(quic: BpfsQuic) -> bytes:
     """The channel binding of a completed handshake (see the module docstring).
 
-    aioquic internals: `quic.tls` (`Context.key_schedule`, `Context.session_resumed`) and
-    the key schedule's `generation` and `derive_secret`; also the public
-    `original_destination_connection_id`."""
+    aioquic internals (qh3 has the same ones: `machine_qh3`): `quic.tls`
+    (`Context.key_schedule`, `Context.session_resumed`) and the key schedule's `generation`
+    and `derive_secret`; also the public `original_destination_connection_id`."""
     tls_context = quic.tls
     schedule = tls_context.key_schedule
     if schedule is None or schedule.generation != 3 or tls_context.session_resumed:
@@ -177,7 +185,7 @@ check_aioquic()
 class Credit:
     """Receive credit of one connection: what its application consumed, and how far
     beyond that the peer may send. Owned by the connection (`quic.Connection`); its
-    streams record consumption here (`take`, `drop`) and `BpfsQuic` turns it into
+    streams record consumption here (`take`, `drop`) and the machine turns it into
     MAX_DATA / MAX_STREAM_DATA frames, so credit is granted only as the reader takes
     data. Plain bookkeeping: no aioquic, no I/O.
 
@@ -232,6 +240,71 @@ class Credit:
         consumed = self._streams.get(stream_id)
         return None if consumed is None else consumed + self.stream_window
 
+    def stream_consumed(self, stream_id: int) -> int | None:
+        """Bytes the reader of `stream_id` consumed (None if not tracked)."""
+        return self._streams.get(stream_id)
+
+
+# --------------------------------------------------------------------------- the machine interface
+
+class BpfsQuic(Protocol):
+    """What `quic` and `stream` use of a QUIC machine: aioquic's sans-IO calls (the same
+    ones in qh3), the events of `aioquic.quic.events` (whatever the library), and three
+    helpers. `AioquicMachine` and `machine_qh3.Qh3Machine` implement it.
+
+    Attributes:
+        peer_closed: the peer sent CONNECTION_CLOSE (the machine's own ends, such as its
+                     idle timeout, leave it False).
+
+    Helpers:
+        credit_due(stream_id):      whether a transmit now would grant the peer credit
+                                    (the reader of `stream_id` just consumed data).
+        sent_offset(stream_id):     how far into the stream the machine has sent (each byte
+                                    at least once); None once it has dropped the stream.
+        received_offset(stream_id): the highest offset received on the stream (its final
+                                    size once reset); None if the machine does not say
+                                    (then the stream counts what it was given).
+    """
+
+    peer_closed: bool
+
+    @property
+    def host_cid(self) -> bytes: ...
+
+    @property
+    def original_destination_connection_id(self) -> bytes: ...
+
+    @property
+    def tls(self) -> Any: ...
+
+    def connect(self, addr: Any, now: float) -> None: ...
+
+    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None: ...
+
+    def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]: ...
+
+    def get_timer(self) -> float | None: ...
+
+    def handle_timer(self, now: float) -> None: ...
+
+    def next_event(self) -> events.QuicEvent | None: ...
+
+    def close(self, error_code: int = ..., frame_type: int | None = None, reason_phrase: str = "") -> None: ...
+
+    def get_next_available_stream_id(self, is_unidirectional: bool = False) -> int: ...
+
+    def send_stream_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None: ...
+
+    def reset_stream(self, stream_id: int, error_code: int) -> None: ...
+
+    def stop_stream(self, stream_id: int, error_code: int) -> None: ...
+
+    def credit_due(self, stream_id: int) -> bool: ...
+
+    def sent_offset(self, stream_id: int) -> int | None: ...
+
+    def received_offset(self, stream_id: int) -> int | None: ...
+
 
 # --------------------------------------------------------------------------- aioquic hooks
 
@@ -262,9 +335,9 @@ def _limit_peer_streams(quic: QuicConnection, *, bidi: int, uni: int) -> None:
         limit.value = limit.sent = value
 
 
-class BpfsQuic(QuicConnection):
+class AioquicMachine(QuicConnection):
     """aioquic's `QuicConnection` with consumption-based receive credit, our stream
-    limits and our pacer; the named helpers (`credit_due`, `sent_offset`,
+    limits and our pacer (a `BpfsQuic`); the named helpers (`credit_due`, `sent_offset`,
     `received_offset`) are the only way the rest of `bpfs.net` looks inside it.
 
     Attributes:
@@ -345,12 +418,13 @@ class BpfsQuic(QuicConnection):
 def make_quic(credit: Credit, *, is_client: bool, odcid: bytes | None, idle_timeout: float,
               max_datagram_size: int, congestion_control: str, max_streams: int,
               retry_scid: bytes | None = None) -> BpfsQuic:
-    """A QUIC machine granting receive credit from `credit` (its current windows are the
-    initial ones: the pre-authentication windows), letting the peer open `max_streams`
+    """A QUIC machine of `library` granting receive credit from `credit` (its current windows
+    are the initial ones: the pre-authentication windows), letting the peer open `max_streams`
     bidirectional streams, with our ALPN, connection id length and, on the server side,
     the process certificate. A server connection whose client answered a Retry gets the id
     that Retry gave (`retry_scid`) and the client's first destination id (`odcid`, from the
-    token): the handshake's transport parameters must repeat both (RFC 9000 section 7.3)."""
+    token): the handshake's transport parameters must repeat both (RFC 9000 section 7.3).
+    (aioquic's; `library.make_quic` picks between it and qh3's.)"""
     qcfg = QuicConfiguration(
         is_client=is_client,
         alpn_protocols=[ALPN],
@@ -366,4 +440,4 @@ def make_quic(credit: Credit, *, is_client: bool, odcid: bytes | None, idle_time
         qcfg.certificate, qcfg.private_key = process_certificate()
     extra = {} if is_client else {"original_destination_connection_id": odcid,
                                   "retry_source_connection_id": retry_scid}
-    return BpfsQuic(credit, max_streams=max_streams, configuration=qcfg, **extra)
+    return AioquicMachine(credit, max_streams=max_streams, configuration=qcfg, **extra)

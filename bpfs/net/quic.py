@@ -1,4 +1,4 @@
-"""QUIC transport: aioquic's sans-IO `QuicConnection` driven by trio UDP sockets.
+"""QUIC transport: a sans-IO QUIC machine (aioquic's, or qh3's: `library`) driven by trio UDP sockets.
 
 This module owns the UDP socket, connection demultiplexing, timers, connection state and
 every resource bound. It sits on top of the other transport modules and none of them
@@ -73,9 +73,10 @@ import ipaddress
 import itertools
 import logging
 import math
+import os
 import socket
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 import trio
@@ -84,7 +85,7 @@ from aioquic.quic import events
 from aioquic.quic.packet import QuicPacketType, QuicProtocolVersion, pull_quic_header
 from aioquic.quic.rangeset import RangeSet
 
-from . import machine
+from . import library, machine
 from .errors import (AuthenticationError, Code, ConnectionClosed, LimitExceeded, NoAnswer, PeerRefused, StreamClosed,
                      StreamReset, TransportError, WrongPeer)
 from .machine import CID_LENGTH
@@ -134,6 +135,9 @@ class TransportConfig:
         congestion_control:   "reno" or "cubic".
         udp_offload:          batch datagrams per system call with UDP GSO / GRO where the
                               kernel offers them (see `udp`); False: one datagram per call.
+        quic_library:         the QUIC state machine: "aioquic" (the default) or "qh3" (see
+                              `machine_qh3`; the optional extra `bpfs[qh3]`). The default
+                              comes from the environment variable BPFS_QUIC when set.
     """
 
     max_datagram_size: int = 1452  # UDP payload: fills a 1500-byte MTU over IPv6 (40 + 8 bytes of headers)
@@ -151,8 +155,10 @@ class TransportConfig:
     socket_buffer: int = 4 << 20  # SO_RCVBUF / SO_SNDBUF
     congestion_control: str = "reno"  # "reno" or "cubic"
     udp_offload: bool = True  # UDP GSO / GRO where the kernel has them (see `udp`)
+    quic_library: str = field(default_factory=lambda: os.environ.get("BPFS_QUIC") or "aioquic")
 
     def __post_init__(self):
+        library.load_library(self.quic_library)  # ValueError / ImportError now, not at the first connection
         if not 1200 <= self.max_datagram_size <= 65527:
             raise ValueError("max_datagram_size must be within 1200..65527")
         if self.preauth_window < 4096 or self.preauth_window > min(self.max_data, self.max_stream_data):
@@ -233,10 +239,11 @@ class Connection:
         self._peer_id: str | None = None  # see `peer_id`
         # A relayed datagram carries the relay frame's header too: keep it within the same size.
         size = cfg.max_datagram_size - (RELAY_OVERHEAD if isinstance(address, RelayPath) else 0)
-        self._quic = machine.make_quic(self._credit, is_client=is_client, odcid=odcid, retry_scid=retry_scid,
+        self._quic = library.make_quic(self._credit, is_client=is_client, odcid=odcid, retry_scid=retry_scid,
                                        idle_timeout=self.idle_timeout,
                                        max_datagram_size=size, congestion_control=cfg.congestion_control,
-                                       max_streams=cfg.max_streams)
+                                       max_streams=cfg.max_streams, library=cfg.quic_library,
+                                       max_data=cfg.max_data, max_stream_data=cfg.max_stream_data)
 
     def __repr__(self) -> str:
         who = self._peer_id or "unauthenticated"
