@@ -92,6 +92,10 @@ class Sealer:
         return nonce + _aead_encrypt(plaintext, aad, nonce, self._key)
 
     def open(self, sealed: bytes, aad: bytes) -> bytes:
+        return bytes(self._open_into_new(sealed, aad))
+
+    def _open_into_new(self, sealed, aad: bytes) -> bytearray:
+        """The plaintext of `sealed` in a new buffer (IntegrityError unless it authenticates)."""
         n = len(sealed) - SEAL_OVERHEAD
         if n < 0:
             raise IntegrityError("sealed data too short")
@@ -102,7 +106,7 @@ class Sealer:
             src + NONCE_SIZE, n + TAG_SIZE, aad, len(aad), src, self._key)
         if rc != 0:
             raise IntegrityError("authentication failed")
-        return bytes(out)
+        return out
 
 
 class BulkSealer(Sealer):
@@ -128,17 +132,7 @@ class BulkSealer(Sealer):
 
     # (a bytearray, not bytes: the data path takes any buffer, and a copy would cost what this class saves)
     def open(self, sealed, aad: bytes) -> bytearray:  # type: ignore[override]
-        n = len(sealed) - SEAL_OVERHEAD
-        if n < 0:
-            raise IntegrityError("sealed data too short")
-        out = bytearray(n)
-        src = _ffi.from_buffer("unsigned char[]", sealed)
-        rc = _lib.crypto_aead_xchacha20poly1305_ietf_decrypt(
-            _ffi.from_buffer("unsigned char[]", out, require_writable=True), _ffi.NULL, _ffi.NULL,
-            src + NONCE_SIZE, n + TAG_SIZE, aad, len(aad), src, self._key)
-        if rc != 0:
-            raise IntegrityError("authentication failed")
-        return out
+        return self._open_into_new(sealed, aad)
 
 
 class ChunkIdHash:

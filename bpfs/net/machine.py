@@ -167,13 +167,20 @@ def check_aioquic() -> None:
                 raise unsupported(f"QuicStream.{attr}")
             obj = getattr(obj, part)
     # `QuicConnection.tls` itself only exists once a handshake starts: check its class.
-    if not hasattr(tls.Context(is_client=True), "key_schedule"):
+    check_tls(tls, unsupported)
+
+
+def check_tls(tls_module, unsupported) -> None:
+    """Raise `unsupported(what)` unless `tls_module` (aioquic's `tls`, or qh3's fork of it) has
+    what `export_binding` reads: `Context.key_schedule`, `Context.session_resumed`,
+    `KeySchedule.derive_secret` and `KeySchedule.generation`."""
+    if not hasattr(tls_module.Context(is_client=True), "key_schedule"):
         raise unsupported("tls.Context.key_schedule")
-    if not isinstance(getattr(tls.Context, "session_resumed", None), property):
+    if not isinstance(getattr(tls_module.Context, "session_resumed", None), property):
         raise unsupported("tls.Context.session_resumed")
-    if not callable(getattr(tls.KeySchedule, "derive_secret", None)):
+    if not callable(getattr(tls_module.KeySchedule, "derive_secret", None)):
         raise unsupported("tls.KeySchedule.derive_secret")
-    if not hasattr(tls.KeySchedule(tls.CipherSuite.AES_128_GCM_SHA256), "generation"):
+    if not hasattr(tls_module.KeySchedule(tls_module.CipherSuite.AES_128_GCM_SHA256), "generation"):
         raise unsupported("tls.KeySchedule.generation")
 
 

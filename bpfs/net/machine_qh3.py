@@ -102,7 +102,7 @@ from qh3.quic.packet import (QuicErrorCode, QuicPacketType, QuicProtocolVersion,
                              push_quic_transport_parameters)
 from qh3.quic.tls_bridge import QuicTlsBridge
 
-from .machine import ALPN, CID_LENGTH, Credit, process_certificate
+from .machine import ALPN, CID_LENGTH, Credit, check_tls, process_certificate
 
 __all__ = ["MAX_EVENTS_BEHIND", "QH3_VERSION", "Qh3Machine", "check_qh3", "make_qh3"]
 
@@ -168,14 +168,7 @@ def check_qh3() -> None:
                  "session_ticket_handler", "quic_logger", "version_change_handler"):
         if name not in bridge_params:
             raise unsupported(f"QuicTlsBridge({name}=)")
-    if not hasattr(qh3_tls.Context(is_client=True), "key_schedule"):
-        raise unsupported("tls.Context.key_schedule")
-    if not isinstance(getattr(qh3_tls.Context, "session_resumed", None), property):
-        raise unsupported("tls.Context.session_resumed")
-    if not callable(getattr(qh3_tls.KeySchedule, "derive_secret", None)):
-        raise unsupported("tls.KeySchedule.derive_secret")
-    if not hasattr(qh3_tls.KeySchedule(qh3_tls.CipherSuite.AES_128_GCM_SHA256), "generation"):
-        raise unsupported("tls.KeySchedule.generation")
+    check_tls(qh3_tls, unsupported)
 
 
 check_qh3()
