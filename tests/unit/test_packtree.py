@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -147,18 +149,35 @@ def test_leaf_and_node_hashes_are_the_specified_blake2b():
     assert T.finish_root(5, left) == spec(b"\x02", struct.pack("<Q", 5), left)
 
 
-def test_the_c_leaf_hashes_are_the_python_ones():
-    """`_packhash.leaf_hashes` (the writers' path, without the GIL) gives exactly `hash_leaf`'s bytes
-    for every whole leaf, whatever the leaf size (one block, block edges, many blocks) and index."""
+def _check_c_leaf_hashes(lanes: int) -> None:
     from bpfs import _packhash
+
+    assert _packhash.LANES == lanes
 
     rng = random.Random(11)
     for leaf in (1, 118, 119, 120, 128, 247, 248, 249, 2048, 3000):
-        data = rng.randbytes(leaf * 4 + rng.randrange(leaf))
-        first = rng.choice((0, 1, 2**32 + 5, 2**63))
-        got = _packhash.leaf_hashes(memoryview(data), first, leaf, b"bpfs.packtree")
-        assert len(got) == 32 * (len(data) // leaf)
-        for k in range(len(data) // leaf):
-            assert got[32 * k:32 * k + 32] == T.hash_leaf(first + k, data[k * leaf:(k + 1) * leaf]), (leaf, k)
+        for count in (1, 3, 4, 5, 9):  # the four-lane path, its scalar tail, and the scalar path alone
+            data = rng.randbytes(leaf * count + rng.randrange(leaf))
+            first = rng.choice((0, 1, 2**32 + 5, 2**63))
+            got = _packhash.leaf_hashes(memoryview(data), first, leaf, b"bpfs.packtree")
+            assert len(got) == 32 * count
+            for k in range(count):
+                assert got[32 * k:32 * k + 32] == T.hash_leaf(first + k, data[k * leaf:(k + 1) * leaf]), (leaf, count, k)
+
+
+def test_the_c_leaf_hashes_are_the_python_ones():
+    """`_packhash.leaf_hashes` (the writers' path, without the GIL) gives exactly `hash_leaf`'s bytes
+    for every whole leaf, whatever the leaf size (one block, block edges, many blocks), index and
+    number of leaves: four at a time in vector lanes where the CPU has AVX2, and one at a time
+    (BPFS_PACKHASH_SCALAR=1, checked in a child process, as on a CPU without it)."""
+    from bpfs import _packhash
+
+    with open("/proc/cpuinfo") as f:
+        avx2 = " avx2" in f.read()
+    _check_c_leaf_hashes(4 if avx2 else 1)
+    scalar = subprocess.run([sys.executable, "-c", "from tests.unit.test_packtree import _check_c_leaf_hashes as c; c(1)"],
+                            env={**os.environ, "BPFS_PACKHASH_SCALAR": "1"}, capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert scalar.returncode == 0, scalar.stderr
     with pytest.raises(ValueError):
         _packhash.leaf_hashes(b"x", 0, 0, b"")
