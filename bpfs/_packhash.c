@@ -70,6 +70,19 @@ static inline void store64(uint8_t *p, uint64_t v)
         v[b] = rotr64(v[b] ^ v[c], 63); \
     } while (0)
 
+/* One round: the columns, then the diagonals, with the message words in the order s. */
+#define ROUND(GF, m, s)                              \
+    do {                                             \
+        GF(0, 4, 8, 12, m[(s)[0]], m[(s)[1]]);       \
+        GF(1, 5, 9, 13, m[(s)[2]], m[(s)[3]]);       \
+        GF(2, 6, 10, 14, m[(s)[4]], m[(s)[5]]);      \
+        GF(3, 7, 11, 15, m[(s)[6]], m[(s)[7]]);      \
+        GF(0, 5, 10, 15, m[(s)[8]], m[(s)[9]]);      \
+        GF(1, 6, 11, 12, m[(s)[10]], m[(s)[11]]);    \
+        GF(2, 7, 8, 13, m[(s)[12]], m[(s)[13]]);     \
+        GF(3, 4, 9, 14, m[(s)[14]], m[(s)[15]]);     \
+    } while (0)
+
 /* One compression of block (128 bytes) into h, t bytes hashed so far, last block or not. */
 static void compress(uint64_t h[8], const uint8_t *block, uint64_t t, int last)
 {
@@ -84,15 +97,7 @@ static void compress(uint64_t h[8], const uint8_t *block, uint64_t t, int last)
     if (last)
         v[14] = ~v[14];
     for (int r = 0; r < 12; r++) {
-        const uint8_t *s = SIGMA[r];
-        G(0, 4, 8, 12, m[s[0]], m[s[1]]);
-        G(1, 5, 9, 13, m[s[2]], m[s[3]]);
-        G(2, 6, 10, 14, m[s[4]], m[s[5]]);
-        G(3, 7, 11, 15, m[s[6]], m[s[7]]);
-        G(0, 5, 10, 15, m[s[8]], m[s[9]]);
-        G(1, 6, 11, 12, m[s[10]], m[s[11]]);
-        G(2, 7, 8, 13, m[s[12]], m[s[13]]);
-        G(3, 4, 9, 14, m[s[14]], m[s[15]]);
+        ROUND(G, m, SIGMA[r]);
     }
     for (int i = 0; i < 8; i++)
         h[i] ^= v[i] ^ v[i + 8];
@@ -203,15 +208,7 @@ __attribute__((target("avx2"))) static void hash_leaves4(const uint64_t h0[8], c
         if (k + 1 == blocks)
             v[14] = ~v[14];
         for (int r = 0; r < 12; r++) {
-            const uint8_t *s = SIGMA[r];
-            G4(0, 4, 8, 12, m[s[0]], m[s[1]]);
-            G4(1, 5, 9, 13, m[s[2]], m[s[3]]);
-            G4(2, 6, 10, 14, m[s[4]], m[s[5]]);
-            G4(3, 7, 11, 15, m[s[6]], m[s[7]]);
-            G4(0, 5, 10, 15, m[s[8]], m[s[9]]);
-            G4(1, 6, 11, 12, m[s[10]], m[s[11]]);
-            G4(2, 7, 8, 13, m[s[12]], m[s[13]]);
-            G4(3, 4, 9, 14, m[s[14]], m[s[15]]);
+            ROUND(G4, m, SIGMA[r]);
         }
         for (int i = 0; i < 8; i++)
             h[i] ^= v[i] ^ v[i + 8];
