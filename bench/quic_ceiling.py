@@ -24,12 +24,21 @@ the memory mode only). On Linux it also splits each side's wall time into on-CPU
 waiting for a CPU (another process had it: the machine is busy) and blocked (idle in
 the event loop): on a shared machine, CPU s/GiB is the figure to compare, and
 1 / (CPU s/GiB of the busier side) the throughput an idle core per side would give.
+
+For harnesses (bench/quic_lossy.py runs the two ends in network namespaces, through a
+delaying, lossy proxy): `--serve --listen HOST:PORT [--samples]` runs the receiver alone
+(it prints its port, takes one connection and one stream; --samples adds its progress,
+(wall clock, bytes) every 0.1 s, to the report it sends back), `--connect HOST:PORT` sends
+to such a receiver instead of starting one, `--seconds S` sends for S seconds (64 KiB
+writes) instead of --mib, `--send-buffer` sets `TransportConfig.send_buffer`, and `--json`
+prints the result as one JSON line. Without them nothing changes.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import ssl
 import struct
@@ -63,9 +72,15 @@ def _payload_chunk() -> bytes:
 
 
 def _config(args) -> TransportConfig:
+    extra = {"send_buffer": args.send_buffer} if getattr(args, "send_buffer", None) else {}
     return TransportConfig(max_datagram_size=args.datagram, congestion_control=args.cc,
                            udp_offload=getattr(args, "offload", "on") == "on",
-                           quic_library=getattr(args, "library", "aioquic"))
+                           quic_library=getattr(args, "library", "aioquic"), **extra)
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
 
 
 def _udp_counts(ep) -> tuple[int, int, int, int]:
@@ -74,63 +89,98 @@ def _udp_counts(ep) -> tuple[int, int, int, int]:
     return u.send_calls, u.sent, u.recv_calls, u.received
 
 
-async def _receive(stream) -> tuple[float, float, float, bytes]:
+async def _receive(stream, samples: list | None = None) -> tuple[float, float, float, bytes]:
+    """Read the stream to its end; with `samples`, append (wall clock, bytes so far) to it at
+    the first data, every 0.1 s, and at the end."""
     h = hashlib.sha256()
     first = await stream.receive_some(CHUNK)
     cpu0, (run0, wait0) = time.process_time(), _sched()
     h.update(first)
+    got = len(first)
+    if samples is not None:
+        samples.append((time.time(), got))
+    next_sample = time.time() + 0.1
     while data := await stream.receive_some(CHUNK):
         h.update(data)
+        got += len(data)
+        if samples is not None and (now := time.time()) >= next_sample:
+            samples.append((now, got))
+            next_sample = now + 0.1
+    if samples is not None:
+        samples.append((time.time(), got))
     run1, wait1 = _sched()
     return time.process_time() - cpu0, run1 - run0, wait1 - wait0, h.digest()
 
 
 async def _serve(args) -> None:
     """Child side of --mode process: receive one stream, report CPU time and digest."""
-    async with open_endpoint(Identity(os.urandom(32)), config=_config(args)) as ep:
+    host, port = _hostport(args.listen) if getattr(args, "listen", None) else ("127.0.0.1", 0)
+    async with open_endpoint(Identity(os.urandom(32)), host, port, config=_config(args)) as ep:
         print(ep.local_address[1], flush=True)
         conn = await ep.accept()
         stream = await conn.accept_stream()
-        await stream.send(_REPORT.pack(*await _receive(stream), *_udp_counts(ep)), end=True)
+        samples: list | None = [] if getattr(args, "samples", False) else None
+        report = _REPORT.pack(*await _receive(stream, samples), *_udp_counts(ep))
+        if samples is not None:
+            report += json.dumps({"samples": samples}).encode()
+        await stream.send(report, end=True)
         with trio.move_on_after(5):
             await conn.wait_closed()
 
 
-async def _send(conn, total: int, chunk: bytes) -> tuple[float, float, bytes]:
+async def _send(conn, total: int, chunk: bytes, seconds: float | None = None) -> dict:
+    """Send `total` bytes in `chunk`s, or (`seconds`) as many as fit in that time."""
     stream = await conn.open_stream()
     h = hashlib.sha256()
     t0, cpu0, (run0, wait0) = time.perf_counter(), time.process_time(), _sched()
     sent = 0
-    while sent < total:
-        await stream.send(chunk, end=sent + len(chunk) >= total)
-        h.update(chunk)
-        sent += len(chunk)
-    report = await stream.receive_all(_REPORT.size)
+    if seconds is None:
+        while sent < total:
+            await stream.send(chunk, end=sent + len(chunk) >= total)
+            h.update(chunk)
+            sent += len(chunk)
+    else:
+        while time.perf_counter() - t0 < seconds:
+            await stream.send(chunk)
+            h.update(chunk)
+            sent += len(chunk)
+        await stream.send_eof()
+    report = await stream.receive_all(_REPORT.size + (1 << 20))
     run1, wait1 = _sched()
     return dict(wall=time.perf_counter() - t0, cpu_send=time.process_time() - cpu0, digest=h.digest(),
-                report=report, sched_send=(run1 - run0, wait1 - wait0))
+                report=report, sched_send=(run1 - run0, wait1 - wait0), sent=sent)
 
 
 async def _process_mode(args, total: int) -> dict:
     # Set-up, before anything is timed and before any other task runs: blocking here stalls nothing.
-    child = subprocess.Popen(  # noqa: ASYNC220
-        [sys.executable, os.path.abspath(__file__), "--serve", "--datagram", str(args.datagram),  # noqa: ASYNC240
-         "--cc", args.cc, "--offload", getattr(args, "offload", "on"), "--library", args.library],
-        stdout=subprocess.PIPE, text=True)
+    child = None
+    connect, seconds = getattr(args, "connect", None), getattr(args, "seconds", None)  # harness-only options
+    if connect:
+        address = _hostport(connect)
+    else:
+        child = subprocess.Popen(  # noqa: ASYNC220
+            [sys.executable, os.path.abspath(__file__), "--serve", "--datagram", str(args.datagram),  # noqa: ASYNC240
+             "--cc", args.cc, "--offload", getattr(args, "offload", "on"), "--library", args.library],
+            stdout=subprocess.PIPE, text=True)
     try:
-        port = int(child.stdout.readline())
-        async with open_endpoint(Identity(os.urandom(32)), listen=False, config=_config(args)) as ep:
-            conn = await ep.connect(("127.0.0.1", port))
-            r = await _send(conn, total, _payload_chunk())
+        if child is not None:
+            address = ("127.0.0.1", int(child.stdout.readline()))
+        chunk = _payload_chunk()[:64 << 10] if seconds else _payload_chunk()
+        bind = "127.0.0.1" if child is not None else ("::" if ":" in address[0] else "0.0.0.0")
+        async with open_endpoint(Identity(os.urandom(32)), bind, listen=False, config=_config(args)) as ep:
+            conn = await ep.connect(address)
+            r = await _send(conn, total, chunk, seconds)
             r["udp_send"] = _udp_counts(ep)
             await conn.aclose()
-        child.wait(timeout=10)
+        if child is not None:
+            child.wait(timeout=10)
     finally:
-        if child.poll() is None:
+        if child is not None and child.poll() is None:
             child.kill()
-    cpu_recv, run, wait, remote_digest, *udp_recv = _REPORT.unpack(r["report"])
+    cpu_recv, run, wait, remote_digest, *udp_recv = _REPORT.unpack(r["report"][:_REPORT.size])
+    extra = json.loads(r["report"][_REPORT.size:]) if len(r["report"]) > _REPORT.size else {}
     return dict(r, cpu_recv=cpu_recv, sched_recv=(run, wait), ok=r["digest"] == remote_digest,
-                udp_recv=tuple(udp_recv))
+                udp_recv=tuple(udp_recv), samples=extra.get("samples"))
 
 
 async def _inproc_mode(args, total: int) -> dict:
@@ -220,7 +270,7 @@ def _memory_mode(args, total: int) -> dict:
                 sched_send=(run1 - run0, wait1 - wait0), ok=got == total)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mib", type=int, default=256, help="MiB to send (default 256)")
     ap.add_argument("--datagram", type=int, default=1452, help="max_datagram_size (default 1452)")
@@ -230,16 +280,37 @@ def main() -> None:
                     help="UDP GSO / GRO batching (TransportConfig.udp_offload; default on)")
     ap.add_argument("--library", default="aioquic", choices=["aioquic", "qh3"],
                     help="QUIC state machine of both ends (TransportConfig.quic_library; default aioquic)")
-    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    ap.add_argument("--serve", action="store_true",
+                    help="run the receiver only: print its port, take one connection (for --connect)")
+    ap.add_argument("--listen", metavar="HOST:PORT", help="with --serve: where to listen (default 127.0.0.1:0)")
+    ap.add_argument("--samples", action="store_true",
+                    help="with --serve: report progress samples (wall clock, bytes) every 0.1 s")
+    ap.add_argument("--connect", metavar="HOST:PORT", help="send to a running --serve there (process mode)")
+    ap.add_argument("--seconds", type=float, help="send for this long (64 KiB writes) instead of --mib")
+    ap.add_argument("--send-buffer", type=int, metavar="BYTES", help="TransportConfig.send_buffer (default 4 MiB)")
+    ap.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    args = ap.parse_args(argv)
     if args.serve:
         trio.run(_serve, args)
         return
+    if (args.connect or args.seconds) and args.mode != "process":
+        ap.error("--connect and --seconds need --mode process")
     total = args.mib * CHUNK
     if args.mode == "memory":
         r = _memory_mode(args, total)
     else:
         r = trio.run(_process_mode if args.mode == "process" else _inproc_mode, args, total)
+    if args.seconds:
+        total = r["sent"]
+    if args.json:
+        print(json.dumps({
+            "library": args.library, "cc": "cubic" if args.library == "qh3" else args.cc, "ok": r["ok"],
+            "bytes": total, "wall": r["wall"], "cpu_send": r["cpu_send"], "cpu_recv": r.get("cpu_recv"),
+            "udp_send": r.get("udp_send"), "udp_recv": r.get("udp_recv"), "samples": r.get("samples")}),
+            flush=True)
+        if not r["ok"]:
+            sys.exit(1)
+        return
     gib = total / (1 << 30)
     offload = "" if args.mode == "memory" else f" offload={args.offload}"
     cc = "cubic (qh3's core)" if args.library == "qh3" else args.cc
