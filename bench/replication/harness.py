@@ -1,5 +1,7 @@
-"""The set-up of the replication benchmark, untimed: the two stores and their daemons (``BpfsPair``),
-the private sshd of the rsync reference (``Sshd``), the source data and copying it into a mount."""
+"""The set-up of the replication benchmark, untimed: the stores and their daemons (``BpfsPair``: A, B
+and, for the recovery from two partners, C), the QUIC library and UDP I/O mode they run with
+(``quic_env``, checked in the running daemons by ``daemon_transport``), the private sshd of the rsync
+reference (``Sshd``), the source data and copying it into a mount."""
 
 from __future__ import annotations
 
@@ -14,8 +16,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
-
 from bench import proc
 from bench.cleanup import Cleanup, force_unmount
 from bench.config import BLOCK, MiB
@@ -23,6 +23,8 @@ from bench.targets import REPO, bpfs_command, bpfs_env, store_log_tail
 
 SYNC_TIMEOUT = 3600
 QUOTA = "4G"
+LIBRARIES = ("aioquic", "qh3")  # TransportConfig.quic_library (BPFS_QUIC)
+OFFLOADS = ("on", "off")  # UDP GSO / GRO (TransportConfig.udp_offload; BPFS_UDP_OFFLOAD=0 turns it off)
 
 
 class ReplicationError(RuntimeError):
@@ -47,6 +49,8 @@ def sha256_file(path: Path) -> tuple[str, int]:
 
 def make_source(path: Path, total: int, seed: int = 2024) -> str:
     """Write ``total`` incompressible bytes (seeded, no repeated block) to a plain file; its SHA-256."""
+    import numpy as np  # here: the rest of the package (the report, its tests) does without the bench extra
+
     rng = np.random.default_rng(seed)
     h = hashlib.sha256()
     with open(path, "wb", buffering=0) as f:
@@ -76,19 +80,76 @@ def copy_into(src: Path, dst: Path) -> None:
             os.close(fd)
 
 
-# -- bpfs: two stores, a partnership; the timed sync and recovery are in measure.py ------------------
+# -- the QUIC library and UDP I/O mode of every bpfs process --------------------------------------
+
+def quic_env(library: str, offload: str) -> dict[str, str]:
+    """The environment that makes a bpfs process (and the daemons it starts, which inherit it) use
+    ``library`` ("aioquic" or "qh3") with UDP GSO / GRO ``offload`` ("on" or "off")."""
+    if library not in LIBRARIES or offload not in OFFLOADS:
+        raise ValueError(f"library must be one of {LIBRARIES} and offload one of {OFFLOADS}: {library!r}, {offload!r}")
+    return {"BPFS_QUIC": library, "BPFS_UDP_OFFLOAD": "1" if offload == "on" else "0"}
+
+
+def library_available(library: str) -> str:
+    """'' if bpfs can use ``library`` here, else why not (qh3 is an optional extra, pinned exactly)."""
+    try:
+        from bpfs.net import library as lib
+
+        lib.load_library(library)
+    except (ImportError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+    return ""
+
+
+def daemon_transport(pid: int) -> dict:
+    """What a running bpfs daemon really uses, from /proc: its BPFS_QUIC and BPFS_UDP_OFFLOAD, and
+    whether qh3's native module is mapped into it (aioquic's always is: bpfs.net imports it either
+    way). Keys: 'BPFS_QUIC', 'BPFS_UDP_OFFLOAD' (None when unset), 'qh3_loaded' (None if unreadable)."""
+    res: dict = {"BPFS_QUIC": None, "BPFS_UDP_OFFLOAD": None, "qh3_loaded": None}
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            for item in f.read().split(b"\0"):
+                key, _, value = item.decode(errors="replace").partition("=")
+                if key in ("BPFS_QUIC", "BPFS_UDP_OFFLOAD"):
+                    res[key] = value
+        with open(f"/proc/{pid}/maps") as f:
+            res["qh3_loaded"] = any("/qh3/_hazmat" in line for line in f)
+    except OSError:
+        pass
+    return res
+
+
+def transport_mismatch(pid: int, name: str, library: str, offload: str) -> str:
+    """'' if daemon ``pid`` runs ``library`` with ``offload`` as asked, else what differs."""
+    got = daemon_transport(pid)
+    want = quic_env(library, offload)
+    wrong = [f"{k}={got[k]!r}" for k in want if got[k] != want[k]]
+    if got["qh3_loaded"] is not None and got["qh3_loaded"] != (library == "qh3"):
+        wrong.append("qh3 " + ("loaded" if got["qh3_loaded"] else "not loaded"))
+    if not wrong:
+        return ""
+    return f"{name}'s daemon (pid {pid}) asked for {library}, offload {offload}: " + ", ".join(wrong)
+
+
+# -- bpfs: the stores, the partnerships; the timed sync and recovery are in measure.py -------------
 
 class BpfsPair:
-    """Stores A (mounted) and B (``bpfs serve``) in ``base``; everything undone by ``destroy``."""
+    """Stores A (mounted) and B (``bpfs serve``) in ``base``, and C (served too, inviting A) with
+    ``third=True``; everything undone by ``destroy``. ``env`` goes to every bpfs command, and so to
+    the daemons they start (``quic_env``: the QUIC library and UDP I/O mode)."""
 
-    def __init__(self, base: Path, cleanup: Cleanup):
+    def __init__(self, base: Path, cleanup: Cleanup, env: dict | None = None, third: bool = False):
         self.base = base
         self.cleanup = cleanup
+        self.env = dict(env or {})
+        self.third = third
         self.a, self.b, self.new = base / "A", base / "B", base / "NEW"
+        self.c, self.new2 = base / "C", base / "NEW2"
         self.mnt_a, self.mnt_new = base / "mntA", base / "mntNEW"
-        self.a_id = self.b_id = self.recovery_secret = None
+        self.a_id = self.b_id = self.c_id = self.recovery_secret = None
         self.port: int | None = None
-        self.pid_a = self.pid_b = None
+        self.port_c: int | None = None
+        self.pid_a = self.pid_b = self.pid_c = None
         self.mounted: list[Path] = []
         self.serving = False
         self.problems: list[str] = []
@@ -96,8 +157,8 @@ class BpfsPair:
     def bpfs(self, *args: str, timeout: float = 600, env: dict | None = None):
         # no broker: everything here is reached by address (a recovery also asks the brokers it
         # knows, which would add a wait for one that does not answer on this machine)
-        return proc.run(bpfs_command(*args), env={**bpfs_env(), "BPFS_BROKER": "none", **(env or {})}, cwd=REPO,
-                        timeout=timeout)
+        return proc.run(bpfs_command(*args), env={**bpfs_env(), "BPFS_BROKER": "none", **self.env, **(env or {})},
+                        cwd=REPO, timeout=timeout)
 
     @staticmethod
     def daemon_pid(store: Path) -> int | None:
@@ -107,26 +168,42 @@ class BpfsPair:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
+    def _serve(self, store: Path) -> tuple[int, int]:
+        """``bpfs serve STORE --listen 127.0.0.1:0``: (its daemon's pid, its port)."""
+        self.bpfs("serve", str(store), "--listen", "127.0.0.1:0", timeout=120)
+        pid = self.daemon_pid(store)
+        if pid is None:
+            raise ReplicationError(f"`bpfs serve` returned but {store.name}/daemon.json has no readable pid")
+        self.cleanup.add_pid(pid)
+        info = json.loads(self.bpfs("id", "--store", str(store), "--json", timeout=60).stdout)
+        addrs = [a for a in info.get("addresses") or [] if a.startswith("127.0.0.1:")]
+        if not addrs:
+            raise ReplicationError(f"`bpfs id --store {store.name} --json` gives no 127.0.0.1 address: {info}")
+        return pid, int(addrs[0].rsplit(":", 1)[1])
+
     def setup(self) -> None:
-        """init A and B, serve B, invite A, mount A: everything before the data goes in."""
+        """init A and B (and C), serve B (and C), invite A, mount A: everything before the data goes in."""
         self.base.mkdir(parents=True)
         a = json.loads(self.bpfs("init", str(self.a), "--kdf", "interactive", "--json", timeout=120).stdout)
         b = json.loads(self.bpfs("init", str(self.b), "--kdf", "interactive", "--json", timeout=120).stdout)
         self.a_id, self.recovery_secret, self.b_id = a["peer_id"], a["recovery_secret"], b["peer_id"]
-        self.serving = True  # from here on destroy() tries `bpfs stop B`
-        self.bpfs("serve", str(self.b), "--listen", "127.0.0.1:0", timeout=120)
-        self.pid_b = self.daemon_pid(self.b)
-        if self.pid_b:
-            self.cleanup.add_pid(self.pid_b)
-        info = json.loads(self.bpfs("id", "--store", str(self.b), "--json", timeout=60).stdout)
-        addrs = [a for a in info.get("addresses") or [] if a.startswith("127.0.0.1:")]
-        if not addrs:
-            raise ReplicationError(f"`bpfs id --store B --json` gives no 127.0.0.1 address: {info}")
-        self.port = int(addrs[0].rsplit(":", 1)[1])
-        if self.pid_b is None:
-            raise ReplicationError("`bpfs serve` returned but B/daemon.json has no readable pid")
+        self.serving = True  # from here on destroy() tries `bpfs stop B` (and C)
+        self.pid_b, self.port = self._serve(self.b)
         self.bpfs("pair", str(self.b), "--accept", self.a_id, "--offer", QUOTA, "--ask", QUOTA, timeout=120)
+        if self.third:
+            c = json.loads(self.bpfs("init", str(self.c), "--kdf", "interactive", "--json", timeout=120).stdout)
+            self.c_id = c["peer_id"]
+            self.pid_c, self.port_c = self._serve(self.c)
+            self.bpfs("pair", str(self.c), "--accept", self.a_id, "--offer", QUOTA, "--ask", QUOTA, timeout=120)
         self.pid_a = self.mount(self.a, self.mnt_a, "--listen", "127.0.0.1:0")
+
+    def pair_and_sync(self, port: int, peer: str) -> float:
+        """Untimed helper: ``bpfs pair A --direct 127.0.0.1:PORT --expect PEER``, ``bpfs sync A``; seconds."""
+        t0 = time.perf_counter()
+        self.bpfs("pair", str(self.a), "--direct", f"127.0.0.1:{port}", "--expect", peer, "--offer", QUOTA,
+                  "--ask", QUOTA, "--yes", timeout=120)
+        self.bpfs("sync", str(self.a), "--timeout", str(SYNC_TIMEOUT), timeout=SYNC_TIMEOUT + 60)
+        return time.perf_counter() - t0
 
     def mount(self, store: Path, mnt: Path, *extra: str) -> int:
         mnt.mkdir(exist_ok=True)
@@ -147,7 +224,7 @@ class BpfsPair:
         self.cleanup.forget_mount(mnt)
 
     def log_tail(self, lines: int = 15) -> str:
-        return store_log_tail((self.a, self.b, self.new), lines)
+        return store_log_tail((self.a, self.b, self.c, self.new, self.new2), lines)
 
     def destroy(self) -> None:
         for mnt in list(reversed(self.mounted)):
@@ -160,12 +237,13 @@ class BpfsPair:
             self.cleanup.forget_mount(mnt)
             if mnt in self.mounted:
                 self.mounted.remove(mnt)
-        if self.serving and (self.b / "daemon.json").exists():
-            try:
-                self.bpfs("stop", str(self.b), timeout=120)
-            except Exception as e:  # noqa: BLE001
-                self.problems.append(f"`bpfs stop B` failed: {str(e).splitlines()[0]}")
-        for pid in (self.pid_a, self.pid_b):
+        for name, store in (("B", self.b), ("C", self.c)):
+            if self.serving and (store / "daemon.json").exists():
+                try:
+                    self.bpfs("stop", str(store), timeout=120)
+                except Exception as e:  # noqa: BLE001
+                    self.problems.append(f"`bpfs stop {name}` failed: {str(e).splitlines()[0]}")
+        for pid in (self.pid_a, self.pid_b, self.pid_c):
             if pid and proc.pid_alive(pid):
                 for _ in range(50):
                     if not proc.pid_alive(pid):
