@@ -1,8 +1,9 @@
 """Write buffers: the accepted bytes of each inode that are not persisted yet.
 
 Owns the per-inode buffers (`Buffers`): where a write lands, when a buffer is handed to the
-pipeline (`pipeline.Pipeline.persist`: in the background from DRAIN_AT on, in the writer's task
-past BUFFER_LIMIT or TOTAL_BUFFER_LIMIT, which bounds memory), waiting for drains in flight,
+pipeline (`pipeline.Pipeline.persist`: in the background from DRAIN_AT on, up to MAX_DRAINS of
+one buffer at once; past BUFFER_LIMIT or TOTAL_BUFFER_LIMIT, which bound memory, a writer waits
+for one of its buffer's drains to end, or drains in its own task), waiting for drains in flight,
 and refusing writes the drive could not hold (ENOSPC). A buffer (`Buffer`) is a live run that
 writes extend plus the runs drains have taken and not yet applied; readers see all of them
 (`Buffer.runs`). A drain takes the live run in two phases, handed over in order, so the next
@@ -22,6 +23,10 @@ log = logging.getLogger(__name__)
 
 DRAIN_AT = 8 << 20  # start cutting a buffer into chunks at this size
 BUFFER_LIMIT = 2 * DRAIN_AT  # a writer waits when its live run grows past this (a pooled run)
+# Background drains of one buffer at once: one cutting and hashing while the other seals and
+# writes, and the writer filling the live run meanwhile (with one, a writer reaching
+# BUFFER_LIMIT drained in its own task and stalled until its own bytes were written).
+MAX_DRAINS = 2
 TOTAL_BUFFER_LIMIT = 64 << 20  # and when all buffers together pass this
 
 
@@ -96,7 +101,7 @@ class Buffer:
     """
 
     __slots__ = ("start", "data", "inflight", "cut_lock", "write_lock", "drained", "error", "touched",
-                 "drain_queued")
+                 "drains", "drain_ended")
 
     def __init__(self, start: int):
         self.start = start
@@ -108,7 +113,8 @@ class Buffer:
         self.drained.set()
         self.error: OSError | None = None
         self.touched = time.monotonic()
-        self.drain_queued = False
+        self.drains = 0  # background drains started and not ended
+        self.drain_ended = trio.Event()  # set (and replaced) whenever one ends
 
     @property
     def end(self) -> int:
@@ -233,11 +239,16 @@ class Buffers:
             await self.persist(ino, buf, final=True)
         buf.data.write(offset - buf.start, data)
         buf.touched = time.monotonic()
-        if len(buf.data) >= DRAIN_AT and not buf.drain_queued and self.nursery is not None:
-            buf.drain_queued = True
-            self.nursery.start_soon(self._drain_in_background, ino, buf)
-        if len(buf.data) >= BUFFER_LIMIT or self.buffered_bytes() >= TOTAL_BUFFER_LIMIT:
-            await self.persist(ino, buf, final=False)
+        while True:
+            if len(buf.data) >= DRAIN_AT and buf.drains < MAX_DRAINS and self.nursery is not None:
+                buf.drains += 1
+                self.nursery.start_soon(self._drain_in_background, ino, buf)
+            if len(buf.data) < BUFFER_LIMIT and self.buffered_bytes() < TOTAL_BUFFER_LIMIT:
+                break
+            if not buf.drains:
+                await self.persist(ino, buf, final=False)
+                break
+            await buf.drain_ended.wait()  # memory comes back as this buffer's drains end
 
     async def _drain_in_background(self, ino: int, buf: Buffer) -> None:
         try:
@@ -249,7 +260,9 @@ class Buffers:
             log.exception("writing inode %d failed", ino)
             buf.error = OSError(errno.EIO, "write failed")
         finally:
-            buf.drain_queued = False
+            buf.drains -= 1
+            buf.drain_ended.set()
+            buf.drain_ended = trio.Event()
 
     async def flush(self, ino: int) -> None:
         """Persist everything buffered for `ino` (not yet durable: see `FileData.sync`)."""
