@@ -12,6 +12,10 @@ newer than the one we hold. A partner can only read, list or release its own obj
 Durability: a piece is acknowledged once written (it survives a killed daemon: how far an upload
 got is the partial file's size); an object is acknowledged complete only after its digest is
 checked and the file fdatasync'ed and renamed, so a complete object survives a power loss too.
+The digest is checked from the bytes as they were written, hashed in order piece by piece
+(`packtree.InOrderHasher`, for at most MAX_RECEIVING uploads at once), so a pack is not read
+back; an upload begun before a restart, or beyond that bound, is hashed from its file. Written
+bytes are handed to writeback at once (POSIX_FADV_DONTNEED): they are not read again here.
 
 Audits (`Prove`): for each pack asked about, the leaves the nonce names and their Merkle paths,
 from the pack's 16 KiB blocks and its sidecar (the block hashes, written when the pack arrived;
@@ -24,7 +28,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 import time
+from collections import OrderedDict
 from typing import Callable
 
 import trio
@@ -34,7 +40,7 @@ from ..fsutil import fsync_dir, make_private_dir
 from ..identity import Identity, format_peer_id, parse_peer_id, peer_id_bytes, verify_signature
 from ..net.quic import Code, RelayPath
 from ..net.rpc import Dispatcher, Reject, TokenBucket
-from ..packtree import BLOCK_SIZE, Sidecar, challenge_leaves, leaf_count, read_proof, root_of_file
+from ..packtree import BLOCK_SIZE, InOrderHasher, Sidecar, challenge_leaves, leaf_count, read_proof
 from ..snapshot import SignedRoot, SnapshotError, verify_root
 from . import protocol as P
 from .ledger import ENDED, HostedRecord, Invite, Ledger, Partner
@@ -44,6 +50,7 @@ log = logging.getLogger(__name__)
 _DISK_RESERVE = 256 << 20  # never fill the holder's disk past this
 SWEEP_INTERVAL = 3600.0
 _MAX_PAIR_FRAME = 256
+MAX_RECEIVING = 64  # uploads hashed as they arrive (about 64 KiB each for a 16 MiB pack); more are read back
 AUDIT_LEAVES_PER_HOUR = 8192  # an owner's audit budget here: leaves proven per hour ...
 AUDIT_BURST = 8192  # ... and saved up at most (a `bpfs challenge` of 2,048 packs at 4 leaves)
 
@@ -70,6 +77,7 @@ class Holder:
         for owner, _kind, _obj, rec in ledger.all_hosted():
             self.used[owner] = self.used.get(owner, 0) + rec.total
         self._audit_budget: dict[bytes, TokenBucket] = {}
+        self._receiving: OrderedDict[str, _Receiving] = OrderedDict()  # by .part path, oldest first
         self.dispatcher = Dispatcher(P.PARTNER, rate=400.0, burst=800.0, admit=self._admit_frame)
         d = self.dispatcher
         d.handler(P.PairRequest)(self._pair)
@@ -134,6 +142,7 @@ class Holder:
 
     def _drop(self, owner_raw: bytes, kind: int, obj_id: int, rec: HostedRecord) -> None:
         path = self.path(owner_raw, kind, obj_id)
+        self._receiving.pop(path + ".part", None)
         for p in (path, path + ".part", path + ".repair", _tree_path(path)):
             try:
                 os.unlink(p)
@@ -287,18 +296,30 @@ class Holder:
                 raise Reject("the object's size changed between pieces", P.Refusal.BAD_REQUEST)
             path = self.path(owner, msg.kind, msg.id)
             part = path + ".part"
+            receiving = self._receiving_of(part, msg.offset)
             try:
-                size = await trio.to_thread.run_sync(_write_piece, part, msg.offset, msg.data)
+                size = await trio.to_thread.run_sync(_write_piece, part, msg.offset, msg.data, receiving)
             except _OutOfOrder:
                 conn.close(Code.PROTOCOL_VIOLATION, "piece out of order")
                 raise Reject("piece out of order", P.Refusal.BAD_REQUEST) from None
             except OSError as e:
+                self._receiving.pop(part, None)
                 if e.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise Reject("the partner's disk is full", P.Refusal.NO_SPACE) from None
                 raise
             if size < msg.total or msg.digest is None:
                 return P.PutAck(size, False)
             return await self._finish(p, msg, rec, path, part)
+
+    def _receiving_of(self, part: str, offset: int) -> "_Receiving | None":
+        """The in-order hasher of an upload: a new one at its first piece (the oldest one
+        forgotten past MAX_RECEIVING), None for an upload whose start this daemon did not see."""
+        receiving = self._receiving.get(part)
+        if receiving is None and offset == 0:
+            receiving = self._receiving[part] = _Receiving()
+            while len(self._receiving) > MAX_RECEIVING:
+                self._receiving.popitem(last=False)
+        return receiving
 
     def _admit(self, p: Partner, total: int) -> None:
         used = self.used.get(p.raw_id, 0)
@@ -343,11 +364,9 @@ class Holder:
 
     async def _finish(self, p: Partner, msg: P.PutPiece, rec: HostedRecord, path: str, part: str):
         owner = p.raw_id
-        if msg.kind == P.PACK:
-            tree = await trio.to_thread.run_sync(_tree_and_sync, part)
-            digest = tree.root
-        else:
-            tree, digest = None, await trio.to_thread.run_sync(_root_and_sync, part)
+        checked = await trio.to_thread.run_sync(_tree_and_sync, part, self._receiving.pop(part, None))
+        digest = checked.root
+        tree = checked if msg.kind == P.PACK else None  # a root needs no proofs: no sidecar
         if digest != msg.digest:
             self._drop(owner, msg.kind, msg.id, rec)
             raise Reject("the object does not match its digest: discarded", P.Refusal.BAD_DIGEST)
@@ -478,8 +497,26 @@ class _OutOfOrder(Exception):
     pass
 
 
-def _write_piece(part: str, offset: int, data: bytes) -> int:
+class _Receiving:
+    """An upload whose bytes are hashed as they are written (`hasher`: None once it cannot be,
+    e.g. the file held bytes it did not see); `lock` keeps its pieces' writes one at a time."""
+
+    __slots__ = ("lock", "hasher")
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.hasher: InOrderHasher | None = InOrderHasher()
+
+
+def _write_piece(part: str, offset: int, data: bytes, receiving: _Receiving | None = None) -> int:
     """Append the new part of a piece; return the bytes now held. Pieces already held are no-ops."""
+    if receiving is None:
+        return _append(part, offset, data, None)
+    with receiving.lock:
+        return _append(part, offset, data, receiving)
+
+
+def _append(part: str, offset: int, data: bytes, receiving: _Receiving | None) -> int:
     make_private_dir(os.path.dirname(part))
     fd = os.open(part, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
@@ -488,10 +525,17 @@ def _write_piece(part: str, offset: int, data: bytes) -> int:
             raise _OutOfOrder()
         end = offset + len(data)
         if end > size:
-            view = memoryview(data)[size - offset:]
+            start = size
+            new = view = memoryview(data)[size - offset:]
             while view:
                 n = os.pwrite(fd, view, size)
                 view, size = view[n:], size + n
+            if receiving is not None and receiving.hasher is not None:
+                if receiving.hasher.size == start:
+                    receiving.hasher.add(new)
+                else:
+                    receiving.hasher = None
+            os.posix_fadvise(fd, start, size - start, os.POSIX_FADV_DONTNEED)  # start writeback; not read again
         return size
     finally:
         os.close(fd)
@@ -505,17 +549,18 @@ def _sync(path: str) -> None:
         os.close(fd)
 
 
-def _tree_and_sync(part: str) -> Sidecar:
-    """The proof sidecar of a received pack (its root is the digest to check), once on disk."""
-    tree = Sidecar.of_file(part)
+def _tree_and_sync(part: str, receiving: _Receiving | None = None) -> Sidecar:
+    """The proof sidecar of a received object (its root is the digest to check), once on disk:
+    from the bytes hashed as they were written, else from the file."""
+    tree = None
+    if receiving is not None:
+        with receiving.lock:
+            if receiving.hasher is not None and receiving.hasher.size == os.stat(part).st_size:
+                tree = receiving.hasher.sidecar()
+    if tree is None:
+        tree = Sidecar.of_file(part)
     _sync(part)
     return tree
-
-
-def _root_and_sync(part: str) -> bytes:
-    root, _ = root_of_file(part)
-    _sync(part)
-    return root
 
 
 def _tree_path(path: str) -> str:

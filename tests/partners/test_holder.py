@@ -205,6 +205,70 @@ def test_an_object_that_does_not_match_its_digest_is_discarded(tmp_path):
     run(body, tmp_path)
 
 
+def test_digests_are_checked_from_the_bytes_received_and_else_from_the_file(tmp_path):
+    """A holder hashes an upload as its pieces arrive and does not read the pack back; an upload
+    whose start it did not see (begun before a restart), or whose file changed under it, is
+    hashed from the file instead. Either way a matching pack is kept with a correct sidecar and
+    proves, and bytes that do not match the digest are refused."""
+    from bpfs.packtree import Sidecar
+    from bpfs.peering.auditor import judge
+    from bpfs.peering.ledger import Outcome
+
+    async def body(holder):
+        data = os.urandom(2 * MiB + 4097)
+        async with partner_of(holder) as conn:
+            owner = peer_id_bytes(conn.identity.public_key)
+            # 1: hashed on arrival (the pack is never read back)
+            await call(conn, P.PutPiece(P.PACK, 1, len(data), 0, data[:MiB], None))
+            part = holder.path(owner, P.PACK, 1) + ".part"
+            assert holder._receiving[part].hasher.size == MiB
+            assert (await upload_from_id(conn, 1, data, MiB)).complete
+            assert not holder._receiving
+            # 2: the first piece arrived before a restart (this holder never saw it)
+            await call(conn, P.PutPiece(P.PACK, 2, len(data), 0, data[:MiB], None))
+            holder._receiving.clear()
+            assert (await upload_from_id(conn, 2, data, MiB)).complete
+            # 3: the file grew behind the holder's back: the bytes received no longer tell
+            await call(conn, P.PutPiece(P.PACK, 3, len(data), 0, data[:MiB], None))
+            with open(holder.path(owner, P.PACK, 3) + ".part", "ab") as f:
+                f.write(os.urandom(10))
+            with pytest.raises(RemoteError) as exc:  # 10 stray bytes are in the file now
+                await upload_from_id(conn, 3, data, MiB)
+            assert exc.value.code == P.Refusal.BAD_DIGEST
+            await call(conn, P.PutPiece(P.PACK, 3, len(data), 0, data[:MiB], None))
+            with open(holder.path(owner, P.PACK, 3) + ".part", "ab") as f:
+                f.write(data[MiB:MiB + 10])  # the right bytes, but not through the holder
+            assert (await upload_from_id(conn, 3, data, MiB)).complete
+            # 4: hashed on arrival, and not what the digest says
+            await call(conn, P.PutPiece(P.PACK, 4, len(data), 0, data[:MiB], None))
+            with pytest.raises(RemoteError) as exc:
+                await upload_from_id(conn, 4, data[:MiB] + os.urandom(len(data) - MiB), MiB, digest(data))
+            assert exc.value.code == P.Refusal.BAD_DIGEST
+            for obj in (1, 2, 3):
+                path = holder.path(owner, P.PACK, obj)
+                assert open(path, "rb").read() == data
+                kept = Sidecar.decode(open(path[:-len(".pack")] + ".tree", "rb").read())
+                assert kept is not None and kept.blocks == Sidecar.of_file(path).blocks and kept.root == digest(data)
+            nonce = os.urandom(32)
+            reply = await call(conn, _prove(nonce, [1, 2, 3], 4))
+            assert [p.status for p in reply.proofs] == [P.ProofStatus.HELD] * 3
+            for obj, proof in zip((1, 2, 3), reply.proofs):
+                assert judge(proof, nonce, obj, digest(data), len(data), 4) == Outcome.OK
+            assert list((await call(conn, P.Have(P.PACK, [4]))).sizes) == [0]
+
+    run(body, tmp_path)
+
+
+async def upload_from_id(conn, obj_id, data, start, last_digest=None):
+    ack = None
+    for off in range(start, len(data), P.PIECE):
+        part = data[off:off + P.PIECE]
+        last = off + len(part) >= len(data)
+        ack = await call(conn, P.PutPiece(P.PACK, obj_id, len(data), off, part,
+                                          (last_digest or digest(data)) if last else None))
+    return ack
+
+
 def test_roots_are_kept_as_history_and_must_be_signed_and_plausible(tmp_path):
     """Every root is kept (the owner's history), older ones too; a root signed by someone else or
     forged is refused, and so is one made in the future or whose generation jumps further than

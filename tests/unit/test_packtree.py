@@ -52,6 +52,13 @@ def test_every_way_of_computing_a_root_agrees(tmp_path, size):
     for a, b in spans:
         builder.add(a, data[a:b])
     assert builder.root(size) == root
+    # received in order, in pieces of any size (a holder receiving a pack): the same blocks as the file's
+    hasher = T.InOrderHasher()
+    for a, b in sorted(spans):
+        hasher.add(memoryview(data)[a:b])
+    assert hasher.size == size
+    assert hasher.blocks() == side.blocks
+    assert hasher.sidecar().root == root
 
 
 def test_roots_bind_size_position_and_content():
