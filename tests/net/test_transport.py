@@ -106,6 +106,7 @@ def test_connect_authenticates_both_sides():
     run(main)
 
 
+@pytest.mark.qh3_too
 def test_streams_carry_data_intact_both_ways():
     async def main():
         async with pair() as (srv, cli), trio.open_nursery() as nursery:
@@ -131,6 +132,7 @@ def test_streams_carry_data_intact_both_ways():
     run(main)
 
 
+@pytest.mark.qh3_too
 def test_server_may_open_streams_right_after_accepting():
     """The server's first stream can overtake its hello: the client must hold it until
     it has verified the server, not treat it as a protocol violation."""
@@ -154,6 +156,7 @@ def test_server_may_open_streams_right_after_accepting():
     run(main)
 
 
+@pytest.mark.qh3_too
 def test_receive_exactly_and_limits():
     async def main():
         async with pair() as (srv, cli):
@@ -199,7 +202,12 @@ def test_slow_reader_bounds_buffered_bytes_and_throttles_sender():
                 await trio.sleep(1.5)  # the reader sleeps: the sender must stall
                 assert not done.is_set()
                 assert r.buffered <= window
-                in_flight = sconn._quic._local_max_data.used - sconn._consumed
+                if isinstance(sconn._quic, machine.AioquicMachine):
+                    received = sconn._quic._local_max_data.used  # aioquic internal: bytes received
+                else:  # qh3 (BPFS_QUIC=qh3): its core's count is not reachable; what was sent bounds it
+                    received = conn._quic.sent_offset(s.stream_id)
+                    assert received is not None
+                in_flight = received - sconn._consumed
                 assert in_flight <= 2 * window
                 h, got = hashlib.sha256(), 0
                 peak = 0
@@ -246,6 +254,7 @@ def test_peer_opened_streams_are_bounded():
     run(main)
 
 
+@pytest.mark.qh3_too
 def test_connection_limits_per_endpoint():
     cfg = TransportConfig(max_connections=2, handshake_timeout=1.5)
 
@@ -267,6 +276,7 @@ def test_connection_limits_per_endpoint():
     run(main)
 
 
+@pytest.mark.qh3_too
 def test_unauthenticated_connections_are_bounded_and_timed_out():
     """Peers that finish the QUIC handshake but never authenticate hold a pending slot
     for at most `handshake_timeout`, and one host holds at most `max_pending_per_host`."""
@@ -305,6 +315,7 @@ def test_unauthenticated_connections_are_bounded_and_timed_out():
     run(main)
 
 
+@pytest.mark.qh3_too
 def test_garbage_datagrams_are_dropped_without_harm():
     async def main():
         async with pair() as (srv, cli), trio.open_nursery() as nursery:
@@ -347,6 +358,7 @@ def test_garbage_datagrams_are_dropped_without_harm():
     run(main)
 
 
+@pytest.mark.qh3_too
 def test_idle_timeout_closes_both_sides():
     cfg = TransportConfig(idle_timeout=1.0)
 
@@ -367,6 +379,7 @@ def test_idle_timeout_closes_both_sides():
     run(main)
 
 
+@pytest.mark.qh3_too
 def test_close_wakes_blocked_operations():
     async def main():
         async with pair() as (srv, cli):
@@ -392,6 +405,7 @@ def test_close_wakes_blocked_operations():
     run(main)
 
 
+@pytest.mark.qh3_too
 def test_stream_reset_reaches_the_reader():
     async def main():
         async with pair() as (srv, cli):
@@ -467,6 +481,7 @@ def test_forged_authentication_is_rejected(forgery):
     run(main)
 
 
+@pytest.mark.qh3_too
 def test_expected_peer_and_accept_policy():
     async def main():
         allowed = new_identity()
@@ -762,6 +777,7 @@ async def rpc_server(**kwargs):
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.qh3_too
 def test_request_response():
     async def main():
         async with rpc_server() as (srv, cli):
@@ -850,6 +866,7 @@ def test_oversized_request_refused_before_sending():
     run(main)
 
 
+@pytest.mark.qh3_too
 def test_rate_limit_per_peer():
     async def main():
         async with rpc_server(rate=2.0, burst=5) as (srv, cli):
@@ -914,6 +931,7 @@ SERVER_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.qh3_too
 def test_two_processes():
     seed = os.urandom(32)
     server_id = Identity(seed)

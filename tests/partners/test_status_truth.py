@@ -60,9 +60,12 @@ def test_progress_moves_within_a_pack_and_says_the_bandwidth_limit_holds_it(stor
 @pytest.mark.timeout(240)
 def test_never_idle_while_packs_are_pending(stores):
     """A partner that was idle gets new packs: from the moment they are pending, status says it is
-    sending them, not "idle" (the partner's loop used to notice them up to 30 s later)."""
+    sending them, not "idle" (the partner's loop used to notice them up to 30 s later). The upload
+    limit keeps the packs pending for seconds, longer than a `bpfs status` call: unthrottled, a
+    14 MiB pack reaches B over loopback in about a second (less on qh3), before the first sample."""
     a = stores.owner("A")
     b = stores.server("B")
+    (a.path / "bpfs.toml").write_text('[replication]\nupload_limit = "4M"\n')
     b.serve()
     a.mount()
     pair(a, b)
