@@ -202,13 +202,6 @@ class RecoveryTrio(BpfsPair):
             self.bpfs("pair", str(store), "--accept", self.a_id, "--offer", QUOTA, "--ask", QUOTA, timeout=120)
         self.pid_a = self.mount(self.a, self.mnt_a, "--listen", "127.0.0.1:0")
 
-    def pair_and_sync(self, port: int, peer: str) -> float:
-        t0 = time.perf_counter()
-        self.bpfs("pair", str(self.a), "--direct", f"127.0.0.1:{port}", "--expect", peer, "--offer", QUOTA,
-                   "--ask", QUOTA, "--yes", timeout=120)
-        self.bpfs("sync", str(self.a), "--timeout", str(TIMEOUT), timeout=TIMEOUT + 60)
-        return time.perf_counter() - t0
-
     def remount_a(self) -> None:
         self.pid_a = self.mount(self.a, self.mnt_a, "--listen", "127.0.0.1:0")
 
