@@ -39,8 +39,9 @@ M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 
 
-def _tune_runtime() -> None:
+def tune_runtime() -> None:
     """Serve large buffers from the heap: mmap'ed 1 MiB buffers page-fault on every use.
+    For every process that moves bulk data: the daemon, and `bpfs recover`.
 
     Setting the mmap threshold turns off glibc's own adjustment of the trim threshold too,
     which then stays at 128 KiB: every freed buffer at the top of the heap went back to the
@@ -269,7 +270,7 @@ def run_daemon(store_dir: str, keys, mountpoint: str | None, options: set[str], 
                debug: bool, ready, listen: str | None = None, explicit_listen: bool = False) -> int:
     """Serve the mount (or, without a mount point, partners only) until stopped; `ready(error)`
     reports the start's outcome once."""
-    _tune_runtime()
+    tune_runtime()
     _setup_logging(store_dir, foreground, debug)
     _guard_secrets()
     show_snapshots = SNAPDIR_VISIBLE in options

@@ -35,6 +35,7 @@ def recover(store, froms, expect, at, list_only, brokers, kdf, as_json, passphra
     needed) and, once a snapshot is open, through its partner list. The newest snapshot any of them
     holds is recovered (or the one --at names), with its history, fetching packs from all of them at
     once. Interrupted, it continues where it stopped when run again."""
+    from ..daemon import tune_runtime
     from ..peering.recovery import Console, list_snapshots, listing_lines, recover as do_recover, unrestored_error
 
     console = Console(quiet=as_json)
@@ -45,6 +46,7 @@ def recover(store, froms, expect, at, list_only, brokers, kdf, as_json, passphra
     if not (store or store_opt):
         raise click.UsageError("missing the STORE to recover into (or --list)")
     store = resolve_store(store, store_opt, existing=False)
+    tune_runtime()  # it moves every pack: the daemon's malloc and GIL settings
     res = do_recover(store, froms, expect, kdf, passphrase_file, at=at, brokers=brokers, console=console)
     emit(as_json, res, res["summary"] + f"\nMount it with: bpfs mount {store} MOUNTPOINT")
     err = unrestored_error(res)
