@@ -249,6 +249,9 @@ class Buffers:
                 await self.persist(ino, buf, final=False)
                 break
             await buf.drain_ended.wait()  # memory comes back as this buffer's drains end
+            if buf.error is not None:  # one failed (its bytes are back in the live run): say so now,
+                err, buf.error = buf.error, None  # as a drain in this task would have, not drain again and again
+                raise err
 
     async def _drain_in_background(self, ino: int, buf: Buffer) -> None:
         try:
