@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 _DISK_RESERVE = 256 << 20  # never fill the holder's disk past this
 SWEEP_INTERVAL = 3600.0
 _MAX_PAIR_FRAME = 256
-MAX_RECEIVING = 64  # uploads hashed as they arrive (about 64 KiB each for a 16 MiB pack); more are read back
+MAX_RECEIVING = 64  # uploads hashed as they arrive (about 75 KiB each for a 16 MiB pack); more are read back
 AUDIT_LEAVES_PER_HOUR = 8192  # an owner's audit budget here: leaves proven per hour ...
 AUDIT_BURST = 8192  # ... and saved up at most (a `bpfs challenge` of 2,048 packs at 4 leaves)
 
