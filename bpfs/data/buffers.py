@@ -28,6 +28,10 @@ BUFFER_LIMIT = 2 * DRAIN_AT  # a writer waits when its live run grows past this 
 # BUFFER_LIMIT drained in its own task and stalled until its own bytes were written).
 MAX_DRAINS = 2
 TOTAL_BUFFER_LIMIT = 64 << 20  # and when all buffers together pass this
+# The drive's free space is asked at most every 50 ms while there is plenty; with less than this
+# above the reserve, at every write: bytes persisted since the last look are no longer buffered,
+# so a stale figure let a fast writer fill the room kept for the index's last commit.
+LOW_SPACE = 256 << 20
 
 
 class Run:
@@ -196,7 +200,7 @@ class Buffers:
 
     def free_bytes(self) -> int:
         now = time.monotonic()
-        if now - self._free_checked > 0.05:
+        if now - self._free_checked > 0.05 or self._free_bytes < self._space_reserve + LOW_SPACE:
             st = os.statvfs(self._packs_dir)
             self._free_bytes = st.f_bavail * st.f_frsize
             self._free_checked = now
