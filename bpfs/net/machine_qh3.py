@@ -32,9 +32,15 @@ What `machine` does for aioquic, and how it is done here
     `MAX_EVENTS_BEHIND` events its datagrams are dropped until the reader catches up.
     Once the core is closing or closed nothing is held back.
   - the core's windows cannot change after construction, so before authentication the
-    core may hold up to half of the post-authentication windows (aioquic: the
-    pre-authentication window); bpfs.net itself delivers no more than the pre-authentication
-    window to an unauthenticated peer's streams.
+    core announces half of the post-authentication windows (aioquic: the
+    pre-authentication window). bpfs.net delivers no more than the pre-authentication
+    window to an unauthenticated peer's streams, and an incoming connection that has not
+    authenticated gets at most `preauth_window + quic.PREAUTH_HANDSHAKE_BYTES` of
+    datagrams into the core (`quic.Endpoint._deliver`; the rest is dropped), so a stranger
+    cannot make the core buffer more than that. A server *we dialled* is not held to that
+    budget (an honest server may start sending as soon as its hello is out): before its
+    hello verifies, it could make the core buffer up to the announced windows, 8 MiB per
+    connection by default.
 - Stream limits (aioquic: `_limit_peer_streams`): the core and the transport parameters
   (`_create_core`, `_Bridge`) say `max_streams` bidirectional streams and no unidirectional
   ones (qh3 hard-codes 100 and 103). The core raises MAX_STREAMS as peer streams finish.

@@ -43,6 +43,14 @@ Bounds (`TransportConfig`)
   `machine.Credit`, one per connection). Until the peer is authenticated both windows
   are `preauth_window`.
 - bytes queued for sending per stream (`send_buffer`): `Stream.send` waits.
+- datagram bytes from a pending incoming connection (a stranger that has not yet
+  authenticated): `preauth_window + PREAUTH_HANDSHAKE_BYTES`; the rest is dropped and
+  counted (`Connection.preauth_dropped`). An honest client sends only its handshake and
+  97-byte hello before the server's hello, so it never comes near. This is the hard
+  bound on what a stranger can make the QUIC machine buffer: aioquic's receive windows
+  already stop at `preauth_window`, but qh3's native core fixes its windows at
+  construction (`machine_qh3`) and would otherwise take half the post-authentication
+  windows, in order or not, from anyone who completed a handshake.
 
 Admission of a new incoming connection (a handshake flood must not keep peers out)
 -------------------------------------------------------------------------------------
@@ -106,6 +114,10 @@ _MIN_INITIAL_SIZE = 1200  # RFC 9000 section 14.1: client Initial datagrams are 
 _RECV_BATCH = 64  # datagrams read per wake-up before processing (a GRO read may bring up to 63 more)
 _MAX_SEND_BACKLOG = 4096  # datagrams queued while the kernel send buffer is full
 _MAX_RELAY_SESSIONS = 256  # relay sessions an endpoint accepts frames for (the oldest go first)
+# Datagram bytes a pending (not yet authenticated) incoming connection may send beyond
+# `preauth_window` before the rest is dropped: its QUIC handshake and hello, retransmissions
+# included, take a few KiB.
+PREAUTH_HANDSHAKE_BYTES = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -231,6 +243,8 @@ class Connection:
         self._armed = math.inf
         self._cids: set[bytes] = set()
         self._counted_pending = False  # counts towards the endpoint's max_pending
+        self.preauth_received = 0  # datagram bytes received while pending (see `Endpoint._deliver`)
+        self.preauth_dropped = 0  # datagrams dropped past the endpoint's pre-authentication budget
         self._host = _host_key(address)  # what per-host bounds count by
         self._validated = retry_scid is not None  # the peer proved its address (Retry or handshake)
         self._known = False  # at a host the endpoint's known_host() names (server side)
@@ -616,6 +630,7 @@ class Endpoint:
         self._backlog: collections.deque = collections.deque()
         self._backlog_wake = trio.Event()
         self.dropped_datagrams = 0
+        self._preauth_budget = config.preauth_window + PREAUTH_HANDSHAKE_BYTES
         self._on_datagram = on_datagram
         self._relay_sessions: dict[bytes, tuple[str, int]] = {}
         self.local_address = sock.getsockname()[:2]
@@ -811,6 +826,13 @@ class Endpoint:
 
     def _deliver(self, conn: Connection, data: bytes, addr) -> Connection | None:
         conn._heard = True
+        if conn._counted_pending:
+            # a stranger: at most `preauth_budget` bytes of datagrams reach its QUIC machine
+            conn.preauth_received += len(data)
+            if conn.preauth_received > self._preauth_budget:
+                conn.preauth_dropped += 1
+                self.dropped_datagrams += 1
+                return None
         try:
             conn._quic.receive_datagram(data, addr, now=trio.current_time())
         except Exception:  # aioquic drops bad packets itself; this is a last resort

@@ -186,6 +186,51 @@ def test_qh3_events_behind_a_held_event_are_bounded(monkeypatch):
     tt.run(main)
 
 
+def test_a_stranger_reaches_the_quic_machine_with_at_most_the_preauth_budget(library, monkeypatch):
+    """A client that completes the QUIC handshake and then floods stream 0, while the
+    server has not authenticated it, gets at most `preauth_window + PREAUTH_HANDSHAKE_BYTES`
+    of datagrams into the server's QUIC machine; the rest is dropped and counted. With
+    qh3 this is the bound: its core announces half the post-authentication windows (8 MiB
+    here) from construction, and would take, in order or out of it, whatever arrived before
+    bpfs.net reads stream 0. (The server's stalled authenticator stands in for data the
+    reader cannot take: a stream 0 sent out of order.)"""
+    cfg = TransportConfig()
+    budget = cfg.preauth_window + quic.PREAUTH_HANDSHAKE_BYTES
+    into_server = {"bytes": 0}
+    cls = machine_class(library)
+    original = cls.receive_datagram
+
+    def counting(self, data, addr, now):
+        if not self._is_client:
+            into_server["bytes"] += len(data)
+        return original(self, data, addr, now)
+
+    monkeypatch.setattr(cls, "receive_datagram", counting)
+
+    class Stalled:  # the server never reads the hello
+        async def authenticate(self, conn, stream, accept):
+            await trio.sleep_forever()
+
+    class Flooder:  # the client sends far more than a hello, and never stops
+        async def authenticate(self, conn, stream, accept):
+            await stream.send(os.urandom(4 << 20))
+            await trio.sleep_forever()
+
+    async def main():
+        async with open_endpoint(Stalled(), config=cfg) as srv, \
+                open_endpoint(Flooder(), listen=False, config=cfg) as cli:
+            with trio.move_on_after(1.0):
+                await cli.connect(srv.local_address)
+            (sconn,) = srv.connections
+            assert not sconn._authenticated
+            assert sconn.preauth_received >= into_server["bytes"] > 0
+            assert into_server["bytes"] <= budget
+            if library == "qh3":  # aioquic's window stops the flooder at 256 KiB by itself
+                assert sconn.preauth_dropped > 0 and sconn.preauth_received > budget
+
+    tt.run(main)
+
+
 # =========================================================================== 2. stream limits
 
 def test_peer_opened_streams_are_bounded(library):
