@@ -10,8 +10,8 @@ Standalone:  .venv/bin/python bench/quic_ceiling.py [--mib 256] [--datagram 1452
 - memory   two bare QuicConnections of the library exchanging datagrams in memory: no
            sockets, no trio, no bpfs code: the pure library CPU cost, for comparison.
 
---library picks the QUIC state machine of both ends (`TransportConfig.quic_library`; qh3
-is the optional extra `bpfs[qh3]`, see bpfs/net/machine_qh3.py). qh3's core always runs
+--library picks the QUIC state machine of both ends (`TransportConfig.quic_library`; qh3,
+the default, see bpfs/net/machine_qh3.py). qh3's core always runs
 CUBIC: --cc applies to aioquic only.
 
 --offload off sets `TransportConfig.udp_offload=False` on both ends: one datagram per
@@ -278,8 +278,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mode", default="process", choices=["process", "inproc", "memory"])
     ap.add_argument("--offload", default="on", choices=["on", "off"],
                     help="UDP GSO / GRO batching (TransportConfig.udp_offload; default on)")
-    ap.add_argument("--library", default="aioquic", choices=["aioquic", "qh3"],
-                    help="QUIC state machine of both ends (TransportConfig.quic_library; default aioquic)")
+    ap.add_argument("--library", default="qh3", choices=["qh3", "aioquic"],
+                    help="QUIC state machine of both ends (TransportConfig.quic_library; default qh3)")
     ap.add_argument("--serve", action="store_true",
                     help="run the receiver only: print its port, take one connection (for --connect)")
     ap.add_argument("--listen", metavar="HOST:PORT", help="with --serve: where to listen (default 127.0.0.1:0)")

@@ -1,4 +1,4 @@
-"""QUIC congestion control on a lossy, delayed path: aioquic + Reno (bpfs's default), aioquic +
+"""QUIC congestion control on a lossy, delayed path: aioquic + Reno (aioquic's default in bpfs), aioquic +
 CUBIC and qh3 (whose core always runs CUBIC), for throughput and for fairness.
 
 Run (as root, from the repository root):
@@ -440,7 +440,7 @@ def _drop_qh3_if_missing(args, notes: list[str]) -> None:
     try:
         import qh3  # noqa: F401
     except ImportError:
-        notes.append("qh3 is not installed (pip install bpfs[qh3]): its rows are left out")
+        notes.append("qh3 is not installed (a dependency of bpfs: pip install -e .): its rows are left out")
         args.configs = [c for c in args.configs if c != "qh3"]
         args.pairs = [p for p in args.pairs if "qh3" not in p]
 

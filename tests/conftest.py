@@ -32,28 +32,29 @@ DEFAULT_TIMEOUT = 300
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "heavy: slow test (large data volumes); still part of the normal run")
-    config.addinivalue_line("markers", "qh3_too(only=None): run once per QUIC library (aioquic, qh3), or only the "
-                                       "parametrized cases whose id contains one of `only` under qh3; see QUIC_LIBRARIES")
+    config.addinivalue_line("markers", "aioquic_too(only=None): run once per QUIC library (qh3, the default, and "
+                                       "aioquic), or only the parametrized cases whose id contains one of `only` "
+                                       "under aioquic; see QUIC_LIBRARIES")
 
 
 # A chosen few transport, partner and NAT tests (the NAT ones run a real broker, its rendezvous and its
-# relay) are marked `qh3_too`: they run once per QUIC library (`quic_library` fixture below: BPFS_QUIC
+# relay) are marked `aioquic_too`: they run once per QUIC library (`quic_library` fixture below: BPFS_QUIC
 # in this process's environment, which every `TransportConfig` here and every CLI, daemon and broker
-# process a test starts takes as its default), so that the qh3 path (bpfs/net/machine_qh3.py, issue 15)
-# stays covered for about 1.5 min more; qh3's own properties are tested in tests/net/test_qh3.py.
-# `-m qh3_too` runs just them. With BPFS_QUIC set for the whole run (BPFS_QUIC=qh3 make test, every
-# test under qh3) they run once, under that library.
-QUIC_LIBRARIES = ("aioquic", "qh3")
+# process a test starts takes as its default), so that the aioquic path (bpfs/net/machine.py, the
+# default before issue 15) stays covered for about 1.5 min more; the two libraries' differences are
+# tested in tests/net/test_qh3.py. `-m aioquic_too` runs just them. With BPFS_QUIC set for the whole run
+# (BPFS_QUIC=aioquic make test: every test under aioquic) they run once, under that library.
+QUIC_LIBRARIES = ("qh3", "aioquic")
 
 
 def pytest_generate_tests(metafunc):
-    if metafunc.definition.get_closest_marker("qh3_too") is not None and not os.environ.get("BPFS_QUIC"):
+    if metafunc.definition.get_closest_marker("aioquic_too") is not None and not os.environ.get("BPFS_QUIC"):
         metafunc.parametrize("quic_library", QUIC_LIBRARIES, indirect=True)
 
 
 @pytest.fixture(autouse=True)
 def quic_library(request) -> str | None:
-    """The QUIC library of a `qh3_too` test (its parameter), as BPFS_QUIC for it and every process
+    """The QUIC library of an `aioquic_too` test (its parameter), as BPFS_QUIC for it and every process
     it starts; None (nothing done) for other tests. Autouse: set up before the test's own fixtures,
     so before any of them starts a process."""
     library = getattr(request, "param", None)
@@ -62,21 +63,21 @@ def quic_library(request) -> str | None:
     return library
 
 
-def _qh3_too_skipped(item) -> bool:
-    """A qh3 case of a `qh3_too(only=...)` test whose id names none of `only`."""
+def _aioquic_too_skipped(item) -> bool:
+    """An aioquic case of an `aioquic_too(only=...)` test whose id names none of `only`."""
     callspec = getattr(item, "callspec", None)
-    marker = item.get_closest_marker("qh3_too")
-    if callspec is None or marker is None or callspec.params.get("quic_library") != "qh3":
+    marker = item.get_closest_marker("aioquic_too")
+    if callspec is None or marker is None or callspec.params.get("quic_library") != "aioquic":
         return False
     only = marker.kwargs.get("only")
     return only is not None and not any(part in callspec.id for part in only)
 
 
 def pytest_collection_modifyitems(config, items):
-    dropped = [item for item in items if _qh3_too_skipped(item)]
+    dropped = [item for item in items if _aioquic_too_skipped(item)]
     if dropped:
         config.hook.pytest_deselected(items=dropped)
-        items[:] = [item for item in items if not _qh3_too_skipped(item)]
+        items[:] = [item for item in items if not _aioquic_too_skipped(item)]
     for item in items:
         if item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(DEFAULT_TIMEOUT))

@@ -14,7 +14,7 @@ Modules, bottom up (each imports only modules listed before it; no circle):
   `check_aioquic` verifies them at import.
 - `machine_qh3`: qh3 (Rust core, the same sans-IO calls) adapted to `BpfsQuic`; the only
   module that touches qh3 internals, checked by `check_qh3` against the pinned version.
-  Imported only when chosen.
+  The default; imported only when chosen.
 - `library`: which of the two a connection uses (`TransportConfig.quic_library`, `BPFS_QUIC`).
 - `auth`:    mutual Ed25519 authentication bound to the connection (stream 0).
 - `retry`:   address validation with QUIC Retry: the tokens and the Retry packet.

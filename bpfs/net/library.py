@@ -1,7 +1,7 @@
 """Which QUIC library a connection's state machine comes from (`TransportConfig.quic_library`).
 
-`LIBRARIES`: "aioquic" (the default; adapted in `machine`) or "qh3" (adapted in `machine_qh3`,
-imported only when chosen, since it checks the installed qh3 on import). `make_quic` builds the
+`LIBRARIES`: "qh3" (the default; adapted in `machine_qh3`, imported only when chosen, since it
+checks the installed qh3 on import) or "aioquic" (adapted in `machine`). `make_quic` builds the
 machine of the chosen library; both implement `machine.BpfsQuic`. This module only chooses: it
 sits above both adapters so that neither imports the other.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from . import machine
 from .machine import BpfsQuic, Credit
 
-LIBRARIES = ("aioquic", "qh3")
+LIBRARIES = ("qh3", "aioquic")
 
 
 def load_library(library: str) -> None:

@@ -1,6 +1,6 @@
 """The QUIC state machine on qh3: qh3's `QuicConnection` adapted to `machine.BpfsQuic`.
 
-qh3 (`TransportConfig.quic_library = "qh3"`, or ``BPFS_QUIC=qh3`` in the environment) is a
+qh3 (the default `TransportConfig.quic_library`; ``BPFS_QUIC=aioquic`` chooses aioquic) is a
 fork of aioquic whose packet layer (packets, recovery, congestion control, flow control,
 streams) is native code (`qh3._hazmat.QuicConnectionCore`, Rust) behind a Python facade
 with aioquic's sans-IO calls; TLS 1.3 stays in Python (`qh3.tls`, aioquic's `tls` module,

@@ -144,12 +144,14 @@ class TransportConfig:
                               at least 1). See the module docstring.
         max_streams:          concurrent streams the peer may open per connection.
         socket_buffer:        SO_RCVBUF / SO_SNDBUF of the endpoint's socket.
-        congestion_control:   "reno" or "cubic".
+        congestion_control:   "reno" or "cubic" (aioquic's; qh3 always runs CUBIC with HyStart++).
         udp_offload:          batch datagrams per system call with UDP GSO / GRO where the
                               kernel offers them (see `udp`); False: one datagram per call.
-        quic_library:         the QUIC state machine: "aioquic" (the default) or "qh3" (see
-                              `machine_qh3`; the optional extra `bpfs[qh3]`). The default
-                              comes from the environment variable BPFS_QUIC when set.
+        quic_library:         the QUIC state machine: "qh3" (the default: Rust packet layer,
+                              see `machine_qh3`) or "aioquic" (pure Python, see `machine`;
+                              about half qh3's throughput at twice its CPU). The default
+                              comes from the environment variable BPFS_QUIC when set. Either
+                              side may use either: they interoperate.
     """
 
     max_datagram_size: int = 1452  # UDP payload: fills a 1500-byte MTU over IPv6 (40 + 8 bytes of headers)
@@ -165,9 +167,9 @@ class TransportConfig:
     retry_threshold: int | None = None  # pending connections from which Initials get a Retry first
     max_streams: int = 64  # concurrent streams the peer may open per connection
     socket_buffer: int = 4 << 20  # SO_RCVBUF / SO_SNDBUF
-    congestion_control: str = "reno"  # "reno" or "cubic"
+    congestion_control: str = "reno"  # "reno" or "cubic" (aioquic only: qh3 always runs CUBIC)
     udp_offload: bool = True  # UDP GSO / GRO where the kernel has them (see `udp`)
-    quic_library: str = field(default_factory=lambda: os.environ.get("BPFS_QUIC") or "aioquic")
+    quic_library: str = field(default_factory=lambda: os.environ.get("BPFS_QUIC") or "qh3")
 
     def __post_init__(self):
         library.load_library(self.quic_library)  # ValueError / ImportError now, not at the first connection

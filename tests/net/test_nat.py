@@ -43,7 +43,7 @@ def logs(broker: BrokerProcess, *stores: Store) -> str:
     return "\n".join(out)
 
 
-@pytest.mark.qh3_too(only=["cone-direct", "symmetric-via relay"])  # firewall: the same relay path
+@pytest.mark.aioquic_too(only=["cone-direct", "symmetric-via relay"])  # firewall: the same relay path
 @pytest.mark.parametrize("mode, path", [("cone", "direct"), ("symmetric", "via relay"), ("firewall", "via relay")])
 def test_homes_behind_nat_pair_by_code_and_replicate(tmp_path, mode, path):
     with nat_lab(mode, mode) as lab:

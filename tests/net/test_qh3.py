@@ -15,15 +15,13 @@ import hashlib
 import os
 
 import pytest
+import qh3  # a dependency of bpfs (the default QUIC library): never skipped
 import trio
 
 import test_transport as tt  # tests/net is on sys.path (rootdir-relative test modules)
-from bpfs.net import machine, quic
+from bpfs.net import machine, machine_qh3, quic
 from bpfs.net.errors import AuthenticationError
 from bpfs.net.quic import TransportConfig, open_endpoint
-
-qh3 = pytest.importorskip("qh3", reason="qh3 is not installed (pip install bpfs[qh3])")
-machine_qh3 = pytest.importorskip("bpfs.net.machine_qh3")
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -47,10 +45,10 @@ def machine_class(library: str) -> type:
 
 def test_library_setting_and_version_check(monkeypatch):
     monkeypatch.delenv("BPFS_QUIC", raising=False)
-    assert TransportConfig().quic_library == "aioquic"  # the default
-    monkeypatch.setenv("BPFS_QUIC", "qh3")
-    assert TransportConfig().quic_library == "qh3"
-    assert TransportConfig(quic_library="aioquic").quic_library == "aioquic"
+    assert TransportConfig().quic_library == "qh3"  # the default
+    monkeypatch.setenv("BPFS_QUIC", "aioquic")
+    assert TransportConfig().quic_library == "aioquic"
+    assert TransportConfig(quic_library="qh3").quic_library == "qh3"
     with pytest.raises(ValueError):
         TransportConfig(quic_library="quiche")
     # exactly the version whose internals were checked

@@ -203,7 +203,7 @@ def test_spoofed_initials_get_a_retry_and_no_state():
     run(main)
 
 
-@pytest.mark.qh3_too
+@pytest.mark.aioquic_too
 def test_a_flood_that_answers_retry_cannot_keep_a_newcomer_out_but_enough_hosts_can_keep_a_stranger_out():
     """Handshakes that proved their address and then stall: from 4 hosts, a newcomer from a fifth
     evicts one (fair share per host); from as many hosts as there are pending slots, one each,

@@ -106,7 +106,7 @@ def test_connect_authenticates_both_sides():
     run(main)
 
 
-@pytest.mark.qh3_too
+@pytest.mark.aioquic_too
 def test_streams_carry_data_intact_both_ways():
     async def main():
         async with pair() as (srv, cli), trio.open_nursery() as nursery:
@@ -132,7 +132,7 @@ def test_streams_carry_data_intact_both_ways():
     run(main)
 
 
-@pytest.mark.qh3_too
+@pytest.mark.aioquic_too
 def test_server_may_open_streams_right_after_accepting():
     """The server's first stream can overtake its hello: the client must hold it until
     it has verified the server, not treat it as a protocol violation."""
@@ -156,7 +156,7 @@ def test_server_may_open_streams_right_after_accepting():
     run(main)
 
 
-@pytest.mark.qh3_too
+@pytest.mark.aioquic_too
 def test_receive_exactly_and_limits():
     async def main():
         async with pair() as (srv, cli):
@@ -254,7 +254,7 @@ def test_peer_opened_streams_are_bounded():
     run(main)
 
 
-@pytest.mark.qh3_too
+@pytest.mark.aioquic_too
 def test_connection_limits_per_endpoint():
     cfg = TransportConfig(max_connections=2, handshake_timeout=1.5)
 
@@ -276,7 +276,7 @@ def test_connection_limits_per_endpoint():
     run(main)
 
 
-@pytest.mark.qh3_too
+@pytest.mark.aioquic_too
 def test_unauthenticated_connections_are_bounded_and_timed_out():
     """Peers that finish the QUIC handshake but never authenticate hold a pending slot
     for at most `handshake_timeout`, and one host holds at most `max_pending_per_host`."""
@@ -315,7 +315,7 @@ def test_unauthenticated_connections_are_bounded_and_timed_out():
     run(main)
 
 
-@pytest.mark.qh3_too
+@pytest.mark.aioquic_too
 def test_garbage_datagrams_are_dropped_without_harm():
     async def main():
         async with pair() as (srv, cli), trio.open_nursery() as nursery:
@@ -358,7 +358,7 @@ def test_garbage_datagrams_are_dropped_without_harm():
     run(main)
 
 
-@pytest.mark.qh3_too
+@pytest.mark.aioquic_too
 def test_idle_timeout_closes_both_sides():
     cfg = TransportConfig(idle_timeout=1.0)
 
@@ -379,7 +379,7 @@ def test_idle_timeout_closes_both_sides():
     run(main)
 
 
-@pytest.mark.qh3_too
+@pytest.mark.aioquic_too
 def test_close_wakes_blocked_operations():
     async def main():
         async with pair() as (srv, cli):
@@ -405,7 +405,7 @@ def test_close_wakes_blocked_operations():
     run(main)
 
 
-@pytest.mark.qh3_too
+@pytest.mark.aioquic_too
 def test_stream_reset_reaches_the_reader():
     async def main():
         async with pair() as (srv, cli):
@@ -481,7 +481,7 @@ def test_forged_authentication_is_rejected(forgery):
     run(main)
 
 
-@pytest.mark.qh3_too
+@pytest.mark.aioquic_too
 def test_expected_peer_and_accept_policy():
     async def main():
         allowed = new_identity()
@@ -777,7 +777,7 @@ async def rpc_server(**kwargs):
         nursery.cancel_scope.cancel()
 
 
-@pytest.mark.qh3_too
+@pytest.mark.aioquic_too
 def test_request_response():
     async def main():
         async with rpc_server() as (srv, cli):
@@ -866,7 +866,7 @@ def test_oversized_request_refused_before_sending():
     run(main)
 
 
-@pytest.mark.qh3_too
+@pytest.mark.aioquic_too
 def test_rate_limit_per_peer():
     async def main():
         async with rpc_server(rate=2.0, burst=5) as (srv, cli):
@@ -931,7 +931,7 @@ SERVER_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.qh3_too
+@pytest.mark.aioquic_too
 def test_two_processes():
     seed = os.urandom(32)
     server_id = Identity(seed)

@@ -326,7 +326,7 @@ async def _transfer(server_config: TransportConfig, client_config: TransportConf
         return cli.udp, srv.udp
 
 
-@pytest.mark.qh3_too
+@pytest.mark.aioquic_too
 def test_endpoint_batches_a_transfer_with_offload_on():
     async def main():
         with trio.fail_after(60):

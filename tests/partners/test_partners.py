@@ -250,7 +250,7 @@ def test_kill9_sender_then_receiver_resends_little(stores, tmp_path):
 
 # =========================================================================== bad networks
 
-@pytest.mark.qh3_too
+@pytest.mark.aioquic_too
 @needs_lab
 @pytest.mark.timeout(420)
 def test_lossy_delayed_partner_and_one_cut_off_for_a_while(stores, tmp_path):

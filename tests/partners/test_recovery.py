@@ -297,7 +297,7 @@ def test_two_partners_ctrl_c_then_one_killed_midway(stores, tmp_path):
         assert p["they_keep"] > 0 and p["we_keep"] > 0, p
 
 
-@pytest.mark.qh3_too
+@pytest.mark.aioquic_too
 def test_a_dropped_connection_is_redialled(stores, tmp_path):
     """The only partner's daemon goes away mid-transfer (it closes every connection) and comes
     back on the same port a few seconds later: the recovery redials it with backoff, continues
