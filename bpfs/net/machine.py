@@ -288,6 +288,11 @@ class BpfsQuic(Protocol):
 
     def receive_datagram(self, data: bytes, addr: Any, now: float) -> None: ...
 
+    def receive_segments(self, data: bytes, size: int, addr: Any, now: float) -> None:
+        """Datagrams from `addr` that GRO coalesced into `data` (each `size` bytes, the last
+        possibly shorter), all 1-RTT packets for this connection: as `receive_datagram` on
+        each, in order (`udp.split`); a library may take them in one call."""
+
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]: ...
 
     def get_timer(self) -> float | None: ...
@@ -359,6 +364,10 @@ class AioquicMachine(QuicConnection):
         self.peer_closed = False  # the peer sent CONNECTION_CLOSE (else aioquic ended it here: idle timeout)
         _limit_peer_streams(self, bidi=max_streams, uni=0)
         _install_pacer(self)
+
+    def receive_segments(self, data: bytes, size: int, addr: Any, now: float) -> None:
+        for i in range(0, len(data), size):
+            self.receive_datagram(data[i:i + size], addr, now)
 
     # ---- helpers (aioquic internals: `_streams`, `_local_max_data`)
 

@@ -70,7 +70,7 @@ errors close the connection instead of escaping into the endpoint's tasks.
 qh3 internals used (all here, all checked by `check_qh3`; qh3 2.1.0 exactly)
 -----------------------------------------------------------------------------
 - `QuicConnection._core` (a `qh3._hazmat.QuicConnectionCore`: constructor keywords as
-  `_CORE_ARGS`, `next_event`, `poll_transmit`, `receive_datagram` and its report tuple
+  `_CORE_ARGS`, `next_event`, `poll_transmit`, `receive_gro_buffer`, `receive_datagram` and its report tuple
   (`[2]` packets, `[5]` events added), `get_send_buffer_size`, `stream_limits[0]`,
   `state`, `handle_timer`, `close`) and its native event tuples (`"stream_data"`,
   `"peer_closed"`, `"streams_available"`, `"stream_finished"`).
@@ -80,7 +80,7 @@ qh3 internals used (all here, all checked by `check_qh3`; qh3 2.1.0 exactly)
   `_receive_retry`, `_learn_remote_source_cid`), `_record_local_stream`, `_events`,
   `_configuration`, `_is_client`, `_version`, `_remote_addr`, `_retry_source_connection_id`,
   `_original_destination_connection_id`, `_session_ticket_fetcher` / `_handler`,
-  `_quic_logger`, `_set_version`, `_close_event`.
+  `_quic_logger`, `_set_version`, `_close_event`, `_handshake_complete`.
 - `qh3.quic.tls_bridge.QuicTlsBridge` (subclassed: `serialize_transport_parameters`) and
   `qh3.quic.packet.pull_quic_transport_parameters` / `push_quic_transport_parameters`.
 - `qh3.tls.Context.key_schedule` / `session_resumed`, `qh3.tls.KeySchedule.generation` /
@@ -148,7 +148,8 @@ def check_qh3() -> None:
         params = ()
     if params != _CORE_ARGS:
         raise unsupported("QuicConnectionCore constructor as expected")
-    for attr in ("next_event", "poll_transmit", "receive_datagram", "get_send_buffer_size", "stream_limits", "state",
+    for attr in ("next_event", "poll_transmit", "receive_datagram", "receive_gro_buffer", "get_send_buffer_size",
+                 "stream_limits", "state",
                  "handle_timer", "get_timer", "close", "send_stream"):
         if not hasattr(QuicConnectionCore, attr):
             raise unsupported(f"QuicConnectionCore.{attr}")
@@ -163,7 +164,7 @@ def check_qh3() -> None:
     probe = QuicConnection(configuration=QuicConfiguration(is_client=True))
     for attr in ("_core", "_tls", "_events", "_configuration", "_is_client", "_version", "_remote_addr",
                  "_retry_source_connection_id", "_original_destination_connection_id", "_session_ticket_fetcher",
-                 "_session_ticket_handler", "_quic_logger", "_close_event", "host_cid"):
+                 "_session_ticket_handler", "_quic_logger", "_close_event", "_handshake_complete", "host_cid"):
         if not hasattr(probe, attr):
             raise unsupported(f"QuicConnection.{attr}")
     if not callable(getattr(QuicTlsBridge, "serialize_transport_parameters", None)):
@@ -466,6 +467,20 @@ class Qh3Machine(QuicConnection):
                 self._behind += report[5]
             self._drain_core()
             offset = packet_end
+        if self._unblock:
+            self._flush_blocked()
+
+    def receive_segments(self, data: bytes, size: int, addr, now: float) -> None:
+        """1-RTT datagrams GRO coalesced (`machine.BpfsQuic.receive_segments`): once the
+        handshake is complete and no event is held back, the core takes the whole run in one
+        call (`receive_gro_buffer`) and its events are drained once; else one by one."""
+        core = self._core
+        if self._failed or core is None or self._held is not None or not self._handshake_complete:
+            for i in range(0, len(data), size):
+                self.receive_datagram(data[i:i + size], addr, now)
+            return
+        self._call_core(core.receive_gro_buffer, data, size, self._remember(addr), now)
+        self._drain_core()
         if self._unblock:
             self._flush_blocked()
 

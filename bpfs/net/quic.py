@@ -100,7 +100,7 @@ from .machine import CID_LENGTH
 from .relay import RELAY_OVERHEAD, RelayPath, is_quic, parse_relay_frame, relay_frame
 from .retry import RetryTokens, retry_packet
 from .stream import Stream, StreamHost
-from .udp import MAX_SEGMENTS, UdpSocket
+from .udp import MAX_SEGMENTS, UdpSocket, split
 
 __all__ = [
     "AuthenticationError", "Code", "Connection", "ConnectionClosed", "Endpoint", "LimitExceeded", "NoAnswer",
@@ -602,6 +602,8 @@ class Endpoint:
         udp:               the socket's datagram I/O (`udp.UdpSocket`: whether GSO / GRO are
                            on, system calls and datagrams counted).
         dropped_datagrams: datagrams dropped as garbage, unroutable or unwanted.
+        coalesced_runs:    reads of datagrams GRO coalesced that their connection's QUIC machine
+                           took in one call (`_route_run`).
         retries_sent:      client Initials answered with a Retry (see the module docstring).
         evicted:           pending connections evicted to make room for one that proved its address.
         connections:       (property) the live connections, in any state.
@@ -632,6 +634,7 @@ class Endpoint:
         self._backlog: collections.deque = collections.deque()
         self._backlog_wake = trio.Event()
         self.dropped_datagrams = 0
+        self.coalesced_runs = 0
         self._preauth_budget = config.preauth_window + PREAUTH_HANDSHAKE_BYTES
         self._on_datagram = on_datagram
         self._relay_sessions: dict[bytes, tuple[str, int]] = {}
@@ -781,20 +784,31 @@ class Endpoint:
                         break
 
     async def _receive_loop(self) -> None:
-        sock, receive = self._sock, self.udp.receive
+        sock, receive = self._sock, self.udp.receive_coalesced
         while True:
             await trio.lowlevel.wait_readable(sock)
             touched: dict[Connection, None] = {}
             got = 0
             for _ in range(_RECV_BATCH):  # reads, of one datagram each or (GRO) several
                 try:
-                    datagrams, addr = receive()
+                    data, size, addr = receive()
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError:  # e.g. ECONNREFUSED from an earlier ICMP error
                     continue
                 if len(addr) > 2:  # IPv6: (host, port, flowinfo, scope_id); paths are (host, port)
                     addr = addr[:2]
+                if size:
+                    conn = self._route_run(data, size, addr)
+                    if conn is not None:
+                        touched[conn] = None
+                        got += -(-len(data) // size)
+                        if got >= _RECV_BATCH:
+                            break
+                        continue
+                    datagrams = split(data, size)
+                else:
+                    datagrams = [data]
                 for data in datagrams:
                     conn = self._route(data, addr) if is_quic(data) else self._side_datagram(data, addr)
                     if conn is not None:
@@ -804,6 +818,30 @@ class Endpoint:
                     break
             for conn in touched:
                 conn._after_input()
+
+    def _route_run(self, data: bytes, size: int, addr) -> Connection | None:
+        """Datagrams GRO coalesced (one sender, `size` bytes each): when all are 1-RTT packets
+        of one connection that is past authentication, its machine takes them in one call
+        (`receive_segments`) and that connection is returned; else None, and nothing is done
+        (the caller routes them one by one)."""
+        if len(data) <= CID_LENGTH or data[0] & 0xC0 != 0x40:
+            return None
+        cid = data[1:1 + CID_LENGTH]
+        conn = self._by_cid.get(cid)
+        if conn is None or conn._counted_pending:
+            return None
+        end = 1 + CID_LENGTH
+        for offset in range(size, len(data), size):
+            if data[offset] & 0xC0 != 0x40 or data[offset + 1:offset + end] != cid:
+                return None
+        conn._heard = True
+        self.coalesced_runs += 1
+        try:
+            conn._quic.receive_segments(data, size, addr, now=trio.current_time())
+        except Exception:  # the library drops bad packets itself; this is a last resort
+            log.exception("the QUIC library failed on datagrams; closing %r", conn)
+            conn.close(Code.INTERNAL, "internal error")
+        return conn
 
     def _route(self, data: bytes, addr) -> Connection | None:
         if len(data) > CID_LENGTH and not data[0] & 0x80:

@@ -10,9 +10,11 @@ the send backlog). One class, `UdpSocket`:
   all, and the kernel (or the NIC) cuts them apart. It stops at the first call the kernel
   buffer has no room for (EAGAIN) and says how many datagrams it got rid of; an error on a
   call (ICMP errors surfacing, unreachable) drops that call's datagrams, as a lost packet.
-- `receive()` reads one buffer; with GRO (Linux UDP_GRO) the kernel may have coalesced
-  several datagrams of one sender into it, back to back, and says their size in a control
-  message: they are split apart again, so the caller sees the same datagrams either way.
+- `receive_coalesced()` reads one buffer; with GRO (Linux UDP_GRO) the kernel may have
+  coalesced several datagrams of one sender into it, back to back (equal sizes, the last may
+  be shorter), and says their size in a control message, which it returns with the buffer (a
+  QUIC library can take such a run in one call). `receive()` splits them apart again, so its
+  caller sees the same datagrams either way; `split` does it for a coalesced read.
 
 Fallback: offload is asked for when the socket is made (`offload=True`). If the kernel has no
 UDP_GRO, receiving reads one datagram per call. If a GSO send is refused (EIO, EINVAL,
@@ -42,7 +44,12 @@ SOL_UDP = 17  # the socket module lacks these on some Pythons: Linux's values
 UDP_SEGMENT = 103  # <linux/udp.h>: GSO segment size (send, u16)
 UDP_GRO = 104  # <linux/udp.h>: GRO on (setsockopt); segment size of a read (cmsg, int)
 MAX_SEGMENTS = 64  # datagrams per GSO call (the kernel takes 64 or 128, depending on its age)
-MAX_GSO_BYTES = 65535 - 20 - 8  # payload of one GSO call: within an IPv4 packet's length field
+# Payload of one GSO call. A device takes a GSO packet of at most 64 KiB (its gso_max_size,
+# 65536), counting the link-layer header too: with more, the kernel cuts it into datagrams in
+# software, and a GRO receiver reads them one by one. So 64 KiB less an Ethernet header with a
+# VLAN tag (18), an IPv6 header (40) and the UDP header (8). (65535 - 28, the IPv4 length field's
+# bound, made 46 datagrams of 1424 bytes a call over loopback, which arrived one per read.)
+MAX_GSO_BYTES = 65536 - 18 - 40 - 8
 RECV_SIZE = 65536  # one read: a datagram, or GRO's coalesced datagrams (within one IP packet)
 
 _CMSG_SPACE = socket.CMSG_SPACE(4) if hasattr(socket, "CMSG_SPACE") else 0
@@ -178,11 +185,18 @@ class UdpSocket:
         """The datagrams of one read and their sender's address, as the socket module gives
         it. Raises `BlockingIOError` when there is nothing to read, `OSError` as a read does
         (e.g. ECONNREFUSED from an earlier ICMP error)."""
+        data, size, addr = self.receive_coalesced()
+        return (split(data, size) if size else [data]), addr
+
+    def receive_coalesced(self) -> tuple[bytes, int, Any]:
+        """One read: (buffer, segment size, sender's address). A segment size of 0: the
+        buffer is one datagram; else it holds datagrams of that size coalesced by GRO, back
+        to back, the last possibly shorter (`split` gives them apart). Raises as `receive`."""
         if not self.gro:
             data, addr = self.sock.recvfrom(RECV_SIZE)
             self.recv_calls += 1
             self.received += 1
-            return [data], addr
+            return data, 0, addr
         data, ancdata, _flags, addr = self.sock.recvmsg(RECV_SIZE, _CMSG_SPACE)
         self.recv_calls += 1
         size = 0
@@ -190,8 +204,12 @@ class UdpSocket:
             if level == SOL_UDP and kind == UDP_GRO:
                 size = int.from_bytes(value[:4] if len(value) >= 4 else value[:2], sys.byteorder)
         if 0 < size < len(data):
-            out = [data[i:i + size] for i in range(0, len(data), size)]
-        else:
-            out = [data]
-        self.received += len(out)
-        return out, addr
+            self.received += -(-len(data) // size)
+            return data, size, addr
+        self.received += 1
+        return data, 0, addr
+
+
+def split(data: bytes, size: int) -> list[bytes]:
+    """The datagrams of a buffer GRO coalesced with segment size `size`."""
+    return [data[i:i + size] for i in range(0, len(data), size)]

@@ -168,14 +168,16 @@ def test_gso_sends_equal_size_runs_and_gro_splits_them_back_intact():
     tx = UdpSocket(bound(Recording()))
     rx = receiver()
     assert tx.gso and rx.gro
-    groups = [[1200] * 130 + [300], [1452] * 51 + [40], [100] * 200 + [1452, 1452, 1452]]
+    groups = [[1200] * 130 + [300], [1452] * 51 + [40], [1424] * 90, [100] * 200 + [1452, 1452, 1452]]
     sizes = [n for g in groups for n in g]
     sent = payloads(sizes)
-    got = send_all(tx, rx, sent[:131], sent[131:183], sent[183:])
+    got = send_all(tx, rx, sent[:131], sent[131:183], sent[183:273], sent[273:])
     assert got == sent  # every datagram, intact, in order, in its own size (the short ones too)
     calls = [segs for kind, segs, err in tx.sock.calls]
     assert calls == [c for g in groups for c in gso_calls(g)]
-    assert [len(c) for c in calls] == [54, 54, 23, 45, 7, 64, 64, 64, 8, 3]  # 65507 // 1200 = 54, // 1452 = 45
+    # 65470 // 1200 = 54, // 1452 = 45, // 1424 = 45 (46 of 1424 bytes made a packet past 64 KiB
+    # with its headers: the kernel cut it up, and the reads below were one datagram each)
+    assert [len(c) for c in calls] == [54, 54, 23, 45, 7, 45, 45, 64, 64, 64, 8, 3]
     assert calls[2][-1] == 300 and calls[4][-1] == 40  # a run's last segment may be shorter
     for kind, segs, err in tx.sock.calls:
         assert kind == "gso" and err == 0
@@ -323,7 +325,7 @@ async def _transfer(server_config: TransportConfig, client_config: TransportConf
             await stream.send(data, end=True)
             assert await stream.receive_all(64) == hashlib.sha256(data).digest()
             await conn.aclose()
-        return cli.udp, srv.udp
+        return cli.udp, srv.udp, srv.coalesced_runs
 
 
 @pytest.mark.aioquic_too
@@ -332,10 +334,13 @@ def test_endpoint_batches_a_transfer_with_offload_on():
         with trio.fail_after(60):
             return await _transfer(TransportConfig(), TransportConfig())
 
-    tx, rx = trio.run(main)
+    tx, rx, runs = trio.run(main)
     assert tx.gso and rx.gro
     assert tx.sent > 2000 and tx.send_calls < tx.sent  # 3 MiB in 1452-byte datagrams, batched
     assert rx.received > 2000 and rx.recv_calls < rx.received  # and read so
+    # ... and a coalesced read went to the QUIC machine whole (`receive_segments`): the data
+    # arrived intact (the server's SHA-256 above), so the run path keeps order and content
+    assert runs > 0
 
 
 def test_endpoint_without_offload_or_when_the_kernel_refuses_it():
@@ -344,10 +349,46 @@ def test_endpoint_without_offload_or_when_the_kernel_refuses_it():
             return await _transfer(config, config, refuse_gso=refuse)
 
     off = TransportConfig(udp_offload=False)
-    tx, rx = trio.run(main, off, False)
+    tx, rx, runs = trio.run(main, off, False)
     assert not (tx.gso or tx.gro or rx.gso or rx.gro)
-    assert tx.send_calls == tx.sent and rx.recv_calls == rx.received
+    assert tx.send_calls == tx.sent and rx.recv_calls == rx.received and runs == 0
 
-    tx, rx = trio.run(main, TransportConfig(), True)  # the client's kernel refuses GSO: it falls back
+    tx, rx, runs = trio.run(main, TransportConfig(), True)  # the client's kernel refuses GSO: it falls back
     assert not tx.gso and rx.gso and rx.gro
     assert tx.send_calls == tx.sent > 2000
+
+
+def test_a_coalesced_read_goes_whole_only_when_every_datagram_is_for_one_connection(monkeypatch):
+    """`Endpoint._route_run` hands a GRO read to one connection's machine in one call only when
+    every datagram in it is a 1-RTT packet with that connection's id; otherwise (another
+    connection's id, a long header, a datagram too short for an id) it declines and the
+    datagrams go one by one. Crafted buffers into a real endpoint with a live connection."""
+    from bpfs.net.machine import CID_LENGTH
+
+    async def main():
+        async with open_endpoint(Identity(os.urandom(32))) as srv, \
+                open_endpoint(Identity(os.urandom(32)), listen=False) as cli:
+            await cli.connect(srv.local_address)
+            sconn = await srv.accept()
+            cid = next(iter(sconn._cids))
+            assert len(cid) == CID_LENGTH
+            taken = []
+            monkeypatch.setattr(sconn._quic, "receive_segments",
+                                lambda data, size, addr, now: taken.append((data, size)))
+            other = bytes(CID_LENGTH)
+
+            def seg(first: int, dcid: bytes, n: int = 100) -> bytes:
+                return (bytes([first]) + dcid).ljust(n, b"\x01")
+
+            addr = cli.local_address
+            for bad in (seg(0x41, cid) + seg(0x41, other),  # another connection's id
+                        seg(0xC1, cid) + seg(0x41, cid),  # a long header first
+                        seg(0x41, cid) + seg(0xC1, cid),  # ... or later
+                        seg(0x41, cid) + seg(0x41, cid)[:4]):  # a last datagram too short for an id
+                assert srv._route_run(bad, 100, addr) is None
+            assert taken == [] and srv.coalesced_runs == 0
+            good = seg(0x41, cid) * 3 + seg(0x45, cid, 60)
+            assert srv._route_run(good, 100, addr) is sconn
+            assert taken == [(good, 100)] and srv.coalesced_runs == 1
+
+    trio.run(main)
