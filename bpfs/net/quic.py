@@ -29,7 +29,9 @@ and an establishment task (handshake + authentication). aioquic is only called f
 trio thread, sends never block (non-blocking socket; a bounded backlog while the kernel
 buffer is full). What one transmit yields for one destination goes out in as few system
 calls as `udp` can (GSO: up to 64 datagrams a call), and a read may bring several
-datagrams (GRO), split apart before routing (`TransportConfig.udp_offload`).
+datagrams (GRO): when they are all 1-RTT packets of one connection, its QUIC machine takes
+them in one call (`BpfsQuic.receive_segments`; qh3's core parses them natively), else they
+are split apart and routed one by one (`TransportConfig.udp_offload`).
 
 Bounds (`TransportConfig`)
 --------------------------
