@@ -473,7 +473,9 @@ class Qh3Machine(QuicConnection):
     def receive_segments(self, data: bytes, size: int, addr, now: float) -> None:
         """1-RTT datagrams GRO coalesced (`machine.BpfsQuic.receive_segments`): once the
         handshake is complete and no event is held back, the core takes the whole run in one
-        call (`receive_gro_buffer`) and its events are drained once; else one by one."""
+        call (`receive_gro_buffer`) and its events are drained once; else one by one. (If the
+        drain holds an event back, the run's events behind it are not counted towards
+        `MAX_EVENTS_BEHIND`: at most one run's, 64 datagrams' worth; the next datagrams are.)"""
         core = self._core
         if self._failed or core is None or self._held is not None or not self._handshake_complete:
             for i in range(0, len(data), size):

@@ -151,7 +151,8 @@ class TransportConfig:
                               kernel offers them (see `udp`); False: one datagram per call.
         quic_library:         the QUIC state machine: "qh3" (the default: Rust packet layer,
                               see `machine_qh3`) or "aioquic" (pure Python, see `machine`;
-                              about half qh3's throughput at twice its CPU). The default
+                              replicates at about a quarter of qh3's speed, at four times
+                              its CPU, over loopback). The default
                               comes from the environment variable BPFS_QUIC when set. Either
                               side may use either: they interoperate.
     """
