@@ -97,7 +97,7 @@ def _setup_logging(store_dir: str, foreground: bool, debug: bool) -> None:
         os.chmod(path, 0o600)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.handlers[:] = [handler]
-    logging.getLogger("quic").setLevel(logging.DEBUG if debug else logging.WARNING)  # aioquic: per connection
+    logging.getLogger("quic").setLevel(logging.DEBUG if debug else logging.WARNING)  # aioquic and qh3: per connection
 
 
 def _decode_mountinfo(field: str) -> str:

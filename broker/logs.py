@@ -68,4 +68,4 @@ def setup(fmt: str = "text", verbose: bool = False, stream=None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    logging.getLogger("quic").setLevel(logging.DEBUG if verbose else logging.WARNING)  # aioquic, per connection
+    logging.getLogger("quic").setLevel(logging.DEBUG if verbose else logging.WARNING)  # aioquic and qh3, per connection
