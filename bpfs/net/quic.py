@@ -801,22 +801,16 @@ class Endpoint:
                     continue
                 if len(addr) > 2:  # IPv6: (host, port, flowinfo, scope_id); paths are (host, port)
                     addr = addr[:2]
-                if size:
-                    conn = self._route_run(data, size, addr)
-                    if conn is not None:
-                        touched[conn] = None
-                        got += -(-len(data) // size)
-                        if got >= _RECV_BATCH:
-                            break
-                        continue
-                    datagrams = split(data, size)
+                if size and (conn := self._route_run(data, size, addr)) is not None:
+                    touched[conn] = None  # the whole run, in one call
+                    got += -(-len(data) // size)
                 else:
-                    datagrams = [data]
-                for data in datagrams:
-                    conn = self._route(data, addr) if is_quic(data) else self._side_datagram(data, addr)
-                    if conn is not None:
-                        touched[conn] = None
-                got += len(datagrams)
+                    datagrams = split(data, size) if size else [data]
+                    for data in datagrams:
+                        conn = self._route(data, addr) if is_quic(data) else self._side_datagram(data, addr)
+                        if conn is not None:
+                            touched[conn] = None
+                    got += len(datagrams)
                 if got >= _RECV_BATCH:
                     break
             for conn in touched:
