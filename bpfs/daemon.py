@@ -24,6 +24,7 @@ import time
 import pyfuse3
 import trio
 
+from . import fuseloop
 from .errors import BpfsError, first_error
 from .fsutil import make_private_dir, run_dir, write_private_file
 from .passphrase import scrub_environment
@@ -230,7 +231,14 @@ async def _serve(running: RunningStore, mountpoint: str | None, options: set[str
                 services.start_soon(_stop_on_signal, services.cancel_scope, mountpoint is not None)
                 if mountpoint is not None:
                     services.start_soon(trio.to_thread.run_sync, _set_read_ahead, mountpoint)
-                    await pyfuse3.main()
+                    waiter = fuseloop.install()
+                    try:
+                        await pyfuse3.main()
+                    finally:
+                        fuseloop.uninstall()
+                    if waiter is not None:
+                        log.info("FUSE requests: %d found by polling, %d after sleeping (%d of them without polling: "
+                                 "backing off)", waiter.hits, waiter.sleeps, waiter.skipped)
                     services.cancel_scope.cancel()
                 else:
                     await trio.sleep_forever()
@@ -379,10 +387,19 @@ def _check_not_running(store_dir: str) -> None:
         raise BpfsError(f"store {store_dir} is already in use{where}", exit_code=3)
 
 
+def check_fuse_spin() -> None:
+    """A bad BPFS_FUSE_SPIN_US fails in the caller's terminal, not in the daemon's log."""
+    try:
+        fuseloop.spin_from_environment()
+    except ValueError as e:
+        raise BpfsError(str(e), exit_code=2) from None
+
+
 def mount(store_dir: str, mountpoint: str, keys, options: set[str], foreground: bool, debug: bool,
           listen: str | None = None, explicit_listen: bool = False) -> int:
     store_dir = require_store(store_dir)
     mountpoint = check_mountpoint(mountpoint)
+    check_fuse_spin()
     _check_not_running(store_dir)
     if foreground:
         ready = _foreground_ready(f"bpfs: mounted {store_dir} at {mountpoint} (foreground; Ctrl-C or bpfs umount "

@@ -84,9 +84,10 @@ def mount(args, store_opt, foreground, options, passphrase_file, listen, brokers
             naming.add(f"{k}={value}")
     new_store = create and not os.path.exists(key_path(resolve_store(store, store_opt, existing=False)))
     store = resolve_store(store, store_opt, existing=not new_store)
-    from ..daemon import check_mountpoint
+    from ..daemon import check_fuse_spin, check_mountpoint
 
     check_mountpoint(mountpoint, nonempty="nonempty" in opts)  # before the passphrase is asked for
+    check_fuse_spin()
     opts.pop("nonempty", None)
     if new_store:
         from .store import create_new_store

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("entry points", ("bpfs.__main__", "bpfs.cli", "broker.__main__", "broker.cli")),
     ("programs", ("bpfs.daemon", "bpfs.runtime", "broker")),
     ("partners", ("bpfs.peering",)),
-    ("mount", ("bpfs.fs", "bpfs.snapview")),
+    ("mount", ("bpfs.fs", "bpfs.snapview", "bpfs.fuseloop")),
     ("rendezvous", ("bpfs.rendezvous",)),
     ("snapshots", ("bpfs.snapshot", "bpfs.verify", "bpfs.history")),
     ("file data", ("bpfs.data", "bpfs.lanes", "bpfs.store", "bpfs.outbox")),
