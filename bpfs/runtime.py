@@ -97,10 +97,11 @@ class RunningStore:
         return PartnerService(self.dir, self.keys, self.config, source, listen=address, brokers=brokers)
 
     async def start_partners(self, nursery, listen: str | None, *, explicit: bool, brokers=None,
-                             surviving: bool = False) -> PartnerService:
+                             surviving: bool = False, quiet_fallback: bool = False) -> PartnerService:
         """Start the partner service in `nursery` (see `peering.service.start_service`)."""
         self.service = await start_service(nursery, lambda address: self.partner_service(address, brokers),
-                                           listen, explicit=explicit, surviving=surviving)
+                                           listen, explicit=explicit, surviving=surviving,
+                                           quiet_fallback=quiet_fallback)
         return self.service
 
     async def serve_control(self, nursery) -> str:
@@ -129,7 +130,7 @@ def run_with_partners(store_dir: str, keys, fn: Callable, brokers=None):
             result = None
             async with running.data.background() as nursery:
                 service = await running.start_partners(nursery, running.config.listen, explicit=False,
-                                                       brokers=brokers)
+                                                       brokers=brokers, quiet_fallback=True)
                 try:
                     result = await fn(service)
                 finally:

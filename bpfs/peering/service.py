@@ -807,9 +807,11 @@ SYNC_SPOT_CHECKS = 3  # rounds of replicate-then-audit a sync makes before it gi
 
 
 async def start_service(nursery, make_service, listen: str | None, *, explicit: bool,
-                        surviving: bool = False) -> PartnerService:
+                        surviving: bool = False, quiet_fallback: bool = False) -> PartnerService:
     """Start `make_service(listen)` in `nursery` and return it. If its UDP port is taken and the
-    user did not choose the address, fall back to a free port on the same host (and log it); an
+    user did not choose the address, fall back to a free port on the same host (and log it: a
+    warning, or with `quiet_fallback` only at info level, for a command's short-lived service
+    whose port nobody needs to know: its warning was a second line on the command's stderr); an
     address the user chose fails with a one-line error."""
     attempts = [listen] if explicit or listen is None else [listen, f"{listen.rsplit(':', 1)[0]}:0"]
     for i, address in enumerate(attempts):
@@ -824,7 +826,8 @@ async def start_service(nursery, make_service, listen: str | None, *, explicit: 
             if i + 1 == len(attempts):
                 raise PeeringError(f"cannot listen for partners on {address}: {err.strerror or err} "
                                    "(choose another with --listen HOST:PORT, or --listen none)") from None
-            log.warning("cannot listen on %s (%s): using a free port instead", address, err.strerror or err)
+            log.log(logging.INFO if quiet_fallback else logging.WARNING,
+                    "cannot listen on %s (%s): using a free port instead", address, err.strerror or err)
     raise AssertionError("unreachable")
 
 

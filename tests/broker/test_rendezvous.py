@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import time
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from bpfs.config import DEFAULT_PORT
 from tests.helpers.broker import BrokerProcess
 from tests.helpers.cli import PYTHON, REPO, one_line_error
 from tests.helpers.mounts import Mount
@@ -175,11 +177,28 @@ def test_pair_by_code_without_a_daemon_and_without_a_broker(tmp_path, broker):
     rc, created, err = finish(proc)
     assert cp.returncode == 0 and rc == 0, (cp.stderr, err)
     assert peer_ids(a) == {b.peer_id}
-    # no broker configured: pairing by code says what to do, exit 1 or 2, nothing changes
+    # no broker configured: pairing by code says what to do, exit 1 or 2, nothing changes; in one
+    # line even when the command's own partner service finds its port taken (the default port,
+    # held here; a mount on this machine held it once, and the fallback's warning was a second line)
     c = Store(tmp_path / "c")
-    cp = c.bpfs("pair", "--yes", check=False, env=dict(c.env, BPFS_LISTEN="127.0.0.1:0"), timeout=60)
+    with _holding_udp_port(DEFAULT_PORT):
+        cp = c.bpfs("pair", "--yes", check=False, env=dict(c.env, BPFS_LISTEN="127.0.0.1:0"), timeout=60)
     assert cp.returncode in (1, 2) and "broker" in one_line_error(cp), cp.stderr
     assert not peer_ids(c)
+
+
+@contextmanager
+def _holding_udp_port(port: int):
+    """The UDP port is taken while inside: by this socket, or already by another process."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            pass  # someone else holds it: just as taken
+        yield
+    finally:
+        s.close()
 
 
 # =========================================================================== a lying broker
