@@ -17,7 +17,6 @@ import os
 import time
 from pathlib import Path
 
-from bench import proc
 from bench.cleanup import Cleanup
 from bench.standalone import exit_status, log_stderr, run_standalone, save_json
 from bench.stats import num, print_standalone, summarize
@@ -28,12 +27,7 @@ class BpfsNoPoll(Bpfs):
     """bpfs with its FUSE loop's poll turned off."""
 
     name = "bpfs, no poll"
-
-    def _bpfs(self, *args: str, timeout: float = 600):
-        from bench.targets import REPO, bpfs_command, bpfs_env
-
-        return proc.run(bpfs_command(*args), env=dict(bpfs_env(), BPFS_FUSE_SPIN_US="0"), cwd=REPO,
-                        timeout=timeout)
+    extra_env = {"BPFS_FUSE_SPIN_US": "0"}
 
 
 def serial_getxattr(path: Path, n: int) -> float:

@@ -201,6 +201,7 @@ class Bpfs(FuseTarget):
     """bpfs through its CLI; records the daemon's peak RSS (VmHWM) before each unmount."""
 
     name = "bpfs"
+    extra_env: dict[str, str] = {}  # added to every bpfs command's environment (a variant's settings)
 
     def __init__(self, base: Path, cleanup: Cleanup):
         super().__init__(base, cleanup)
@@ -212,7 +213,7 @@ class Bpfs(FuseTarget):
         return self.base / "store"
 
     def _bpfs(self, *args: str, timeout: float = 600):
-        return proc.run(bpfs_command(*args), env=bpfs_env(), cwd=REPO, timeout=timeout)
+        return proc.run(bpfs_command(*args), env={**bpfs_env(), **self.extra_env}, cwd=REPO, timeout=timeout)
 
     def create(self) -> None:
         super().create()

@@ -347,6 +347,13 @@ def _limit_peer_streams(quic: QuicConnection, *, bidi: int, uni: int) -> None:
         limit.value = limit.sent = value
 
 
+def receive_one_by_one(machine: BpfsQuic, data: bytes, size: int, addr: Any, now: float) -> None:
+    """`receive_segments` as `receive_datagram` on each datagram of the run, in order (the
+    same slicing as `udp.split`, which this layer does not import)."""
+    for i in range(0, len(data), size):
+        machine.receive_datagram(data[i:i + size], addr, now)
+
+
 class AioquicMachine(QuicConnection):
     """aioquic's `QuicConnection` with consumption-based receive credit, our stream
     limits and our pacer (a `BpfsQuic`); the named helpers (`credit_due`, `sent_offset`,
@@ -366,8 +373,7 @@ class AioquicMachine(QuicConnection):
         _install_pacer(self)
 
     def receive_segments(self, data: bytes, size: int, addr: Any, now: float) -> None:
-        for i in range(0, len(data), size):
-            self.receive_datagram(data[i:i + size], addr, now)
+        receive_one_by_one(self, data, size, addr, now)
 
     # ---- helpers (aioquic internals: `_streams`, `_local_max_data`)
 

@@ -108,7 +108,7 @@ from qh3.quic.packet import (QuicErrorCode, QuicPacketType, QuicProtocolVersion,
                              push_quic_transport_parameters)
 from qh3.quic.tls_bridge import QuicTlsBridge
 
-from .machine import ALPN, CID_LENGTH, Credit, check_tls, process_certificate
+from .machine import ALPN, CID_LENGTH, Credit, check_tls, process_certificate, receive_one_by_one
 
 __all__ = ["MAX_EVENTS_BEHIND", "QH3_VERSION", "Qh3Machine", "check_qh3", "make_qh3"]
 
@@ -478,8 +478,7 @@ class Qh3Machine(QuicConnection):
         `MAX_EVENTS_BEHIND`: at most one run's, 64 datagrams' worth; the next datagrams are.)"""
         core = self._core
         if self._failed or core is None or self._held is not None or not self._handshake_complete:
-            for i in range(0, len(data), size):
-                self.receive_datagram(data[i:i + size], addr, now)
+            receive_one_by_one(self, data, size, addr, now)
             return
         self._call_core(core.receive_gro_buffer, data, size, self._remember(addr), now)
         self._drain_core()
